@@ -1,0 +1,56 @@
+"""Command line: `python scripts/evaluate.py [--config FILE] [--field value ...]`.
+
+Bad input ends with one line on stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+USAGE = """usage: evaluate.py [--config FILE.yaml] [--FIELD VALUE ...]
+
+Scores a text dataset with a causal LM: mean token cross-entropy, perplexity, bits per byte.
+Every field of the config (lm_ce/config.py; see README) is a flag, e.g.
+  --model gpt2 --dataset wikitext --dataset-config wikitext-2-raw-v1 --split test
+  --data-files a.jsonl --text-field text --limit 100 --mode document|stream
+  --max-length 1024 --stride 512 --batch-size 8 --dtype float32 --output-dir runs/x
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="lm_ce: %(message)s")
+    for noisy in ("transformers", "datasets", "accelerate", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+    from .config import UsageError, build_config
+
+    try:
+        cfg = build_config(argv)
+        from . import report
+        from .runner import evaluate
+
+        results = evaluate(cfg)
+    except UsageError as e:
+        print(f"lm_ce: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"lm_ce: error: {e}", file=sys.stderr)
+        return 3
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(report.table(results.summary))
+        if cfg.output_dir:
+            where = report.write(results, cfg.output_dir)
+            print(f"wrote {where}/results.json, results.md, config.yaml")
+    return 0 if results.summary["complete"] else 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""The experiment: one flat dataclass, loaded from YAML and overridden from the command line.
+
+A config file is a complete, reproducible experiment; every field can be overridden with
+`--field value` (dashes or underscores). Unknown or mistyped keys are refused by name, with
+the closest valid key suggested.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+class UsageError(Exception):
+    """Bad input: the message says what is wrong and what to do. The CLI prints it and exits 2."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, short enough for a one-line error."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else type(e).__name__
+
+
+@dataclass
+class Config:
+    # model
+    model: str = "gpt2"  # Hub id, local directory, local .gguf file, or pkg:<module>/<file>
+    revision: str | None = None
+    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
+    trust_remote_code: bool = False
+    gguf_cache: bool = True  # cache dequantized GGUF weights, keyed by the file's content hash
+    compile: bool = False  # torch.compile the model body (pays on long runs, see README)
+    threads: int | None = None  # torch intra-op threads per process (default: cores / processes)
+    # data
+    dataset: str = "wikitext"  # Hub dataset name, or a datasets builder (json, csv, text, parquet)
+    dataset_config: str | None = "wikitext-2-raw-v1"
+    split: str = "test"
+    data_files: list[str] | None = None  # local files; the builder follows their extension
+    text_field: str = "text"
+    prompt_field: str | None = None  # tokens of this field are context only (conditional scoring)
+    group_field: str | None = None  # report one row per value of this field
+    id_field: str | None = None  # names each document in documents.jsonl
+    join_by: list[str] | None = None  # consecutive rows with equal values of these fields form one document
+    streaming: bool = False
+    limit: int | None = None  # the first N documents
+    # windows
+    mode: str = "document"  # document | stream
+    max_length: int | None = None  # input tokens per window (default: the model's positions, at most 2048)
+    stride: int | None = None  # new tokens scored per later window (default: max_length)
+    prefix_token: str = "auto"  # auto | bos | eos | none (auto: bos, else eos, in document mode; none in stream mode)
+    separator: str = "\n\n"  # joins documents in stream mode
+    batch_size: int = 8  # windows per batch at most
+    token_budget: int | None = None  # input tokens per batch at most (default: batch_size * max_length)
+    padding_side: str = "right"  # right | left; must not change the result
+    chunk_documents: int = 1024  # documents tokenized and planned at a time (bounds memory)
+    # output
+    output_dir: str | None = None
+    progress: bool = True
+    seed: int = 0
+
+    def resolved(self) -> dict:
+        """The config as plain data, written next to the results so any run can be repeated."""
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "mode": ("document", "stream"),
+    "prefix_token": ("auto", "bos", "eos", "none"),
+    "padding_side": ("right", "left"),
+}
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _base_type(annotation) -> tuple[type, bool, bool]:
+    """(scalar type, is optional, is list) of a field annotation such as `list[str] | None`."""
+    hint = typing.get_type_hints(Config)[annotation]
+    optional, is_list = False, False
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        optional = type(None) in args
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is list:
+        is_list, hint = True, typing.get_args(hint)[0]
+    return hint, optional, is_list
+
+
+def _coerce(name: str, value, source: str):
+    """The value converted to the field's type, or a UsageError naming the field and the source."""
+    kind, optional, is_list = _base_type(name)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise UsageError(f"{source}: field '{name}' cannot be empty; give a {kind.__name__}")
+    if is_list:
+        items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
+        return [_coerce_scalar(name, kind, v, source) for v in items]
+    value = _coerce_scalar(name, kind, value, source)
+    if name in CHOICES and value not in CHOICES[name]:
+        raise UsageError(f"{source}: field '{name}' is '{value}'; choose one of {', '.join(CHOICES[name])}")
+    return value
+
+
+def _coerce_scalar(name: str, kind: type, value, source: str):
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    elif kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise UsageError(f"{source}: field '{name}' must be a {kind.__name__}, got {value!r}")
+
+
+def _unknown(name: str, source: str) -> UsageError:
+    close = difflib.get_close_matches(name, list(FIELDS), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid fields: {', '.join(FIELDS)}"
+    return UsageError(f"{source}: unknown field '{name}'{hint}")
+
+
+def load_yaml(path: str | Path) -> dict:
+    """The fields of a YAML config file, checked by name and type."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file {path} does not exist; give the path of a YAML file (see configs/)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UsageError(f"{path}: not valid YAML{where}; fix the file") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a mapping of field: value at the top level")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            raise _unknown(str(key), str(path))
+        out[name] = _coerce(name, value, str(path))
+    return out
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """Fields from `--name value`, `--name=value` and bare boolean `--flag` / `--no-flag` arguments."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise UsageError(f"unexpected argument '{arg}'; fields are given as --name value")
+        key, eq, value = arg[2:].partition("=")
+        name = key.replace("-", "_")
+        negate = name.startswith("no_") and name[3:] in FIELDS and name not in FIELDS
+        if negate:
+            name = name[3:]
+        if name not in FIELDS:
+            raise _unknown("--" + key, "command line")
+        kind, _, _ = _base_type(name)
+        if negate:
+            out[name] = False
+        elif eq:
+            out[name] = _coerce(name, value, "command line")
+        elif kind is bool and (i + 1 == len(args) or args[i + 1].startswith("--")):
+            out[name] = True
+        elif i + 1 < len(args):
+            i += 1
+            out[name] = _coerce(name, args[i], "command line")
+        else:
+            raise UsageError(f"command line: --{key} needs a value")
+        i += 1
+    return out
+
+
+def build_config(args: list[str]) -> Config:
+    """Config from `[--config FILE] [--field value ...]`: defaults, then the file, then the overrides."""
+    values: dict = {}
+    if "--config" in args or any(a.startswith("--config=") for a in args):
+        rest = []
+        i = 0
+        while i < len(args):
+            if args[i] == "--config":
+                if i + 1 >= len(args):
+                    raise UsageError("command line: --config needs a file path")
+                values.update(load_yaml(args[i + 1]))
+                i += 2
+                continue
+            if args[i].startswith("--config="):
+                values.update(load_yaml(args[i].split("=", 1)[1]))
+            else:
+                rest.append(args[i])
+            i += 1
+        args = rest
+    values.update(parse_overrides(args))
+    cfg = Config(**values)
+    check(cfg)
+    return cfg
+
+
+def check(cfg: Config) -> None:
+    """Refuse settings that cannot work together, before anything is loaded."""
+    for name in ("max_length", "stride", "batch_size", "token_budget", "limit", "chunk_documents", "threads"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if cfg.max_length and cfg.stride and cfg.stride > cfg.max_length:
+        raise UsageError(
+            f"--stride {cfg.stride} is larger than --max-length {cfg.max_length}: tokens between windows "
+            "would never be scored; use a stride at most max_length"
+        )
+    if cfg.prompt_field and cfg.mode == "stream":
+        raise UsageError("--prompt-field needs --mode document: a joined stream has no per-document prompt")
+    for name in FIELDS:
+        value = getattr(cfg, name)
+        if name in CHOICES and value not in CHOICES[name]:
+            raise UsageError(f"field '{name}' is '{value}'; choose one of {', '.join(CHOICES[name])}")
+
+
+def resolve_path(spec: str) -> str:
+    """A path as given, or for `pkg:<module>/<file>` the file inside that installed package."""
+    if not spec.startswith("pkg:"):
+        return spec
+    module, _, rel = spec[4:].partition("/")
+    import importlib.util
+
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        raise UsageError(
+            f"{spec}: Python package '{module}' is not installed; install the package that ships it "
+            "(see the README's first command)"
+        )
+    return str(Path(list(found.submodule_search_locations)[0]) / rel)

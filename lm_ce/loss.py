@@ -1,0 +1,107 @@
+"""Token-level cross-entropy from final hidden states.
+
+The head (hidden -> vocabulary logits) and the log-sum-exp are computed a block of rows at a
+time in float32, so memory is O(chunk x vocab) whatever the batch, length or vocabulary.
+The definitions are the ones of the cross-entropy tutorial this project grew from:
+nll(token) = -log softmax(logits)[target] = logsumexp(logits) - logits[target].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Bytes of float32 logits one chunk may hold: large enough for an efficient matrix multiply,
+# small enough that a 262k vocabulary stays at a few hundred MB.
+CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass
+class Head:
+    """What a causal LM applies between its final hidden states and its logits."""
+
+    weight: torch.Tensor  # [vocab, hidden]
+    bias: torch.Tensor | None = None
+    scale: float = 1.0  # logits *= scale (Cohere's logit_scale, Granite's 1 / logits_scaling)
+    softcap: float | None = None  # logits = softcap * tanh(logits / softcap) (Gemma 2 and 3)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of a block of hidden states, with every transform the model applies."""
+        weight = self.weight
+        if hidden.dtype != torch.float32:
+            if hidden.is_cuda:  # float32 accumulation and output, no bf16 rounding of logits
+                out = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+            else:
+                out = hidden.float() @ self.float_weight().t()
+        else:
+            out = hidden @ weight.t()
+        if self.bias is not None:
+            out += self.bias.float()
+        if self.scale != 1.0:
+            out *= self.scale
+        if self.softcap is not None:
+            out.div_(self.softcap).tanh_().mul_(self.softcap)
+        return out
+
+    def float_weight(self) -> torch.Tensor:
+        """The weight in float32, converted once (CPU path for half-precision models)."""
+        if getattr(self, "_float_weight", None) is None:
+            self._float_weight = self.weight.float()
+        return self._float_weight
+
+
+def head_of(model: torch.nn.Module) -> Head | None:
+    """The model's head as a Head, or None when it is not a plain linear layer we can split."""
+    out = model.get_output_embeddings()
+    if not isinstance(out, torch.nn.Linear):
+        return None
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    scale = 1.0
+    if getattr(config, "logit_scale", None):  # Cohere
+        scale *= float(config.logit_scale)
+    if getattr(config, "logits_scaling", None):  # Granite divides
+        scale /= float(config.logits_scaling)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return Head(out.weight, out.bias, scale, float(softcap) if softcap else None)
+
+
+def chunk_rows(vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Rows per chunk so that one chunk of float32 logits takes about chunk_bytes."""
+    return max(16, chunk_bytes // (4 * vocab_size))
+
+
+@dataclass
+class TokenLosses:
+    """Per-token negative log-likelihood (nats, float32) and the model's top-1 prediction."""
+
+    nll: torch.Tensor
+    top1: torch.Tensor | None = None
+
+
+def token_losses(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: Head,
+    rows: int | None = None,
+    want_top1: bool = False,
+) -> TokenLosses:
+    """nll[i] = logsumexp(head(hidden[i])) - head(hidden[i])[targets[i]], a chunk of rows at a time."""
+    n = hidden.shape[0]
+    rows = rows or chunk_rows(head.weight.shape[0])
+    nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    top1 = torch.empty(n, dtype=torch.long, device=hidden.device) if want_top1 else None
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        logits = head.logits(hidden[start:stop])
+        target_logit = logits.gather(1, targets[start:stop, None]).squeeze(1)
+        nll[start:stop] = torch.logsumexp(logits, dim=-1) - target_logit
+        if top1 is not None:
+            top1[start:stop] = logits.argmax(dim=-1)
+    return TokenLosses(nll, top1)
+
+
+def logits_losses(logits: torch.Tensor, targets: torch.Tensor, want_top1: bool = False) -> TokenLosses:
+    """The same quantities from logits the model already computed (the fallback path)."""
+    logits = logits.float()
+    nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, targets[:, None]).squeeze(1)
+    return TokenLosses(nll, logits.argmax(dim=-1) if want_top1 else None)

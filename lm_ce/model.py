@@ -1,0 +1,149 @@
+"""Loading a causal LM and its tokenizer: Hub id, local directory, or local GGUF file.
+
+GGUF files are dequantized by transformers (slow, memory-hungry); the plain weights are then
+cached under ~/.cache/lm_ce/gguf/<content hash> so that later runs load them in seconds.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import Config, UsageError, first_line, resolve_path
+
+log = logging.getLogger("lm_ce")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelInfo:
+    name: str  # what the user gave
+    source: str  # hub | directory | gguf
+    path: str  # what was loaded (a cache directory for a cached GGUF)
+    revision: str | None
+    dtype: str
+    max_positions: int | None
+    parameters: int
+
+
+def torch_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """float32 on CPUs (no native bf16 arithmetic assumed), bfloat16 on CUDA, unless --dtype says."""
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def file_sha256(path: str, block: int = 2**24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LM_CE_CACHE", Path.home() / ".cache" / "lm_ce"))
+
+
+def max_positions(config) -> int | None:
+    """How many positions the model can attend over, from the usual config attributes."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[torch.nn.Module, object, ModelInfo]:
+    """(model in eval mode on `device`, tokenizer, info), or a UsageError that says what to do."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch_dtype(cfg, device)
+    spec = resolve_path(cfg.model)
+    kwargs: dict = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    cache_to = None
+    if spec.lower().endswith(".gguf"):
+        source = "gguf"
+        path, kwargs, cache_to = gguf_source(spec, cfg, dtype)
+    elif Path(spec).exists():
+        source, path = "directory", spec
+        if Path(spec).is_file():
+            raise UsageError(
+                f"model path {spec} is a file, not a model: give a model directory (config.json + weights), "
+                "a .gguf file, or a Hub id"
+            )
+        if not (Path(spec) / "config.json").is_file():
+            raise UsageError(f"model directory {spec} has no config.json; is it a transformers model directory?")
+    else:
+        source, path = "hub", spec
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    except OSError as e:
+        where = "on the Hub or in the local cache" if source == "hub" else f"at {path}"
+        raise UsageError(
+            f"cannot load model '{cfg.model}' {where} ({first_line(e)}). Offline? Give a local directory or a "
+            ".gguf file with --model"
+        ) from None
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise UsageError(f"transformers cannot load model '{cfg.model}': {first_line(e)}") from None
+    if cache_to and main_process:
+        save_gguf_cache(model, tokenizer, cache_to)
+    model.to(device).eval()
+    info = ModelInfo(
+        name=cfg.model,
+        source=source,
+        path=str(path),
+        revision=cfg.revision,
+        dtype=str(dtype).replace("torch.", ""),
+        max_positions=max_positions(model.config),
+        parameters=sum(p.numel() for p in model.parameters()),
+    )
+    return model, tokenizer, info
+
+
+def gguf_source(spec: str, cfg: Config, dtype: torch.dtype) -> tuple[str, dict, str | None]:
+    """(path to load, kwargs, cache directory to fill) for a GGUF file: its cache when there, else the file."""
+    if not Path(spec).is_file():
+        raise UsageError(f"GGUF file {spec} does not exist; check --model")
+    with open(spec, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UsageError(f"{spec} is not a GGUF file (no GGUF magic bytes); give a valid .gguf file")
+    kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.gguf_cache:
+        cached = cache_root() / "gguf" / f"{file_sha256(spec)[:32]}-{str(dtype).replace('torch.', '')}"
+        if (cached / "config.json").is_file():
+            return str(cached), kwargs, None
+        return str(Path(spec).parent), {**kwargs, "gguf_file": Path(spec).name}, str(cached)
+    return str(Path(spec).parent), {**kwargs, "gguf_file": Path(spec).name}, None
+
+
+def save_gguf_cache(model, tokenizer, target: str) -> None:
+    """Write the dequantized weights where gguf_source will find them next time (write, then rename)."""
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_model
+
+    tmp = Path(f"{target}.tmp{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        # save_pretrained refuses GGUF-loaded models; the dequantized tensors are plain, so save them as such
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+        log.info("cached the dequantized GGUF weights in %s (--no-gguf-cache to turn off)", target)
+    except (OSError, ValueError, RuntimeError) as e:
+        log.warning("could not cache the dequantized GGUF weights in %s: %s", target, e)
+        shutil.rmtree(tmp, ignore_errors=True)

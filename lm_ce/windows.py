@@ -1,0 +1,126 @@
+"""Token sequences, the windows that score them, and batches of windows.
+
+A sequence S is what one document (document mode) or the whole corpus (stream mode) becomes.
+A window (start, a, b) feeds S[start:b] to the model and scores the targets S[a+1..b]: the
+input position i predicts S[start+i+1], and positions before a-start are masked context.
+Every target of S from `first_target` on is scored exactly once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Window:
+    doc: int  # index of the document (its position in the run) this window scores
+    seq: torch.Tensor  # the whole sequence S (int64); windows of one document share it
+    start: int
+    a: int
+    b: int
+    target_offset: int  # how many of the document's targets come before this window's first
+
+    @property
+    def length(self) -> int:
+        return self.b - self.start
+
+    @property
+    def n_context(self) -> int:
+        return self.a - self.start
+
+    @property
+    def n_scored(self) -> int:
+        return self.b - self.a
+
+
+def document_spans(n_seq: int, first_target: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows of one document: the first predicts up to max_length targets, each later one at most
+    `stride` new targets with the tokens before them as context (lm-evaluation-harness's rolling
+    windows when stride == max_length)."""
+    last = n_seq - 1
+    if last < first_target:
+        return []
+    a = first_target - 1
+    b = min(last, max_length) if a < max_length else min(last, a + stride)
+    spans = [(max(0, b - max_length), a, b)]
+    while b < last:
+        a, b = b, min(last, b + stride)
+        spans.append((max(0, b - max_length), a, b))
+    return spans
+
+
+def stream_spans(n_seq: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows of the transformers docs recipe: one every `stride` tokens, each scoring only the
+    tokens the previous windows did not; S[0] has no context and is never scored."""
+    spans, prev = [], 0
+    for begin in range(0, n_seq, stride):
+        end = min(begin + max_length, n_seq)
+        if end - 1 > prev:
+            spans.append((begin, prev, end - 1))
+            prev = end - 1
+        if end == n_seq:
+            break
+    return spans
+
+
+def document_sequence(tokenizer, text: str, prefix_id: int | None, prompt: str | None = None) -> tuple[list[int], int]:
+    """(S, first_target) of one document: prefix + [prompt] + text tokens; targets start after the prompt.
+
+    With a prompt the pair is encoded as a whole and split where the prompt's tokens end, moving
+    the prompt's trailing whitespace to the text (as lm-evaluation-harness encodes context/continuation)."""
+    prefix = [prefix_id] if prefix_id is not None else []
+    if prompt is None:
+        return prefix + encode(tokenizer, text), len(prefix)
+    stripped = prompt.rstrip()
+    text = prompt[len(stripped):] + text
+    whole = encode(tokenizer, stripped + text)
+    n_prompt = len(encode(tokenizer, stripped))
+    return prefix + whole, len(prefix) + n_prompt
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of a text with no special tokens added (prefixes are ours to place)."""
+    if not text:
+        return []
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def windows_of(doc: int, seq: list[int], spans: list[tuple[int, int, int]]) -> list[Window]:
+    """Window records for the spans of one sequence."""
+    tensor = torch.tensor(seq, dtype=torch.long)
+    out, offset = [], 0
+    for start, a, b in spans:
+        out.append(Window(doc, tensor, start, a, b, offset))
+        offset += b - a
+    return out
+
+
+def plan_batches(windows: list[Window], batch_size: int, token_budget: int) -> list[list[Window]]:
+    """Batches of windows of similar length, longest first, each at most `batch_size` windows and
+    `token_budget` padded input tokens (so little compute goes to padding)."""
+    order = sorted(windows, key=lambda w: (-w.length, w.doc, w.a))
+    batches: list[list[Window]] = []
+    current: list[Window] = []
+    for w in order:
+        width = current[0].length if current else w.length  # sorted: the first is the longest
+        if current and (len(current) >= batch_size or (len(current) + 1) * width > token_budget):
+            batches.append(current)
+            current = []
+        current.append(w)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def assign_batches(batches: list[list[Window]], world: int) -> list[list[list[Window] | None]]:
+    """Each process's share of the batches, balanced by tokens, padded with None to equal length
+    so that every process takes the same number of steps (no collective ever hangs)."""
+    loads = [0] * world
+    shares: list[list] = [[] for _ in range(world)]
+    for batch in batches:  # longest first: greedy least-loaded assignment balances well
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        shares[rank].append(batch)
+        loads[rank] += sum(w.length for w in batch)
+    steps = max(len(s) for s in shares)
+    return [s + [None] * (steps - len(s)) for s in shares]

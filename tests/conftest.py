@@ -1,0 +1,292 @@
+"""Session fixtures: local byte-level BPE tokenizers and tiny random causal LMs saved to disk.
+
+Nothing here touches the network: tokenizers are trained on inline text and models are built
+from configs, then saved with save_pretrained so that the Auto* classes load them from a path.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub read their constants
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tiny models are fastest on one thread, and with 2 threads on a busy 2-core machine every forward
+# pass waits ~0.25 s on the thread pool. OMP_NUM_THREADS, when set, wins.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
+
+# Sentences the tokenizers are trained on, and the material documents are made of.
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "In 1999, prices rose by 3.5% (roughly) and fell again in 2001.",
+    "She said: \"Don't forget the keys, the map, and the 42 apples!\"",
+    "Is it raining? No -- it's snowing; bring a coat.",
+    "We met at the café near the station; the croissants were naïve but good.",
+    "Email me at someone@example.com or call +1-555-0100 before 9:30 a.m.",
+    "def f(x):\n    return x * 2  # doubles the input\n",
+    "Cross-entropy measures how far a predicted distribution is from the true one.",
+    "A language model assigns a probability to every next token, given the previous ones.",
+    "Perplexity is the exponential of the average negative log-likelihood per token.",
+    "Over the hills and far away, the river ran cold and clear under the bridge.",
+    "Numbers like 0, 7, 13, 256 and 65536 appear in many programs.",
+    "Tabs\tand  double  spaces, trailing spaces   \nand blank lines\n\nare whitespace too.",
+    "Good morning! How are you today? I'm fine, thanks :) 🙂",
+    "The committee's report (pages 12-19) was approved unanimously on Tuesday.",
+    "Üben macht den Meister, sagte die Lehrerin; la vie est belle; ¿qué tal?",
+    "Lists: first, second, third; then [brackets], {braces} and <angles>.",
+    "It was the best of times, it was the worst of times, it was the age of wisdom.",
+]
+
+LLAMA_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+GPT2_EOT = "<|endoftext|>"
+
+
+def make_jsonl(path: str | os.PathLike, rows: list[dict]) -> str:
+    """Write rows as JSON Lines (UTF-8, non-ASCII kept) and return the path as a string."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def _training_corpus() -> list[str]:
+    """A few KB of varied text, deterministic."""
+    rng = random.Random(1234)
+    lines = list(SENTENCES)
+    for _ in range(40):
+        k = rng.randint(1, 4)
+        lines.append(" ".join(rng.sample(SENTENCES, k)))
+    return lines
+
+
+def train_byte_level_bpe(special_tokens: list[str], vocab_size: int = 512):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on the inline corpus, no post-processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_training_corpus(), trainer)
+    return tok
+
+
+def _check_no_auto_specials(tok) -> None:
+    """Calling the tokenizer must not add any special token, with or without add_special_tokens."""
+    sample = "Hello café 🙂 123"
+    plain = tok(sample, add_special_tokens=False).input_ids
+    default = tok(sample).input_ids
+    assert plain == default, (plain, default)
+    specials = set(tok.all_special_ids)
+    assert not specials & set(default), default
+    assert tok.decode(default) == sample
+
+
+def _save_tokenizer(path: Path, specials: dict[str, str]) -> Path:
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    names = list(dict.fromkeys(specials.values()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=train_byte_level_bpe(names), **specials)
+    _check_no_auto_specials(fast)
+    fast.save_pretrained(path)
+    reloaded = AutoTokenizer.from_pretrained(path)
+    _check_no_auto_specials(reloaded)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer_dir(tmp_path_factory) -> str:
+    """Llama-style tokenizer: <s> bos, </s> eos, <pad> pad, never added automatically."""
+    return str(_save_tokenizer(tmp_path_factory.mktemp("tok_llama"), LLAMA_SPECIALS))
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir(tmp_path_factory) -> str:
+    """GPT-2-style tokenizer: a single <|endoftext|> as bos and eos, no pad token."""
+    return str(_save_tokenizer(tmp_path_factory.mktemp("tok_gpt2"), {"bos_token": GPT2_EOT, "eos_token": GPT2_EOT}))
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer(llama_tokenizer_dir):
+    """The llama-style tokenizer loaded with AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(llama_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(gpt2_tokenizer_dir):
+    """The GPT-2-style tokenizer loaded with AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gpt2_tokenizer_dir)
+
+
+def _save_model(model, tokenizer, path: Path) -> str:
+    model.eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, llama_tokenizer) -> str:
+    """LlamaForCausalLM (hidden 32, 2 layers, 4 heads / 2 kv heads, untied head) with tokenizer (a)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = llama_tokenizer
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        initializer_range=0.3,  # peaked attention: losses depend on the context a window gives
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.5)  # far from uniform next-token distributions
+        model.model.embed_tokens.weight.normal_(0.0, 1.0)
+    return _save_model(model, tok, tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, gpt2_tokenizer) -> str:
+    """GPT2LMHeadModel (n_embd 32, 2 layers, 4 heads, n_positions 128, tied head) with tokenizer (b)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = gpt2_tokenizer
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        initializer_range=0.3,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(1)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        model.transformer.wte.weight.normal_(0.0, 0.5)  # tied: also the head
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    return _save_model(model, tok, tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_softcap_dir(tmp_path_factory, llama_tokenizer) -> str:
+    """Gemma2ForCausalLM with final_logit_softcapping=5.0 (the cap matters), tokenizer (a)."""
+    try:
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+    except ImportError:
+        pytest.skip("transformers has no Gemma2ForCausalLM")
+    tok = llama_tokenizer
+    config = Gemma2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        max_position_embeddings=256,
+        final_logit_softcapping=5.0,
+        initializer_range=0.3,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(2)
+    model = Gemma2ForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0.0, 1.0)  # tied head: raw logits reach well past the cap
+    return _save_model(model, tok, tmp_path_factory.mktemp("tiny_gemma_softcap"))
+
+
+def _load(path: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_dir):
+    """The tiny llama loaded from its directory (float32, eval). Shared: do not modify it."""
+    return _load(tiny_llama_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_gpt2_dir):
+    """The tiny GPT-2 loaded from its directory (float32, eval). Shared: do not modify it."""
+    return _load(tiny_gpt2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_softcap(tiny_gemma_softcap_dir):
+    """The tiny soft-capped Gemma 2 loaded from its directory (float32, eval). Shared: do not modify it."""
+    return _load(tiny_gemma_softcap_dir)
+
+
+def _long_document(rng: random.Random, n_sentences: int) -> str:
+    """Sentences drawn with replacement, joined by spaces with an occasional paragraph break."""
+    parts = []
+    for i in range(n_sentences):
+        parts.append(rng.choice(SENTENCES))
+        parts.append("\n\n" if rng.random() < 0.15 else " ")
+    return "".join(parts).rstrip()
+
+
+@pytest.fixture(scope="session")
+def texts() -> list[str]:
+    """Documents of very different lengths: empty, 1 char, whitespace, short, non-English, ~100-2000 tokens."""
+    rng = random.Random(0)
+    return [
+        "",
+        "a",
+        "   \n",
+        "Hello world.",
+        "Is it 3.14 or 22/7? Both, roughly; see §2.",
+        "Le café était fermé, alors nous avons marché jusqu'à la gare. Ça va? 😀🎉",
+        "交叉熵损失函数衡量两个概率分布之间的差异。Ελληνικά και русский текст. 🐍🦀",
+        " Leading space, trailing newline.\n",
+        _long_document(rng, 3),  # ~100 tokens with the tiny tokenizers
+        _long_document(rng, 10),  # ~300 tokens
+        _long_document(rng, 25),  # ~800 tokens
+        _long_document(rng, 60),  # ~2000 tokens
+    ]
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    """write_jsonl(rows, name="data.jsonl") -> path of a JSONL file in this test's tmp_path."""
+
+    def write(rows: list[dict], name: str = "data.jsonl") -> str:
+        return make_jsonl(tmp_path / name, rows)
+
+    return write

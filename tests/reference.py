@@ -1,0 +1,182 @@
+"""The plain reference lm_ce is checked against: deliberately simple, slow and independent.
+
+Float64 copy of the model, full logits, torch.log_softmax in float64, one window per forward
+pass, batch size 1, no padding, no attention mask. Nothing here imports lm_ce.
+
+Notation: S is the token sequence; a window (start, a, b) feeds S[start:b] to the model and
+scores the targets S[a+1], ..., S[b], each S[j] predicted from S[start:j] (so start <= a < b).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import weakref
+
+import torch
+
+_FLOAT64: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def _params_key(model: torch.nn.Module) -> tuple:
+    """Identity and in-place version of every parameter: a cached float64 copy is stale when this changes."""
+    return tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
+
+
+def as_float64(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself when already float64, else a float64 deep copy in eval mode (cached per model)."""
+    if all(p.dtype == torch.float64 for p in model.parameters()):
+        return model.eval()
+    key = _params_key(model)
+    cached = _FLOAT64.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    model64 = copy.deepcopy(model).double().eval()
+    _FLOAT64[model] = (key, model64)
+    return model64
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def document_windows(n_seq: int, first_target: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows (start, a, b) scoring S[first_target:] of a sequence of n_seq tokens once each (document mode)."""
+    if max_length < 1 or not 1 <= stride <= max_length:
+        raise ValueError(f"need 1 <= stride <= max_length, got stride={stride}, max_length={max_length}")
+    if first_target < 1:
+        raise ValueError("S[0] has no context and can never be a target")
+    last = n_seq - 1
+    a0 = first_target - 1
+    # Unclipped right end of window k is base + k * stride; each target goes to the first window reaching it.
+    base = max_length if a0 < max_length else a0 + stride
+    groups: dict[int, list[int]] = {}
+    for t in range(first_target, n_seq):
+        k = max(0, -(-(t - base) // stride))
+        groups.setdefault(min(last, base + k * stride), []).append(t)
+    return [(max(0, b - max_length), min(targets) - 1, b) for b, targets in sorted(groups.items())]
+
+
+def stream_windows(n_seq: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows (start, a, b) of the transformers "Perplexity of fixed-length models" recipe; S[0] is never scored."""
+    if max_length < 1 or stride < 1:
+        raise ValueError(f"need max_length >= 1 and stride >= 1, got {max_length}, {stride}")
+    windows = []
+    prev_b = 0
+    for begin in range(0, n_seq, stride):
+        end = min(begin + max_length, n_seq)
+        b = end - 1
+        # S[begin] has no context inside its window (the model's label shift drops it): a >= begin.
+        a = max(prev_b, begin)
+        if b > a:
+            windows.append((begin, a, b))
+        prev_b = b
+        if end == n_seq:
+            break
+    return windows
+
+
+@torch.no_grad()
+def reference_nll(model: torch.nn.Module, seq: list[int], windows: list[tuple[int, int, int]]) -> tuple[float, int]:
+    """Sum of -log p(S[j] | S[start:j]) over every window's targets, float64, one forward per window."""
+    model64 = as_float64(model)
+    device = _device(model64)
+    nll_sum = 0.0
+    n_tokens = 0
+    for start, a, b in windows:
+        if not 0 <= start <= a < b < len(seq):
+            raise ValueError(f"bad window {(start, a, b)} for a sequence of {len(seq)} tokens")
+        input_ids = torch.tensor([seq[start:b]], dtype=torch.long, device=device)
+        logits = model64(input_ids=input_ids, use_cache=False).logits[0]
+        logprobs = torch.log_softmax(logits.double(), dim=-1)
+        for j in range(a + 1, b + 1):
+            nll_sum -= logprobs[j - 1 - start, seq[j]].item()
+        n_tokens += b - a
+    return nll_sum, n_tokens
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of text, without special tokens."""
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def document_sequence(tokenizer, text: str, prefix_id: int | None, prompt: str | None = None) -> tuple[list[int], int]:
+    """(S, first_target) of one document: S = [prefix_id] + ids; with a prompt, lm-eval's _encode_pair split."""
+    prefix = [] if prefix_id is None else [prefix_id]
+    if prompt is None:
+        return prefix + encode(tokenizer, text), 1
+    n_spaces = len(prompt) - len(prompt.rstrip())
+    if n_spaces:  # lm-eval moves the prompt's trailing whitespace to the start of the continuation
+        text = prompt[-n_spaces:] + text
+        prompt = prompt[:-n_spaces]
+    whole = encode(tokenizer, prompt + text)
+    ctx = encode(tokenizer, prompt)
+    # S[0] can never be scored; that bound only bites with no prefix and an empty encoded prompt.
+    return prefix + whole, max(1, len(prefix) + len(ctx))
+
+
+def reference_document(
+    model: torch.nn.Module,
+    tokenizer,
+    text: str,
+    prefix_id: int | None,
+    max_length: int,
+    stride: int,
+    prompt: str | None = None,
+) -> tuple[float, int]:
+    """(nll_sum, n_tokens) of one document in document mode (lm-eval loglikelihood_rolling generalized)."""
+    seq, first_target = document_sequence(tokenizer, text, prefix_id, prompt)
+    return reference_nll(model, seq, document_windows(len(seq), first_target, max_length, stride))
+
+
+def reference_stream(
+    model: torch.nn.Module, tokenizer, texts: list[str], max_length: int, stride: int, separator: str = "\n\n"
+) -> tuple[float, int]:
+    """(nll_sum, n_tokens) of the texts joined by separator, encoded once, in stream windows."""
+    seq = encode(tokenizer, separator.join(texts))
+    return reference_nll(model, seq, stream_windows(len(seq), max_length, stride))
+
+
+@torch.no_grad()
+def transformers_recipe_steps(
+    model: torch.nn.Module, tokenizer, texts: list[str], max_length: int, stride: int, separator: str = "\n\n"
+) -> list[tuple[float, int, int]]:
+    """Per window of the docs recipe: (outputs.loss, num_loss_tokens as the docs count it, tokens the loss averaged)."""
+    model64 = as_float64(model)
+    device = _device(model64)
+    encodings = tokenizer(separator.join(texts), return_tensors="pt")  # as the docs call it
+    seq_len = encodings.input_ids.size(1)
+    steps = []
+    prev_end_loc = 0
+    for begin_loc in range(0, seq_len, stride):
+        end_loc = min(begin_loc + max_length, seq_len)
+        trg_len = end_loc - prev_end_loc  # may be different from stride on last loop
+        input_ids = encodings.input_ids[:, begin_loc:end_loc].to(device)
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        num_valid_tokens = (target_ids != -100).sum().item()
+        batch_size = target_ids.size(0)
+        num_loss_tokens = num_valid_tokens - batch_size  # the docs subtract batch_size for the label shift
+        averaged = (target_ids[:, 1:] != -100).sum().item()  # what the shifted loss really averages over
+        if averaged > 0:  # a one-token last window gives loss NaN with num_loss_tokens 0: NaN * 0 skipped
+            outputs = model64(input_ids, labels=target_ids, use_cache=False)
+            steps.append((outputs.loss.item(), num_loss_tokens, averaged))
+        prev_end_loc = end_loc
+        if end_loc == seq_len:
+            break
+    return steps
+
+
+def reference_transformers_recipe(
+    model: torch.nn.Module, tokenizer, texts: list[str], max_length: int, stride: int, separator: str = "\n\n"
+) -> float:
+    """Perplexity as the transformers docs recipe computes it: exp(sum(loss * num_loss_tokens) / sum(num_loss_tokens)).
+
+    Literal, including its two quirks: num_loss_tokens = valid labels - 1 also for overlapping windows,
+    whose first label is masked, so each such window is weighted one token short; and outputs.loss
+    is computed by transformers in float32 (ForCausalLMLoss upcasts logits with .float()) even for
+    this float64 model. The text is encoded with the tokenizer's default special tokens, as in the docs.
+    """
+    steps = transformers_recipe_steps(model, tokenizer, texts, max_length, stride, separator)
+    nll_sum = sum(loss * num_loss_tokens for loss, num_loss_tokens, _ in steps)
+    n_tokens = sum(num_loss_tokens for _, num_loss_tokens, _ in steps)
+    return math.exp(nll_sum / n_tokens) if n_tokens > 0 else float("nan")
