@@ -207,10 +207,10 @@ def evaluate(cfg: Config, model: torch.nn.Module | None = None, tokenizer=None) 
         else:
             docs = list(data.iter_documents(cfg))
             documents = [_result(d) for d in docs]
-            texts = [d.text for d in docs if d.text]
+            texts = [d.text for d in docs if d.text is not None]  # empty rows still add a separator, as in the recipe
             for d, r in zip(docs, documents):
-                if not d.text:
-                    r.skipped = "not_text" if d.text is None else "empty"
+                if d.text is None:
+                    r.skipped = "not_text"
             joined = cfg.separator.join(texts)
             stream_bytes = len(joined.encode("utf-8"))
             seq = ([prefix] if prefix is not None else []) + (tokenizer(joined, add_special_tokens=False)["input_ids"] if joined else [])

@@ -38,6 +38,7 @@ def document_spans(n_seq: int, first_target: int, max_length: int, stride: int) 
     """Windows of one document: the first predicts up to max_length targets, each later one at most
     `stride` new targets with the tokens before them as context (lm-evaluation-harness's rolling
     windows when stride == max_length)."""
+    first_target = max(first_target, 1)  # S[0] has nothing before it: never a target
     last = n_seq - 1
     if last < first_target:
         return []
@@ -51,14 +52,16 @@ def document_spans(n_seq: int, first_target: int, max_length: int, stride: int) 
 
 
 def stream_spans(n_seq: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
-    """Windows of the transformers docs recipe: one every `stride` tokens, each scoring only the
-    tokens the previous windows did not; S[0] has no context and is never scored."""
+    """Windows of the transformers docs recipe: one every `stride` tokens, each scoring the tokens the
+    previous windows did not. A window's first token has no context inside it and is not scored there,
+    as in the recipe (S[0] never; with stride == max_length, the first token of every window)."""
     spans, prev = [], 0
     for begin in range(0, n_seq, stride):
         end = min(begin + max_length, n_seq)
-        if end - 1 > prev:
-            spans.append((begin, prev, end - 1))
-            prev = end - 1
+        a = max(prev, begin)
+        if end - 1 > a:
+            spans.append((begin, a, end - 1))
+        prev = end - 1
         if end == n_seq:
             break
     return spans

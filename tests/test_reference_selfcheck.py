@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from reference import (
+from .reference import (
     as_float64,
     document_sequence,
     document_windows,
