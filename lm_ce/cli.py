@@ -23,9 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
-    logging.basicConfig(level=logging.INFO, format="lm_ce: %(message)s")
-    for noisy in ("transformers", "datasets", "accelerate", "httpx", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet_libraries()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
     from .config import UsageError, build_config
@@ -50,6 +48,26 @@ def main(argv: list[str] | None = None) -> int:
             where = report.write(results, cfg.output_dir)
             print(f"wrote {where}/results.json, results.md, config.yaml")
     return 0 if results.summary["complete"] else 130
+
+
+def quiet_libraries() -> None:
+    """Our log lines on stderr; the libraries' warnings and progress bars off (we report what matters)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("lm_ce: %(message)s"))
+    ours = logging.getLogger("lm_ce")
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    huggingface_hub.utils.logging.set_verbosity_error()
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
 
 
 if __name__ == "__main__":

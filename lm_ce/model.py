@@ -84,6 +84,8 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
             )
         if not (Path(spec) / "config.json").is_file():
             raise UsageError(f"model directory {spec} has no config.json; is it a transformers model directory?")
+    elif spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1:
+        raise UsageError(f"model path {spec} does not exist; give an existing directory, a .gguf file, or a Hub id")
     else:
         source, path = "hub", spec
     try:

@@ -378,15 +378,16 @@ class _Progress:
     """tqdm over scored tokens with the running perplexity; silent off the main process."""
 
     def __init__(self, enabled: bool):
+        self.enabled = enabled
         self.bar = None
         self.nll = 0.0
         self.tokens = 0
-        if enabled:
+
+    def add_total(self, n: int) -> None:
+        if self.enabled and self.bar is None:  # opened when there is work, not before the data loads
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=0, unit="tok", unit_scale=True, dynamic_ncols=True, desc="scoring")
-
-    def add_total(self, n: int) -> None:
         if self.bar is not None:
             self.bar.total += n
             self.bar.refresh()
