@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if PartialState().is_main_process:
         print(report.table(results.summary))
         if cfg.output_dir:
-            where = report.write(results, cfg.output_dir)
-            print(f"wrote {where}/results.json, results.md, config.yaml")
+            where = report.write(results, cfg.output_dir, plot=cfg.plot)
+            print(f"wrote {where}/ (results.json, results.md, config.yaml, documents.jsonl ...)")
     return 0 if results.summary["complete"] else 130
 
 

@@ -58,8 +58,14 @@ class Config:
     token_budget: int | None = None  # input tokens per batch at most (default: batch_size * max_length)
     padding_side: str = "right"  # right | left; must not change the result
     chunk_documents: int = 1024  # documents tokenized and planned at a time (bounds memory)
+    # analysis
+    compare_to: list[str] | None = None  # models scored on the same tokens against the first (KL, top-1, delta ppl)
+    save_tokens: bool = False  # tokens.parquet-style files: every scored token's id, text, position, NLL, top-1
     # output
     output_dir: str | None = None
+    resume: bool = False  # continue the run saved in output_dir (same model, data and settings)
+    checkpoint_seconds: int = 300  # save progress to output_dir this often (and on Ctrl-C / SIGTERM)
+    plot: bool = True  # loss by position in the window as a PNG (needs matplotlib)
     progress: bool = True
     seed: int = 0
 
@@ -106,7 +112,16 @@ def _coerce(name: str, value, source: str):
     return value
 
 
+KINDS = {bool: "true or false", int: "a whole number", str: "a string"}
+
+
+def _label(name: str, source: str) -> str:
+    """How a field is named to the user: as the flag on the command line, as the key in a file."""
+    return f"--{name.replace('_', '-')}" if source == "command line" else f"field '{name}'"
+
+
 def _coerce_scalar(name: str, kind: type, value, source: str):
+    """One value of the field's scalar type, or a UsageError saying which type was expected."""
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -117,15 +132,24 @@ def _coerce_scalar(name: str, kind: type, value, source: str):
     elif kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
     elif kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    raise UsageError(f"{source}: field '{name}' must be a {kind.__name__}, got {value!r}")
+    expected = KINDS.get(kind, kind.__name__)
+    raise UsageError(f"{source}: {_label(name, source)} must be {expected}, got {value!r}")
 
 
 def _unknown(name: str, source: str) -> UsageError:
+    """The error for a key or flag that is no field, with the closest field suggested."""
+    if name.startswith("--"):  # a flag: suggest the flag as it would be typed
+        close = difflib.get_close_matches(name[2:].replace("-", "_"), list(FIELDS), n=1)
+        hint = f"; did you mean --{close[0].replace('_', '-')}?" if close else "; see --help for the flags"
+        return UsageError(f"{source}: unknown flag '{name}'{hint}")
     close = difflib.get_close_matches(name, list(FIELDS), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid fields: {', '.join(FIELDS)}"
     return UsageError(f"{source}: unknown field '{name}'{hint}")
@@ -138,6 +162,9 @@ def load_yaml(path: str | Path) -> dict:
         raise UsageError(f"config file {path} does not exist; give the path of a YAML file (see configs/)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise UsageError(f"{path}:{line}: not UTF-8 text; save the config file as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -211,7 +238,7 @@ def build_config(args: list[str]) -> Config:
 
 def check(cfg: Config) -> None:
     """Refuse settings that cannot work together, before anything is loaded."""
-    for name in ("max_length", "stride", "batch_size", "token_budget", "limit", "chunk_documents", "threads"):
+    for name in ("max_length", "stride", "batch_size", "token_budget", "limit", "chunk_documents", "threads", "checkpoint_seconds"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -220,6 +247,8 @@ def check(cfg: Config) -> None:
             f"--stride {cfg.stride} is larger than --max-length {cfg.max_length}: tokens between windows "
             "would never be scored; use a stride at most max_length"
         )
+    if cfg.resume and not cfg.output_dir:
+        raise UsageError("--resume needs --output-dir: the directory of the run to continue")
     if cfg.prompt_field and cfg.mode == "stream":
         raise UsageError("--prompt-field needs --mode document: a joined stream has no per-document prompt")
     for name in FIELDS:

@@ -6,7 +6,10 @@ runner counts them as skipped instead of dropping them silently.
 """
 from __future__ import annotations
 
+import codecs
+import contextlib
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +32,12 @@ def local_files(cfg: Config) -> tuple[str, list[str]]:
     """(datasets builder, file paths) for --data-files, checked to exist and share one format."""
     paths = [resolve_path(p) for p in cfg.data_files or []]
     for p in paths:
+        if Path(p).is_dir():
+            raise UsageError(f"data file {p} is a directory; list the files in it: --data-files a.jsonl,b.jsonl")
         if not Path(p).is_file():
             raise UsageError(f"data file {p} does not exist; check --data-files")
+        if Path(p).stat().st_size == 0:
+            raise UsageError(f"data file {p} is empty (0 bytes); check --data-files")
     builders = {BUILDERS.get(Path(p).suffix.lower()) for p in paths}
     if cfg.dataset in set(BUILDERS.values()):
         return cfg.dataset, paths
@@ -42,19 +49,86 @@ def local_files(cfg: Config) -> tuple[str, list[str]]:
     return builders.pop(), paths
 
 
+def first_bad_utf8(path: str, block: int = 2**24) -> str | None:
+    """'file:line: ...' for the first bytes of a text file that are not UTF-8, read block by block.
+
+    Such files are refused, not read with replacement characters: U+FFFD stands for bytes that are
+    not in the researcher's text, so tokens, bytes and loss would describe a different text, and a
+    silently different number is worse than one command to re-encode the file.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    newlines = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(block)
+            pending = decoder.getstate()[0]  # bytes of a character split across blocks
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                seen = (pending + chunk)[: e.start]
+                line = newlines + seen.count(b"\n") + 1
+                column = len(seen) - seen.rfind(b"\n")
+                byte = (pending + chunk)[e.start : e.start + 1].hex() or "end of file"
+                return (
+                    f"{path}:{line}: not valid UTF-8 (byte 0x{byte} at column {column}); re-encode the file as "
+                    f"UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > fixed{Path(path).suffix} "
+                    "(iconv -c -f utf-8 -t utf-8 drops the bad bytes instead)"
+                )
+            if not chunk:
+                return None
+            newlines += chunk.count(b"\n")
+
+
 def first_bad_json_line(path: str) -> str | None:
-    """'file:line: reason' for the first line of a JSON Lines file that is not a JSON object."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    """'file:line: what is wrong; what to do' for the first line of a JSON Lines file that is not a JSON object."""
+    lines_expected = Path(path).suffix.lower() == ".jsonl"
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        blank = True
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                return f"{path}:{number}: not valid JSON ({e.msg})"
-            if not isinstance(row, dict):
-                return f"{path}:{number}: a JSON value that is not an object"
-    return None
+                if blank and not lines_expected:  # a .json file holding one multi-line document
+                    f.seek(0)
+                    try:
+                        json.load(f)
+                    except json.JSONDecodeError as e:
+                        return f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); fix the file"
+                    return None
+                return f"{path}:{number}: not valid JSON ({e.msg}); fix or remove that line"
+            if not isinstance(row, dict) and (lines_expected or not blank):
+                kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(row), "number")
+                return f'{path}:{number}: a JSON {kind}, not an object; each line must be {{"field": value, ...}}'
+            blank = False
+    return f"{path}: no rows, only blank lines; point --data-files at a file with one JSON object per line" if blank else None
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """datasets logs its read errors before raising them; we turn those into one line of our own."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def read_error(cfg: Config, e: Exception) -> UsageError:
+    """One line for an exception from `datasets` while loading or reading: the file and line when we can tell."""
+    if not cfg.data_files:
+        return UsageError(f"reading dataset '{cfg.dataset}' failed ({type(e).__name__}: {first_line(e)})")
+    builder, paths = local_files(cfg)
+    if builder == "json":
+        for p in paths:
+            bad = first_bad_json_line(p)
+            if bad:
+                return UsageError(bad)
+    cause = e.__cause__ or e  # DatasetGenerationError says only that something failed; its cause says what
+    return UsageError(f"cannot read {', '.join(paths)} as {builder}: {first_line(cause)}; fix the file or check --dataset")
 
 
 def load_rows(cfg: Config):
@@ -63,15 +137,15 @@ def load_rows(cfg: Config):
 
     if cfg.data_files:
         builder, paths = local_files(cfg)
+        for p in paths if builder in ("text", "json", "csv") else []:
+            bad = first_bad_utf8(p)
+            if bad:
+                raise UsageError(bad)
         try:
-            return datasets.load_dataset(builder, data_files=paths, split="train", streaming=cfg.streaming)
+            with quiet_datasets():
+                return datasets.load_dataset(builder, data_files=paths, split="train", streaming=cfg.streaming)
         except Exception as e:  # datasets raises many kinds; turn them into one clear line
-            if builder == "json":
-                for p in paths:
-                    bad = first_bad_json_line(p)
-                    if bad:
-                        raise UsageError(f"{bad}; fix or remove that line") from None
-            raise UsageError(f"cannot read {', '.join(paths)} as {builder}: {first_line(e)}") from None
+            raise read_error(cfg, e) from None
     try:
         return datasets.load_dataset(
             cfg.dataset, cfg.dataset_config, split=cfg.split, streaming=cfg.streaming, revision=None
@@ -99,6 +173,7 @@ def iter_documents(cfg: Config) -> Iterator[Document]:
                 raise UsageError(
                     f"{source} has no field '{name}'; its fields are: {', '.join(columns)} (set --text-field etc.)"
                 )
+    rows = _guarded(rows, cfg)
     documents = _join(rows, cfg) if cfg.join_by else _plain(rows, cfg)
     count = 0
     for doc in documents:
@@ -108,6 +183,20 @@ def iter_documents(cfg: Config) -> Iterator[Document]:
         count += 1
     if count == 0:
         raise UsageError(f"{source} has no rows; point at a dataset with text in field '{cfg.text_field}'")
+
+
+def _guarded(rows, cfg: Config) -> Iterator[dict]:
+    """The rows, with an error while reading them (streaming reads lazily) turned into a UsageError."""
+    rows = iter(rows)
+    with quiet_datasets():
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except Exception as e:  # datasets raises many kinds; turn them into one clear line
+                raise read_error(cfg, e) from None
+            yield row
 
 
 def _text(value) -> str | None:

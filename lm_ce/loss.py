@@ -105,3 +105,35 @@ def logits_losses(logits: torch.Tensor, targets: torch.Tensor, want_top1: bool =
     logits = logits.float()
     nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, targets[:, None]).squeeze(1)
     return TokenLosses(nll, logits.argmax(dim=-1) if want_top1 else None)
+
+
+@dataclass
+class PairLosses:
+    """Two models on the same tokens: each one's NLL and top-1, and KL(first || second) per token."""
+
+    nll: torch.Tensor
+    top1: torch.Tensor
+    other_nll: torch.Tensor
+    other_top1: torch.Tensor
+    kl: torch.Tensor
+
+
+def pair_losses(
+    hidden: torch.Tensor, head: Head, other_hidden: torch.Tensor, other_head: Head, targets: torch.Tensor, rows: int | None = None
+) -> PairLosses:
+    """Per-token NLL of both models and KL(P_first || P_second) = sum_v p(v) (log p(v) - log q(v)), chunked."""
+    n = hidden.shape[0]
+    rows = rows or max(8, chunk_rows(head.weight.shape[0]) // 3)  # three vocab-wide blocks live at once
+    out = PairLosses(*(torch.empty(n, dtype=dt, device=hidden.device) for dt in (torch.float32, torch.long, torch.float32, torch.long, torch.float32)))
+    for start in range(0, n, rows):
+        s = slice(start, min(start + rows, n))
+        t = targets[s, None]
+        logp = torch.log_softmax(head.logits(hidden[s]), dim=-1)
+        logq = torch.log_softmax(other_head.logits(other_hidden[s]), dim=-1)
+        out.nll[s] = -logp.gather(1, t).squeeze(1)
+        out.other_nll[s] = -logq.gather(1, t).squeeze(1)
+        out.top1[s] = logp.argmax(dim=-1)
+        out.other_top1[s] = logq.argmax(dim=-1)
+        logq.sub_(logp).neg_()  # log p - log q, in place
+        out.kl[s] = (logp.exp_() * logq).sum(dim=-1).clamp_min_(0.0)
+    return out

@@ -85,20 +85,19 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
         if not (Path(spec) / "config.json").is_file():
             raise UsageError(f"model directory {spec} has no config.json; is it a transformers model directory?")
     elif spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1:
-        raise UsageError(f"model path {spec} does not exist; give an existing directory, a .gguf file, or a Hub id")
+        raise UsageError(
+            f"model path {spec} does not exist; check --model: give an existing directory, a .gguf file, or a Hub id"
+        )
     else:
         source, path = "hub", spec
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **kwargs)
-    except OSError as e:
-        where = "on the Hub or in the local cache" if source == "hub" else f"at {path}"
-        raise UsageError(
-            f"cannot load model '{cfg.model}' {where} ({first_line(e)}). Offline? Give a local directory or a "
-            ".gguf file with --model"
-        ) from None
-    except (ValueError, KeyError, RuntimeError, TypeError) as e:
-        raise UsageError(f"transformers cannot load model '{cfg.model}': {first_line(e)}") from None
+    except Exception as e:  # transformers raises many kinds; turn the ones bad input causes into one line
+        error = load_error(cfg, source, path, e)
+        if error is None:
+            raise
+        raise error from None
     if cache_to and main_process:
         save_gguf_cache(model, tokenizer, cache_to)
     model.to(device).eval()
@@ -112,6 +111,28 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
         parameters=sum(p.numel() for p in model.parameters()),
     )
     return model, tokenizer, info
+
+
+def load_error(cfg: Config, source: str, path: str, e: Exception) -> UsageError | None:
+    """The UsageError for an exception from transformers while loading, or None for a bug to show as is."""
+    if source == "gguf":  # the GGUF reader fails in any way on a truncated or corrupt file
+        return UsageError(
+            f"transformers cannot read GGUF file {resolve_path(cfg.model)} ({first_line(e)}); the file is "
+            "truncated, corrupt or of an unsupported architecture: download or convert it again"
+        )
+    if isinstance(e, OSError) and source == "directory":
+        return UsageError(
+            f"cannot load model directory {path} ({first_line(e)}); it needs a valid config.json, the weights "
+            "(*.safetensors or *.bin) and the tokenizer files, as save_pretrained writes them"
+        )
+    if isinstance(e, OSError):
+        return UsageError(
+            f"cannot load model '{cfg.model}' on the Hub or in the local cache ({first_line(e)}). Offline? Give a "
+            "local directory or a .gguf file with --model"
+        )
+    if isinstance(e, (ValueError, KeyError, RuntimeError, TypeError)):
+        return UsageError(f"transformers cannot load model '{cfg.model}': {first_line(e)}")
+    return None
 
 
 def gguf_source(spec: str, cfg: Config, dtype: torch.dtype) -> tuple[str, dict, str | None]:

@@ -180,3 +180,18 @@ def reference_transformers_recipe(
     nll_sum = sum(loss * num_loss_tokens for loss, num_loss_tokens, _ in steps)
     n_tokens = sum(num_loss_tokens for _, num_loss_tokens, _ in steps)
     return math.exp(nll_sum / n_tokens) if n_tokens > 0 else float("nan")
+
+
+@torch.no_grad()
+def reference_tokens(model: torch.nn.Module, seq: list[int], windows: list[tuple[int, int, int]]) -> list[dict]:
+    """Every scored target: its index j in S, NLL, the model's top-1 and log-probabilities (float64)."""
+    model64 = as_float64(model)
+    rows = []
+    for start, a, b in windows:
+        input_ids = torch.tensor([seq[start:b]], dtype=torch.long, device=_device(model64))
+        logprobs = torch.log_softmax(model64(input_ids=input_ids, use_cache=False).logits[0].double(), dim=-1)
+        for j in range(a + 1, b + 1):
+            row = logprobs[j - 1 - start]
+            rows.append({"j": j, "nll": -row[seq[j]].item(), "top1": int(row.argmax()), "window_position": j - 1 - start,
+                         "logprobs": row})
+    return rows
