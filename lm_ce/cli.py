@@ -34,12 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         from .runner import evaluate
 
         results = evaluate(cfg)
-    except UsageError as e:
+    except (UsageError, FloatingPointError) as e:  # bad input, or a model that produced NaN/inf
         print(f"lm_ce: error: {e}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:
-        print(f"lm_ce: error: {e}", file=sys.stderr)
-        return 3
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -50,19 +47,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if results.summary["complete"] else 130
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (so redirections and test captures see it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def quiet_libraries() -> None:
     """Our log lines on stderr; the libraries' warnings and progress bars off (we report what matters)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("lm_ce: %(message)s"))
     ours = logging.getLogger("lm_ce")
-    ours.addHandler(handler)
+    if not any(isinstance(h, _Stderr) for h in ours.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("lm_ce: %(message)s"))
+        ours.addHandler(handler)
     ours.setLevel(logging.INFO)
-    ours.propagate = False
     import datasets
     import huggingface_hub
     import transformers
 
     huggingface_hub.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
