@@ -7,6 +7,7 @@ gathered once per chunk. Per-token losses are float32, their sums float64.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -336,7 +337,9 @@ def evaluate(cfg: Config, model: torch.nn.Module | None = None, tokenizer=None) 
     state = checkpoint.load(cfg) if cfg.resume else None
 
     if model is None:
-        with accelerator.main_process_first():
+        # A download or a GGUF cache is made once, by the main process; a local directory is read by all at once.
+        first = contextlib.nullcontext() if os.path.isdir(cfg.model) else accelerator.main_process_first()
+        with first:
             model, tokenizer, info = model_lib.load(cfg, device, main)
     else:
         model.eval()
@@ -348,6 +351,8 @@ def evaluate(cfg: Config, model: torch.nn.Module | None = None, tokenizer=None) 
     max_length, stride = resolve_lengths(cfg, info.max_positions)
     prefix = prefix_id(cfg, tokenizer)
     head, head_note = probe_head(model, head_of(model), device)
+    if cfg.compile:  # compiled per new input shape on first use; pays on long runs of similar batches
+        model.base_model.compile(dynamic=True)
     others, by_bytes = _load_compared(cfg, tokenizer, head, device, accelerator)
     scorer = Scorer(model, head, device, cfg.padding_side == "left", others, want_top1=cfg.save_tokens)
     budget = cfg.token_budget or cfg.batch_size * max_length
