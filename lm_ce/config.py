@@ -21,9 +21,9 @@ class UsageError(Exception):
 
 
 def first_line(e: BaseException) -> str:
-    """The first line of an exception's message, short enough for a one-line error."""
-    lines = str(e).strip().splitlines()
-    return lines[0][:300] if lines else type(e).__name__
+    """An exception's message on one line (libraries spread theirs over several), short enough for a one-line error."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text[:300] if text else type(e).__name__
 
 
 @dataclass
@@ -108,7 +108,7 @@ def _coerce(name: str, value, source: str):
         return [_coerce_scalar(name, kind, v, source) for v in items]
     value = _coerce_scalar(name, kind, value, source)
     if name in CHOICES and value not in CHOICES[name]:
-        raise UsageError(f"{source}: field '{name}' is '{value}'; choose one of {', '.join(CHOICES[name])}")
+        raise UsageError(f"{source}: {_label(name, source)} is '{value}'; choose one of {', '.join(CHOICES[name])}")
     return value
 
 

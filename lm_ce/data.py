@@ -57,26 +57,27 @@ def first_bad_utf8(path: str, block: int = 2**24) -> str | None:
     silently different number is worse than one command to re-encode the file.
     """
     decoder = codecs.getincrementaldecoder("utf-8")()
-    newlines = 0
+    newlines, line_bytes = 0, 0  # lines before this block; bytes of the current line before it
     with open(path, "rb") as f:
         while True:
             chunk = f.read(block)
-            pending = decoder.getstate()[0]  # bytes of a character split across blocks
+            pending = decoder.getstate()[0]  # the start of a character split across blocks (already counted)
             try:
                 decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as e:
                 seen = (pending + chunk)[: e.start]
                 line = newlines + seen.count(b"\n") + 1
-                column = len(seen) - seen.rfind(b"\n")
-                byte = (pending + chunk)[e.start : e.start + 1].hex() or "end of file"
+                column = len(seen) - seen.rfind(b"\n") if b"\n" in seen else line_bytes - len(pending) + len(seen) + 1
+                byte = (pending + chunk)[e.start : e.start + 1].hex()
                 return (
-                    f"{path}:{line}: not valid UTF-8 (byte 0x{byte} at column {column}); re-encode the file as "
-                    f"UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > fixed{Path(path).suffix} "
+                    f"{path}:{line}: not valid UTF-8 (byte 0x{byte}, byte {column} of the line); re-encode the file "
+                    f"as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > fixed{Path(path).suffix} "
                     "(iconv -c -f utf-8 -t utf-8 drops the bad bytes instead)"
                 )
             if not chunk:
                 return None
             newlines += chunk.count(b"\n")
+            line_bytes = len(chunk) - chunk.rfind(b"\n") - 1 if b"\n" in chunk else line_bytes + len(chunk)
 
 
 def first_bad_json_line(path: str) -> str | None:
@@ -128,7 +129,7 @@ def read_error(cfg: Config, e: Exception) -> UsageError:
             if bad:
                 return UsageError(bad)
     cause = e.__cause__ or e  # DatasetGenerationError says only that something failed; its cause says what
-    return UsageError(f"cannot read {', '.join(paths)} as {builder}: {first_line(cause)}; fix the file or check --dataset")
+    return UsageError(f"cannot read {', '.join(paths)} as {builder}: {first_line(cause).rstrip('.')}; fix the file or check --dataset")
 
 
 def load_rows(cfg: Config):

@@ -120,7 +120,7 @@ def load_error(cfg: Config, source: str, path: str, e: Exception) -> UsageError 
             f"transformers cannot read GGUF file {resolve_path(cfg.model)} ({first_line(e)}); the file is "
             "truncated, corrupt or of an unsupported architecture: download or convert it again"
         )
-    if isinstance(e, OSError) and source == "directory":
+    if isinstance(e, (OSError, ValueError, KeyError, RuntimeError, TypeError)) and source == "directory":
         return UsageError(
             f"cannot load model directory {path} ({first_line(e)}); it needs a valid config.json, the weights "
             "(*.safetensors or *.bin) and the tokenizer files, as save_pretrained writes them"

@@ -32,7 +32,6 @@ class Env:
 
     tmp: Path
     llama: str
-    gpt2: str
     good: str
     no_specials: str
 
@@ -66,16 +65,17 @@ def no_specials_dir(tiny_llama_dir, tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def env(tmp_path, tiny_llama_dir, tiny_gpt2_dir, no_specials_dir, monkeypatch) -> Env:
+def env(tmp_path, tiny_llama_dir, no_specials_dir, monkeypatch) -> Env:
     monkeypatch.setenv("LM_CE_CACHE", str(tmp_path / "cache"))  # GGUF cache: never the user's
     good = make_jsonl(tmp_path / "good.jsonl", GOOD_ROWS)
-    return Env(tmp_path, tiny_llama_dir, tiny_gpt2_dir, good, no_specials_dir)
+    return Env(tmp_path, tiny_llama_dir, good, no_specials_dir)
 
 
-def model_dir(e: Env, name: str, config: str | None = None) -> str:
-    """A copy of the tiny llama's directory without its weights, and with this config.json if given."""
+def model_dir(e: Env, name: str, config: str | None = None, without: str = "weights") -> str:
+    """A copy of the tiny llama's directory without its weights (or tokenizer), with this config.json if given."""
     path = e.tmp / name
-    shutil.copytree(e.llama, path, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    drop = ("tokenizer*", "special_tokens_map.json") if without == "tokenizer" else ("*.safetensors", "*.bin")
+    shutil.copytree(e.llama, path, ignore=shutil.ignore_patterns(*drop))
     if config is not None:
         (path / "config.json").write_text(config)
     return str(path)
@@ -102,8 +102,10 @@ REFUSED = [
     ("gguf-magic-truncated", lambda e: ["--model", e.file("u.gguf", b"GGUF\x03\x00\x00\x00")], ["cannot read GGUF file", "u.gguf", "again"]),
     ("model-dir-bad-config", lambda e: ["--model", model_dir(e, "bad_config", config="{not json")], ["bad_config", "not a valid JSON file", "config.json"]),
     ("model-dir-no-weights", lambda e: ["--model", model_dir(e, "no_weights")], ["cannot load model directory", "no_weights", "weights"]),
+    ("model-dir-no-tokenizer", lambda e: ["--model", model_dir(e, "no_tok", without="tokenizer")], ["cannot load model directory", "no_tok", "tokenizer"]),
     ("model-hub-offline", lambda e: ["--model", "nobody-here/no-such-model"], ["nobody-here/no-such-model", "Offline?", "--model"]),
     # --- the data ---
+    ("hub-dataset-offline", lambda e: ["--data-files", "none", "--dataset", "nobody-here/no-such-dataset"], ["nobody-here/no-such-dataset", "--data-files"]),
     ("data-missing", lambda e: ["--data-files", str(e.tmp / "nope.jsonl")], ["nope.jsonl does not exist", "--data-files"]),
     ("data-directory", lambda e: ["--data-files", e.folder("corpus")], ["corpus is a directory", "--data-files"]),
     ("data-unknown-ext", lambda e: ["--data-files", e.file("d.xml", "<a/>")], ["cannot tell the format", "d.xml", "--dataset"]),
@@ -114,6 +116,7 @@ REFUSED = [
     ("jsonl-not-json", lambda e: ["--data-files", e.file("bad.jsonl", '{"text": "a"}\n{"text": "b"\n{"text": "c"}\n')], ["bad.jsonl:2:", "not valid JSON"]),
     ("jsonl-array-row", lambda e: ["--data-files", e.file("arr.jsonl", '{"text": "a"}\n["b", "c"]\n')], ["arr.jsonl:2:", "a JSON array, not an object"]),
     ("text-field-never-a-string", lambda e: ["--text-field", "n"], ["nothing to score", "--text-field 'n'"]),
+    ("jsonl-no-text-field-streaming", lambda e: ["--streaming", "--text-field", "body"], ["'body'"]),
     ("jsonl-no-text-field", lambda e: ["--data-files", e.good, "--text-field", "body"], ["has no field 'body'", "text, n"]),
     ("json-document-not-rows", lambda e: ["--data-files", e.file("doc.json", '{\n"text": [1, 2],\n"x": {"y": ]\n}\n')], ["doc.json:3: not valid JSON", "fix the file"]),
     ("parquet-garbage", lambda e: ["--data-files", e.file("d.parquet", os.urandom(300))], ["cannot read", "d.parquet as parquet"]),
@@ -142,7 +145,7 @@ REFUSED = [
     ("yaml-not-mapping", lambda e: yaml_config(e, "- a\n- b\n"), ["run.yaml", "mapping"]),
     ("yaml-not-utf8", lambda e: ["--config", e.file("run.yaml", b"model: caf\xe9\n")], ["run.yaml:1: not UTF-8", "save the config file as UTF-8"]),
     ("config-missing", lambda e: ["--config", str(e.tmp / "nope.yaml")], ["nope.yaml does not exist"]),
-    ("mode-wrong", lambda e: ["--mode", "wrong"], ["'mode' is 'wrong'", "document, stream"]),
+    ("mode-wrong", lambda e: ["--mode", "wrong"], ["--mode is 'wrong'; choose one of document, stream"]),
     ("prompt-field-stream", lambda e: ["--mode", "stream", "--prompt-field", "n"], ["--prompt-field needs --mode document"]),
     # --- the tokenizer ---
     ("no-bos-eos-auto", lambda e: ["--model", e.no_specials, "--prefix-token", "auto"], ["neither a BOS nor an EOS", "--prefix-token none"]),
@@ -252,3 +255,19 @@ def test_subprocess_exit_2_without_traceback(env, case):
     assert len(lines) == 1 and lines[0].startswith("lm_ce: error: "), proc.stderr
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 5, 2**24])
+def test_utf8_check_across_block_boundaries(tmp_path, block):
+    """Characters split between blocks are valid; the first bad byte is found at the right line and column."""
+    from lm_ce.data import first_bad_utf8
+
+    good = tmp_path / "good.txt"
+    good.write_text("café 🙂\nŁódź — 交叉熵\n", encoding="utf-8")
+    assert first_bad_utf8(str(good), block) is None
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("🙂 ok\nnaïve ".encode() + b"\xe9t\xc3\xa9\n")
+    assert f"{bad}:2: not valid UTF-8 (byte 0xe9, byte 8 of the line)" in first_bad_utf8(str(bad), block)
+    cut = tmp_path / "cut.txt"
+    cut.write_bytes("ok\n🙂".encode()[:-1])  # the file ends inside a character
+    assert f"{cut}:2: not valid UTF-8" in first_bad_utf8(str(cut), block)
