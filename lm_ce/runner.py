@@ -678,6 +678,8 @@ def _results(cfg, run: Run, stopped, info, head_note, max_length, stride, prefix
         n_bytes = run.stream_bytes if not stopped else 0
         words = sum(d.words for d in scored) if not stopped else 0
     if tokens == 0 and not stopped:
+        if all(d.skipped == "not_text" for d in documents):
+            raise UsageError(f"nothing to score: no row has a string in field '{cfg.text_field}'; check --text-field")
         raise UsageError(
             f"nothing to score: all {len(documents)} documents tokenize to nothing (check --text-field '{cfg.text_field}')"
         )

@@ -115,7 +115,7 @@ REFUSED = [
     ("limit-0", lambda e: ["--limit", "0"], ["--limit must be at least 1, got 0"]),
     ("jsonl-not-json", lambda e: ["--data-files", e.file("bad.jsonl", '{"text": "a"}\n{"text": "b"\n{"text": "c"}\n')], ["bad.jsonl:2:", "not valid JSON"]),
     ("jsonl-array-row", lambda e: ["--data-files", e.file("arr.jsonl", '{"text": "a"}\n["b", "c"]\n')], ["arr.jsonl:2:", "a JSON array, not an object"]),
-    ("text-field-never-a-string", lambda e: ["--text-field", "n"], ["nothing to score", "--text-field 'n'"]),
+    ("text-field-never-a-string", lambda e: ["--text-field", "n"], ["nothing to score", "no row has a string in field 'n'"]),
     ("jsonl-no-text-field-streaming", lambda e: ["--streaming", "--text-field", "body"], ["'body'"]),
     ("jsonl-no-text-field", lambda e: ["--data-files", e.good, "--text-field", "body"], ["has no field 'body'", "text, n"]),
     ("json-document-not-rows", lambda e: ["--data-files", e.file("doc.json", '{\n"text": [1, 2],\n"x": {"y": ]\n}\n')], ["doc.json:3: not valid JSON", "fix the file"]),
