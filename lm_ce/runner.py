@@ -335,6 +335,11 @@ def evaluate(cfg: Config, model: torch.nn.Module | None = None, tokenizer=None) 
     threads = set_threads(cfg, world, device)
     torch.manual_seed(cfg.seed)
     state = checkpoint.load(cfg) if cfg.resume else None
+    if state and state["run"].partial is not None and state["processes"] != world:
+        raise UsageError(
+            f"--resume: {cfg.output_dir} was stopped inside a chunk with {state['processes']} processes, whose batches "
+            f"depend on that number; resume it with {state['processes']} processes"
+        )
 
     if model is None:
         # A download or a GGUF cache is made once, by the main process; a local directory is read by all at once.
@@ -356,7 +361,7 @@ def evaluate(cfg: Config, model: torch.nn.Module | None = None, tokenizer=None) 
     others, by_bytes = _load_compared(cfg, tokenizer, head, device, accelerator)
     scorer = Scorer(model, head, device, cfg.padding_side == "left", others, want_top1=cfg.save_tokens)
     budget = cfg.token_budget or cfg.batch_size * max_length
-    accelerator.wait_for_everyone()  # the main process loads first: scoring time starts when all have loaded
+    accelerator.wait_for_everyone()  # processes finish loading at different times: scoring starts when all have
     loaded = time.perf_counter()
 
     plan = _Plan(cfg, scorer, max_length, stride, budget, accelerator, len(others))
@@ -378,8 +383,7 @@ def evaluate(cfg: Config, model: torch.nn.Module | None = None, tokenizer=None) 
     progress.close()
     finished = time.perf_counter()
     if cfg.output_dir and main:
-        checkpoint.save(cfg.output_dir, {"fingerprint": checkpoint.fingerprint(cfg), "config": cfg.resolved(), "run": run,
-                                         "complete": not stopped})
+        checkpoint.save(cfg.output_dir, _state(cfg, run, world, complete=not stopped))
         if stopped:
             log.warning("progress saved in %s: rerun the same command with --resume to continue", cfg.output_dir)
 
@@ -536,7 +540,7 @@ def _score_windows(windows: list[Window], plan: _Plan, run: Run, progress, resul
 
     accelerator, cfg = plan.accelerator, plan.cfg
     world, rank = accelerator.num_processes, accelerator.process_index
-    batches = plan_batches(windows, cfg.batch_size, plan.budget)
+    batches = plan_batches(windows, _batch_size(cfg.batch_size, len(windows), world), plan.budget)
     resumed = run.partial or plan.new_tally()
     done_before = set(resumed.batches_done)
     todo = [i for i in range(len(batches)) if i not in done_before]
@@ -580,6 +584,14 @@ def _score_windows(windows: list[Window], plan: _Plan, run: Run, progress, resul
     return False
 
 
+def _batch_size(batch_size: int, n_windows: int, world: int) -> int:
+    """Smaller batches when there are few windows for many processes, so none is left idle (this changes
+    batch composition, hence float rounding, against a single-process run; the tokens stay the same)."""
+    if world == 1:
+        return batch_size
+    return max(1, min(batch_size, -(-n_windows // (2 * world))))
+
+
 def _share_of(rank: int, shares: list, done: list) -> int:
     """Which share this process takes: the heaviest goes to the process with the fewest tokens so far
     (ties: the lower rank), so that many small chunks do not each give process 0 the most work."""
@@ -621,8 +633,13 @@ def _save_partial(plan: _Plan, run: Run, resumed: Tally, tally: Tally) -> None:
         for part in parts:
             merged.merge(part)
         snapshot = dataclasses.replace(run, partial=merged)
-        checkpoint.save(plan.cfg.output_dir, {"fingerprint": checkpoint.fingerprint(plan.cfg), "config": plan.cfg.resolved(),
-                                              "run": snapshot, "complete": False})
+        checkpoint.save(plan.cfg.output_dir, _state(plan.cfg, snapshot, plan.accelerator.num_processes, complete=False))
+
+
+def _state(cfg: Config, run: Run, world: int, complete: bool) -> dict:
+    """What the state file holds: the run, what it was, and whether it finished."""
+    return {"fingerprint": checkpoint.fingerprint(cfg), "config": cfg.resolved(), "run": run, "processes": world,
+            "complete": complete}
 
 
 class _Progress:
