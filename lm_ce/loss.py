@@ -1,7 +1,9 @@
 """Token-level cross-entropy from final hidden states.
 
-The head (hidden -> vocabulary logits) and the log-sum-exp are computed a block of rows at a
-time in float32, so memory is O(chunk x vocab) whatever the batch, length or vocabulary.
+The head (hidden -> vocabulary logits) and the log-sum-exp are computed in float32 one tile of
+(rows x vocabulary slice) at a time, the log-sum-exp combined across slices, so the logits never
+take more than one tile of memory whatever the batch, length or vocabulary, and the head's weight
+is read once per block of rows (not once per small chunk, which makes large vocabularies slow).
 The definitions are the ones of the cross-entropy tutorial this project grew from:
 nll(token) = -log softmax(logits)[target] = logsumexp(logits) - logits[target].
 """
@@ -11,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-# Bytes of float32 logits one chunk may hold: large enough for an efficient matrix multiply,
-# small enough that a 262k vocabulary stays at a few hundred MB.
-CHUNK_BYTES = 64 * 2**20
+# Bytes of float32 logits one tile may hold, and rows per block: large enough for an efficient
+# matrix multiply, small enough to stay near the cache.
+CHUNK_BYTES = 16 * 2**20
+ROW_BLOCK = 2048
 
 
 @dataclass
@@ -25,18 +28,19 @@ class Head:
     scale: float = 1.0  # logits *= scale (Cohere's logit_scale, Granite's 1 / logits_scaling)
     softcap: float | None = None  # logits = softcap * tanh(logits / softcap) (Gemma 2 and 3)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits of a block of hidden states, with every transform the model applies."""
-        weight = self.weight
+    def logits(self, hidden: torch.Tensor, vocab: slice = slice(None)) -> torch.Tensor:
+        """Float32 logits of a block of hidden states over a slice of the vocabulary, with every
+        transform the model applies (all of them act on each logit alone, so slices are exact)."""
+        weight = self.weight[vocab]
         if hidden.dtype != torch.float32:
             if hidden.is_cuda:  # float32 accumulation and output, no bf16 rounding of logits
                 out = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
             else:
-                out = hidden.float() @ self.float_weight().t()
+                out = hidden.float() @ self.float_weight()[vocab].t()
         else:
             out = hidden @ weight.t()
         if self.bias is not None:
-            out += self.bias.float()
+            out += self.bias[vocab].float()
         if self.scale != 1.0:
             out *= self.scale
         if self.softcap is not None:
@@ -66,7 +70,7 @@ def head_of(model: torch.nn.Module) -> Head | None:
 
 
 def chunk_rows(vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """Rows per chunk so that one chunk of float32 logits takes about chunk_bytes."""
+    """Rows per chunk so that one chunk of float32 logits over the whole vocabulary takes about chunk_bytes."""
     return max(16, chunk_bytes // (4 * vocab_size))
 
 
@@ -84,19 +88,37 @@ def token_losses(
     head: Head,
     rows: int | None = None,
     want_top1: bool = False,
+    vocab_block: int | None = None,
 ) -> TokenLosses:
-    """nll[i] = logsumexp(head(hidden[i])) - head(hidden[i])[targets[i]], a chunk of rows at a time."""
-    n = hidden.shape[0]
-    rows = rows or chunk_rows(head.weight.shape[0])
+    """nll[i] = logsumexp(head(hidden[i])) - head(hidden[i])[targets[i]], one tile at a time.
+
+    Blocks of `rows` rows; within a block, slices of `vocab_block` logits whose log-sum-exps are
+    combined with logaddexp (and whose maxima give the top-1)."""
+    n, vocab = hidden.shape[0], head.weight.shape[0]
+    rows = rows or min(max(n, 1), ROW_BLOCK)
+    cols = min(vocab, vocab_block or max(1024, CHUNK_BYTES // (4 * rows)))
     nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
     top1 = torch.empty(n, dtype=torch.long, device=hidden.device) if want_top1 else None
     for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        logits = head.logits(hidden[start:stop])
-        target_logit = logits.gather(1, targets[start:stop, None]).squeeze(1)
-        nll[start:stop] = torch.logsumexp(logits, dim=-1) - target_logit
-        if top1 is not None:
-            top1[start:stop] = logits.argmax(dim=-1)
+        block = slice(start, min(start + rows, n))
+        h, t = hidden[block], targets[block]
+        lse = target = best = None
+        for v0 in range(0, vocab, cols):
+            logits = head.logits(h, slice(v0, v0 + cols))
+            inside = (t >= v0) & (t < v0 + logits.shape[1])
+            picked = logits.gather(1, (t - v0).clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1)
+            target = torch.where(inside, picked, target if target is not None else picked)
+            if top1 is not None:
+                value, index = logits.max(dim=-1)
+                if best is None or v0 == 0:
+                    best, top1[block] = value, index
+                else:
+                    better = value > best
+                    best = torch.where(better, value, best)
+                    top1[block] = torch.where(better, index + v0, top1[block])
+            part = torch.logsumexp(logits, dim=-1)
+            lse = part if lse is None else torch.logaddexp(lse, part)
+        nll[block] = lse - target
     return TokenLosses(nll, top1)
 
 

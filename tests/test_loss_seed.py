@@ -188,6 +188,11 @@ def test_chunking_invariance():
         torch.testing.assert_close(out.nll.double(), expected, rtol=1e-5, atol=1e-5, msg=f"rows={rows}")
         assert torch.equal(out.top1, full.argmax(-1)), rows
     assert token_losses(hidden, targets, head).top1 is None
+    # vocabulary slices: log-sum-exps combined across slices, the target and top-1 found in their slice
+    for rows, cols in ((1, 1), (3, 7), (16, 50), (37, 99), (None, 1000)):
+        out = token_losses(hidden, targets, head, rows=rows, want_top1=True, vocab_block=cols)
+        torch.testing.assert_close(out.nll.double(), expected, rtol=1e-5, atol=1e-5, msg=f"rows={rows} cols={cols}")
+        assert torch.equal(out.top1, full.argmax(-1)), (rows, cols)
     torch.testing.assert_close(logits_losses(hidden @ weight.t(), targets).nll, results[None].nll, rtol=1e-6, atol=1e-6)
 
 
@@ -238,6 +243,8 @@ def test_head_transforms(kwargs):
     expected = torch.logsumexp(ref, -1) - ref.gather(1, targets[:, None]).squeeze(1)
     out = token_losses(hidden, targets, head, rows=5, want_top1=True)
     torch.testing.assert_close(out.nll.double(), expected, rtol=1e-5, atol=1e-5)
+    sliced = token_losses(hidden, targets, head, rows=5, vocab_block=13)  # bias, scale and cap per slice
+    torch.testing.assert_close(sliced.nll.double(), expected, rtol=1e-5, atol=1e-5)
     # a saturated cap makes float32 ties (tanh == 1): top1 must be a maximum, not a particular one
     assert (ref.gather(1, out.top1[:, None]).squeeze(1) >= ref.max(-1).values - 1e-5).all()
     # the transform matters: a plain head gives other losses
