@@ -128,9 +128,12 @@ class Scorer:
             targets.append(w.seq[w.a + 1 : w.b + 1])
         rows_t = torch.cat(rows).to(self.device)
         targets_t = torch.cat(targets).to(self.device)
-        # Right padding needs no mask: causal attention never lets a real token see a later pad.
-        attention = mask.to(self.device) if (self.pad_left and bool((mask == 0).any())) else None
-        inputs = dict(input_ids=ids.to(self.device), position_ids=positions.to(self.device), attention_mask=attention)
+        # Right padding needs no mask and no position ids: causal attention never lets a real token see a
+        # later pad, and the default positions 0..width-1 are right for every real token. (Explicit ids
+        # with zeros on the pads read as packed sequences to transformers, which then builds a slower mask.)
+        inputs = dict(input_ids=ids.to(self.device), position_ids=None, attention_mask=None)
+        if self.pad_left and bool((mask == 0).any()):
+            inputs.update(position_ids=positions.to(self.device), attention_mask=mask.to(self.device))
         compared = []
         if self.others:
             hidden = _hidden(self.model, inputs, rows_t)
