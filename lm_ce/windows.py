@@ -99,18 +99,24 @@ def windows_of(doc: int, seq: list[int], spans: list[tuple[int, int, int]]) -> l
     return out
 
 
+MAX_PADDING = 0.1  # a batch is closed rather than let padding exceed this share of its positions
+
+
 def plan_batches(windows: list[Window], batch_size: int, token_budget: int) -> list[list[Window]]:
     """Batches of windows of similar length, longest first, each at most `batch_size` windows and
-    `token_budget` padded input tokens (so little compute goes to padding)."""
+    `token_budget` padded input tokens, and at most MAX_PADDING of padding (compute spent on nothing)."""
     order = sorted(windows, key=lambda w: (-w.length, w.doc, w.a))
     batches: list[list[Window]] = []
     current: list[Window] = []
+    real = 0
     for w in order:
         width = current[0].length if current else w.length  # sorted: the first is the longest
-        if current and (len(current) >= batch_size or (len(current) + 1) * width > token_budget):
+        slots = (len(current) + 1) * width
+        if current and (len(current) >= batch_size or slots > token_budget or slots - real - w.length > MAX_PADDING * slots):
             batches.append(current)
-            current = []
+            current, real = [], 0
         current.append(w)
+        real += w.length
     if current:
         batches.append(current)
     return batches

@@ -203,8 +203,8 @@ def test_empty_input():
 
 
 def test_chunk_rows():
-    assert chunk_rows(262_144) * 4 * 262_144 <= CHUNK_BYTES
-    assert chunk_rows(262_144) == CHUNK_BYTES // (4 * 262_144)
+    assert chunk_rows(50_000) * 4 * 50_000 <= CHUNK_BYTES
+    assert chunk_rows(50_000) == CHUNK_BYTES // (4 * 50_000)
     assert chunk_rows(32_000, chunk_bytes=4 * 32_000 * 100) == 100
     assert chunk_rows(10**9) == 16  # never fewer than 16 rows
 

@@ -155,3 +155,21 @@ def test_join_by_and_limit(models, tmp_path):
     prefix = res.summary["settings"]["prefix_token_id"]
     nll, count = reference_document(model, tokenizer, "one two", prefix, 256, 256)
     assert res.documents[0].tokens == count and close(res.documents[0].nll_sum, nll)
+
+
+def test_batches_hold_every_window_once_with_little_padding():
+    import random
+
+    import torch
+
+    from lm_ce.windows import MAX_PADDING, Window, plan_batches
+
+    rng = random.Random(0)
+    seq = torch.zeros(600, dtype=torch.long)
+    windows = [Window(i, seq, 0, 0, rng.randint(1, 512), 0) for i in range(300)]
+    batches = plan_batches(windows, batch_size=8, token_budget=2048)
+    assert sorted(w.doc for b in batches for w in b) == list(range(300))
+    for b in batches:
+        width = max(w.length for w in b)
+        assert len(b) <= 8 and len(b) * width <= 2048
+        assert len(b) * width - sum(w.length for w in b) <= MAX_PADDING * len(b) * width
