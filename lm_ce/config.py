@@ -55,7 +55,7 @@ class Config:
     prefix_token: str = "auto"  # auto | bos | eos | none (auto: bos, else eos, in document mode; none in stream mode)
     separator: str = "\n\n"  # joins documents in stream mode
     batch_size: int = 8  # windows per batch at most
-    token_budget: int | None = None  # input tokens per batch at most (default: batch_size * max_length)
+    token_budget: int | None = None  # input tokens per batch at most (default: batch_size * max_length, at most 4096 on CPU)
     padding_side: str = "right"  # right | left; must not change the result
     chunk_documents: int = 1024  # documents tokenized and planned at a time (bounds memory)
     # analysis

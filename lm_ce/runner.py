@@ -255,16 +255,26 @@ def prefix_id(cfg: Config, tokenizer) -> int | None:
     return token
 
 
+CPU_TOKEN_BUDGET = 4096  # measured on a 2-core CPU: larger batches of long windows run slower (cache)
+
+
+def default_budget(batch_size: int, max_length: int, device: torch.device) -> int:
+    """Input tokens per batch: batch_size full windows on accelerators, at most CPU_TOKEN_BUDGET on CPUs."""
+    budget = batch_size * max_length
+    return min(budget, CPU_TOKEN_BUDGET) if device.type == "cpu" else budget
+
+
 def count_words(text: str) -> int:
     """Words as lm-evaluation-harness counts them for word perplexity."""
     return len(re.split(r"\s+", text))
 
 
 def set_threads(cfg: Config, world: int, device: torch.device) -> int:
-    """Intra-op threads: as asked, else the cores divided among the processes on this machine."""
+    """Intra-op threads: as asked, else (on CPU, unless OMP_NUM_THREADS is set) the cores available to this
+    process divided among the processes on this machine, so that they do not oversubscribe the cores."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    elif device.type == "cpu" and world > 1:
+    elif device.type == "cpu" and (world > 1 or "OMP_NUM_THREADS" not in os.environ):
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # taskset/Slurm
         torch.set_num_threads(max(1, (cores or 1) // local))
@@ -363,7 +373,7 @@ def evaluate(cfg: Config, model: torch.nn.Module | None = None, tokenizer=None) 
         model.base_model.compile(dynamic=True)
     others, by_bytes = _load_compared(cfg, tokenizer, head, device, accelerator)
     scorer = Scorer(model, head, device, cfg.padding_side == "left", others, want_top1=cfg.save_tokens)
-    budget = cfg.token_budget or cfg.batch_size * max_length
+    budget = cfg.token_budget or default_budget(cfg.batch_size, max_length, device)
     accelerator.wait_for_everyone()  # processes finish loading at different times: scoring starts when all have
     loaded = time.perf_counter()
 

@@ -21,6 +21,7 @@ import torch
 # Tiny models are fastest on one thread, and with 2 threads on a busy 2-core machine every forward
 # pass waits ~0.25 s on the thread pool. OMP_NUM_THREADS, when set, wins.
 if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"  # lm_ce keeps the thread count it finds when this is set
     torch.set_num_threads(1)
 
 # Sentences the tokenizers are trained on, and the material documents are made of.
