@@ -113,26 +113,29 @@ class Scorer:
 
     def _score(self, batch: list[Window], tally: Tally) -> tuple[int, float]:
         width = max(w.length for w in batch)
+        # Right padding needs no mask and no position ids: causal attention never lets a real token see a
+        # later pad, and the default positions 0..width-1 are right for every real token. (Explicit ids
+        # with zeros on the pads read as packed sequences to transformers, which then builds a slower mask.)
+        left = self.pad_left and any(w.length < width for w in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long)
-        positions = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        if left:
+            positions = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.long)
         rows, targets, in_window = [], [], []
         for r, w in enumerate(batch):
-            off = width - w.length if self.pad_left else 0
+            off = width - w.length if left else 0
             ids[r, off : off + w.length] = w.seq[w.start : w.b]
-            positions[r, off : off + w.length] = torch.arange(w.length)
-            mask[r, off : off + w.length] = 1
+            if left:
+                positions[r, off : off + w.length] = torch.arange(w.length)
+                mask[r, off : off + w.length] = 1
             first = r * width + off + w.n_context
             rows.append(torch.arange(first, first + w.n_scored))
             in_window.append(torch.arange(w.n_context, w.length))
             targets.append(w.seq[w.a + 1 : w.b + 1])
         rows_t = torch.cat(rows).to(self.device)
         targets_t = torch.cat(targets).to(self.device)
-        # Right padding needs no mask and no position ids: causal attention never lets a real token see a
-        # later pad, and the default positions 0..width-1 are right for every real token. (Explicit ids
-        # with zeros on the pads read as packed sequences to transformers, which then builds a slower mask.)
         inputs = dict(input_ids=ids.to(self.device), position_ids=None, attention_mask=None)
-        if self.pad_left and bool((mask == 0).any()):
+        if left:
             inputs.update(position_ids=positions.to(self.device), attention_mask=mask.to(self.device))
         compared = []
         if self.others:
@@ -803,9 +806,7 @@ def metrics(nll_sum: float, tokens: int, n_bytes: int, words: int) -> dict:
         return nll_sum / n if n else None
 
     def exp(x):
-        if x is None:
-            return None
-        return math.exp(x) if x < 700 else math.inf
+        return None if x is None else stats.exp_capped(x)
 
     mean = ratio(tokens)
     per_byte = ratio(n_bytes)

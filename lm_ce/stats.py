@@ -41,7 +41,7 @@ def uncertainty(clusters: Clustered, sum_sq: float, unit: str) -> dict:
         out.update(
             mean_loss_stderr=se,
             mean_loss_ci95=[mean - Z95 * se, mean + Z95 * se],
-            perplexity_ci95=[math.exp(mean - Z95 * se), _exp(mean + Z95 * se)],
+            perplexity_ci95=[math.exp(mean - Z95 * se), exp_capped(mean + Z95 * se)],
         )
     if total >= 2:
         var = max(0.0, (sum_sq - total * mean * mean) / (total - 1))
@@ -49,7 +49,8 @@ def uncertainty(clusters: Clustered, sum_sq: float, unit: str) -> dict:
     return out
 
 
-def _exp(x: float) -> float:
+def exp_capped(x: float) -> float:
+    """exp(x), or inf where float64 would overflow (a perplexity beyond any meaning, not an error)."""
     return math.exp(x) if x < 700 else math.inf
 
 
@@ -76,7 +77,7 @@ class PositionLoss:
             n = int(self.count[lo:hi].sum())
             if n:
                 mean = float(self.nll[lo:hi].sum()) / n
-                rows.append({"positions": [lo, hi - 1], "tokens": n, "mean_loss": mean, "perplexity": _exp(mean)})
+                rows.append({"positions": [lo, hi - 1], "tokens": n, "mean_loss": mean, "perplexity": exp_capped(mean)})
             lo = hi
         return rows
 
@@ -94,7 +95,7 @@ def groups(documents, ln2: float = math.log(2)) -> dict:
         g["nll_sum"] += d.nll_sum
     for g in out.values():
         g["mean_loss"] = g["nll_sum"] / g["tokens"]
-        g["perplexity"] = _exp(g["mean_loss"])
+        g["perplexity"] = exp_capped(g["mean_loss"])
         g["bits_per_byte"] = g["nll_sum"] / (g["bytes"] * ln2) if g["bytes"] else None
     return out
 
@@ -126,7 +127,7 @@ class Comparison:
     def summary(self, first_nll: float, n_bytes: int) -> dict:
         n = self.tokens
         kl = torch.cat(self.kl_values).double() if self.kl_values else torch.zeros(0, dtype=torch.float64)
-        first_ppl, second_ppl = _exp(first_nll / n), _exp(self.nll / n)
+        first_ppl, second_ppl = exp_capped(first_nll / n), exp_capped(self.nll / n)
         return {
             "tokens": n,
             "nll_sum": self.nll,
