@@ -75,3 +75,9 @@ def load(cfg: Config) -> dict:
         )
     return state
 
+
+
+def state_of(cfg: Config, run, processes: int, complete: bool) -> dict:
+    """What the state file holds: the run (records.Run), what it was, and whether it finished."""
+    return {"fingerprint": fingerprint(cfg), "config": cfg.resolved(), "run": run, "processes": processes,
+            "complete": complete}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from .runner import Results
+from .records import Results
 
 ROWS = [
     ("mean loss (nats/token)", "metrics.mean_loss"),
@@ -135,12 +135,12 @@ def write(results: Results, output_dir: str, plot: bool = True) -> Path:
     tokens.parquet (--save-tokens) and position_loss.png (loss by position in the window)."""
     directory = Path(output_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    if results.tokens:
+    if results.token_table:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         tmp = directory / f".tokens.parquet.tmp{os.getpid()}"
-        pq.write_table(pa.table(results.tokens[0]), tmp)
+        pq.write_table(pa.table(results.token_table), tmp)
         os.replace(tmp, directory / "tokens.parquet")
     if plot and results.positions is not None and int(results.positions.count.sum()):
         plot_positions(results.positions, directory / "position_loss.png", title(results.summary))

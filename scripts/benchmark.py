@@ -550,7 +550,7 @@ def child_prepare(spec: dict, _mode: str) -> dict:
 
     from lm_ce import model as model_lib
     from lm_ce.config import Config, resolve_path
-    from lm_ce.runner import prefix_id
+    from lm_ce.setup import prefix_id
     from lm_ce.windows import document_spans, encode
 
     gguf = _gguf_file(spec["model"])
@@ -654,7 +654,7 @@ def child_transformers(spec: dict, mode: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lm_ce.config import Config
-    from lm_ce.runner import prefix_id
+    from lm_ce.setup import prefix_id
     from lm_ce.windows import document_spans, encode
 
     L, B = spec["max_length"], spec["batch_size"]
@@ -737,32 +737,23 @@ def child_lm_ce(spec: dict, mode: str) -> dict:
     """(c) lm_ce.runner.evaluate(Config(...)), once, after a warm-up that loads no model."""
     import gc
 
-    from lm_ce import model as model_lib
     from lm_ce import runner
     from lm_ce.config import Config
 
     memory: dict = {"after_load_mb": None, "loads_mb": []}
     marks: dict = {}
-    original_load, original_probe = model_lib.load, getattr(runner, "probe_head", None)
 
-    def load(*args, **kwargs):  # observe only: the RSS right after lm_ce loads its model
-        out = original_load(*args, **kwargs)
-        memory["after_load_mb"] = _status_mb("VmRSS")
-        memory["loads_mb"].append(memory["after_load_mb"])
-        return out
+    def on_event(name: str) -> None:  # observe only, through evaluate's hook
+        if name == "loaded":  # the RSS right after lm_ce loads its model
+            memory["after_load_mb"] = _status_mb("VmRSS")
+            memory["loads_mb"].append(memory["after_load_mb"])
+        elif name == "scoring":  # lm_ce's last step before its timed span
+            memory["before_scoring_mb"] = _status_mb("VmRSS")
+            if profiling and "profiler" not in marks:  # the timed evaluate: profile from here, not the load
+                marks["profiler"] = _profiler(spec)
+                marks["profiler"].__enter__()
+            marks.update(wall=time.perf_counter(), cpu=time.process_time())
 
-    def probe_head(*args, **kwargs):  # observe only: lm_ce's last step before its timed span
-        out = original_probe(*args, **kwargs)
-        memory["before_scoring_mb"] = _status_mb("VmRSS")
-        if profiling and "profiler" not in marks:  # the timed evaluate: profile from here, not the load
-            marks["profiler"] = _profiler(spec)
-            marks["profiler"].__enter__()
-        marks.update(wall=time.perf_counter(), cpu=time.process_time())
-        return out
-
-    runner.model_lib.load = load
-    if original_probe is not None:
-        runner.probe_head = probe_head
     L = spec["max_length"]
     base = dict(model=spec["gguf"], dtype=spec["dtype"], text_field="text", mode="document", max_length=L, stride=L,
                 prefix_token="auto", batch_size=spec["batch_size"], threads=spec["threads"], progress=False)
@@ -782,7 +773,7 @@ def child_lm_ce(spec: dict, mode: str) -> dict:
         gc.collect()
     memory["after_warmup_mb"] = _status_mb("VmRSS")
     profiling = bool(spec.get("profile"))
-    results = runner.evaluate(Config(**base, data_files=[spec["data"]]))
+    results = runner.evaluate(Config(**base, data_files=[spec["data"]]), on_event=on_event)
     end, cpu_end = time.perf_counter(), time.process_time()
     prof = marks.get("profiler")
     if prof is not None:
@@ -798,7 +789,7 @@ def child_lm_ce(spec: dict, mode: str) -> dict:
         "observed_seconds": end - marks["wall"] if marks else None,
         "input_tokens": s["counts"].get("input_tokens"), "padding_tokens": s["counts"].get("padding_tokens"),
         "head": s["model"].get("head"), "model_path": s["model"].get("path"),
-        "model_warmed_by_probe": original_probe is not None, "settings": s.get("settings"),
+        "model_warmed_by_probe": True, "settings": s.get("settings"),
         "environment": s.get("environment"), "memory": memory, "profile": _save_profile(prof, spec, mode),
     }
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm_ce import runner
+from lm_ce import parallel
+from lm_ce.records import DocSums, Tally, WindowSums
 from lm_ce.cli import main
 
 from .conftest import make_jsonl
@@ -169,14 +170,13 @@ def test_many_chunks(tiny_llama_dir, texts_file, tmp_path, capsys):
 def test_sums_do_not_depend_on_which_process_scored_a_window():
     """Per-process sums merged in rank order round differently from one process's sums; the runner
     adds each document's window sums in target order instead, whatever the process count."""
-    windows = [(0, 0, 2.0**53, 1), (0, 1, 1.0, 1), (0, 2, 1.0, 1), (0, 3, -(2.0**53), 1)]
+    windows = [WindowSums(0, 0, 2.0**53, 1), WindowSums(0, 1, 1.0, 1), WindowSums(0, 2, 1.0, 1),
+               WindowSums(0, 3, -(2.0**53), 1)]
 
     def tally(ws):
-        t = runner.Tally()
-        for doc, _, nll, n in ws:
-            entry = t.docs.setdefault(doc, [0.0, 0, 0.0])
-            entry[0] += nll
-            entry[1] += n
+        t = Tally()
+        for w in ws:
+            t.doc(w.doc).add(DocSums(w.nll, w.tokens))
         t.windows = list(ws)
         return t
 
@@ -184,9 +184,9 @@ def test_sums_do_not_depend_on_which_process_scored_a_window():
     merged = tally([])
     for part in (tally(windows[1::2]), tally(windows[0::2])):  # two processes, merged in rank order
         merged.merge(part)
-    assert merged.docs[0][0] != single.docs[0][0]  # the rounding the runner must not depend on
-    runner._canonical_sums(single)
-    runner._canonical_sums(merged)
+    assert merged.docs[0].nll != single.docs[0].nll  # the rounding the runner must not depend on
+    parallel.canonical_sums(single)
+    parallel.canonical_sums(merged)
     assert merged.docs[0] == single.docs[0]
     assert merged.windows == single.windows
 
@@ -197,6 +197,6 @@ def test_heaviest_share_goes_to_the_least_loaded_process():
             self.n_scored = n
 
     shares = [[[W(5), W(5)]], [[W(3)], None]]
-    assert [runner._share_of(r, shares, []) for r in (0, 1)] == [0, 1]
-    assert [runner._share_of(r, shares, [100, 10]) for r in (0, 1)] == [1, 0]
-    assert [runner._share_of(r, shares, [7]) for r in (0, 1)] == [0, 1]  # another world size: start afresh
+    assert [parallel.share_of(r, shares, []) for r in (0, 1)] == [0, 1]
+    assert [parallel.share_of(r, shares, [100, 10]) for r in (0, 1)] == [1, 0]
+    assert [parallel.share_of(r, shares, [7]) for r in (0, 1)] == [0, 1]  # another world size: start afresh

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from lm_ce import cli, runner
+from lm_ce import cli
+from lm_ce.scoring import Scorer
 from lm_ce.config import Config
 from lm_ce.runner import evaluate
 
@@ -37,14 +38,14 @@ def test_nan_weights_stop_with_the_document_and_window(tmp_path, tiny_llama_dir,
 
 def test_out_of_memory_retries_in_halves(tiny_llama_dir, data, monkeypatch, caplog):
     base = evaluate(Config(model=tiny_llama_dir, data_files=[data], max_length=32, batch_size=8, progress=False))
-    real = runner.Scorer._score
+    real = Scorer.score_batch
 
     def small_memory(self, batch, tally):
         if len(batch) > 2:
             raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 123456789 bytes.")
         return real(self, batch, tally)
 
-    monkeypatch.setattr(runner.Scorer, "_score", small_memory)
+    monkeypatch.setattr(Scorer, "score_batch", small_memory)
     with caplog.at_level(logging.WARNING, logger="lm_ce"):
         tight = evaluate(Config(model=tiny_llama_dir, data_files=[data], max_length=32, batch_size=8, progress=False))
     assert sum("out of memory" in r.message for r in caplog.records) == 1  # said once
@@ -56,6 +57,6 @@ def test_other_runtime_errors_are_not_swallowed(tiny_llama_dir, data, monkeypatc
     def broken(self, batch, tally):
         raise RuntimeError("shape mismatch")
 
-    monkeypatch.setattr(runner.Scorer, "_score", broken)
+    monkeypatch.setattr(Scorer, "score_batch", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         evaluate(Config(model=tiny_llama_dir, data_files=[data], max_length=32, progress=False))

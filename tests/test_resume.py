@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from lm_ce import cli, runner
+from lm_ce import cli
+from lm_ce.scoring import Scorer
 from lm_ce.config import Config
 from lm_ce.runner import evaluate
 
@@ -51,7 +52,7 @@ def same_result(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("stop_after", [3, 40, 90])  # inside the first chunk, in a later one, near the end
 def test_stop_and_resume_equals_uninterrupted(tiny_llama_dir, corpus, tmp_path, uninterrupted, monkeypatch, stop_after):
     calls = {"n": 0}
-    score = runner.Scorer.score
+    score = Scorer.score
 
     def score_then_signal(self, batch, tally):
         calls["n"] += 1
@@ -59,13 +60,13 @@ def test_stop_and_resume_equals_uninterrupted(tiny_llama_dir, corpus, tmp_path, 
             os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does: handled by the run, which saves and stops
         return score(self, batch, tally)
 
-    monkeypatch.setattr(runner.Scorer, "score", score_then_signal)
+    monkeypatch.setattr(Scorer, "score", score_then_signal)
     cfg = settings(tiny_llama_dir, corpus, tmp_path)
     first = evaluate(cfg)
     assert first.summary["complete"] is False
     assert (tmp_path / "state.pt").is_file()
     assert first.summary["counts"]["tokens"] < uninterrupted.summary["counts"]["tokens"]
-    monkeypatch.setattr(runner.Scorer, "score", score)
+    monkeypatch.setattr(Scorer, "score", score)
     resumed = evaluate(Config(**{**cfg.__dict__, "resume": True}))
     assert resumed.summary["complete"] is True
     same_result(resumed.summary, uninterrupted.summary)

@@ -1,0 +1,122 @@
+"""What the config resolves to once the model is known: one frozen record that the rest of the run reads.
+
+Lengths, the prefix token, the batch token budget, threads and the head (chunked, or full logits when
+the chunked head cannot reproduce the model) are each decided here, once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .config import Config, UsageError
+from .loss import Head, head_of
+from .model import ModelInfo
+
+log = logging.getLogger("lm_ce")
+
+CPU_TOKEN_BUDGET = 4096  # measured on a 2-core CPU: larger batches of long windows run slower (cache)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The settings of one run, resolved from the config and the model."""
+
+    device: torch.device
+    processes: int
+    threads: int
+    max_length: int
+    stride: int
+    prefix: int | None  # the token placed before each document (None: no prefix)
+    budget: int  # padded input tokens per batch at most
+    head: Head | None  # None: the output layer cannot be split, full logits are used
+    head_note: str  # which head path and why, for results.json
+
+
+def resolve(cfg: Config, *, model: torch.nn.Module, tokenizer, info: ModelInfo, device: torch.device,
+            processes: int, threads: int) -> Setup:
+    """The run's settings: checked against the model (lengths, prefix) and probed (head)."""
+    max_length, stride = resolve_lengths(cfg, info.max_positions)
+    head, head_note = probe_head(model, head_of(model), device)
+    return Setup(
+        device=device,
+        processes=processes,
+        threads=threads,
+        max_length=max_length,
+        stride=stride,
+        prefix=prefix_id(cfg, tokenizer),
+        budget=cfg.token_budget or default_budget(cfg.batch_size, max_length, device),
+        head=head,
+        head_note=head_note,
+    )
+
+
+def resolve_lengths(cfg: Config, positions: int | None) -> tuple[int, int]:
+    """(max_length, stride): the model's positions at most 2048 by default; never beyond them."""
+    max_length = cfg.max_length or min(positions or 2048, 2048)
+    if positions and max_length > positions:
+        raise UsageError(
+            f"--max-length {max_length} is beyond the model's {positions} positions; use --max-length {positions} or less"
+        )
+    stride = cfg.stride or max_length
+    if stride > max_length:
+        raise UsageError(f"--stride {stride} is larger than --max-length {max_length}; use a stride at most max_length")
+    return max_length, stride
+
+
+def prefix_id(cfg: Config, tokenizer) -> int | None:
+    """The token placed before each document so its first token is predicted too."""
+    choice = cfg.prefix_token
+    if choice == "auto":
+        choice = "none" if cfg.mode == "stream" else ("bos" if tokenizer.bos_token_id is not None else "eos")
+    if choice == "none":
+        return None
+    token = tokenizer.bos_token_id if choice == "bos" else tokenizer.eos_token_id
+    if token is None and cfg.prefix_token == "auto":
+        raise UsageError(
+            "--prefix-token auto: the tokenizer has neither a BOS nor an EOS token; use --prefix-token none "
+            "(then the first token of each document is context, not scored)"
+        )
+    if token is None:
+        raise UsageError(f"--prefix-token {choice}: the tokenizer has no {choice.upper()} token; use --prefix-token none")
+    return token
+
+
+def default_budget(batch_size: int, max_length: int, device: torch.device) -> int:
+    """Input tokens per batch: batch_size full windows on accelerators, at most CPU_TOKEN_BUDGET on CPUs."""
+    budget = batch_size * max_length
+    return min(budget, CPU_TOKEN_BUDGET) if device.type == "cpu" else budget
+
+
+def set_threads(cfg: Config, world: int, device: torch.device) -> int:
+    """Intra-op threads: as asked, else (on CPU, unless OMP_NUM_THREADS is set) the cores available to this
+    process divided among the processes on this machine, so that they do not oversubscribe the cores."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    elif device.type == "cpu" and (world > 1 or "OMP_NUM_THREADS" not in os.environ):
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # taskset/Slurm
+        torch.set_num_threads(max(1, (cores or 1) // local))
+    return torch.get_num_threads()
+
+
+def probe_head(model: torch.nn.Module, head: Head | None, device: torch.device) -> tuple[Head | None, str]:
+    """The head to use and why: the chunked head only if it reproduces the model's own logits."""
+    if head is None:
+        return None, "full logits (the output layer is not a plain linear layer)"
+    vocab = head.weight.shape[0]
+    ids = (torch.arange(12, device=device) * 7919 % vocab)[None]
+    with torch.inference_mode():
+        reference = torch.log_softmax(model(ids, use_cache=False).logits[0].float(), -1)
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]
+        ours = torch.log_softmax(head.logits(hidden), -1)
+    if not bool(torch.isfinite(reference).all()):  # a broken model: the NaN guard will name where it shows
+        return head, "chunked (probe inconclusive: the model's own logits are not finite)"
+    tolerance = 1e-3 if head.weight.dtype == torch.float32 else 5e-2
+    error = (reference - ours).abs().max().item()
+    if not error <= tolerance:
+        log.warning("the chunked head differs from the model's logits by %.3g: using full logits instead", error)
+        return None, f"full logits (chunked head probe differed by {error:.3g})"
+    return head, "chunked"
