@@ -146,9 +146,13 @@ def _coerce_scalar(name: str, kind: type, value, source: str):
 
 def _unknown(name: str, source: str) -> UsageError:
     """The error for a key or flag that is no field, with the closest field suggested."""
-    if name.startswith("--"):  # a flag: suggest the flag as it would be typed
-        close = difflib.get_close_matches(name[2:].replace("-", "_"), list(FIELDS), n=1)
-        hint = f"; did you mean --{close[0].replace('_', '-')}?" if close else "; see --help for the flags"
+    if name.startswith("--"):  # a flag: suggest the flag as it would be typed (--no-X for a true/false X)
+        wanted = name[2:].replace("-", "_")
+        negated = wanted.startswith("no_")
+        fields = [f for f in FIELDS if _base_type(f)[0] is bool] if negated else list(FIELDS)
+        close = difflib.get_close_matches(wanted[3:] if negated else wanted, fields, n=1)
+        no = "no-" if negated else ""
+        hint = f"; did you mean --{no}{close[0].replace('_', '-')}?" if close else "; see --help for the flags"
         return UsageError(f"{source}: unknown flag '{name}'{hint}")
     close = difflib.get_close_matches(name, list(FIELDS), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid fields: {', '.join(FIELDS)}"
@@ -191,6 +195,9 @@ def parse_overrides(args: list[str]) -> dict:
         key, eq, value = arg[2:].partition("=")
         name = key.replace("-", "_")
         negate = name.startswith("no_") and name[3:] in FIELDS and name not in FIELDS
+        if negate and _base_type(name[3:])[0] is not bool:
+            raise UsageError(f"command line: --{key} is not a flag: --{name[3:].replace('_', '-')} takes a value, "
+                             "not a no- form")
         if negate:
             name = name[3:]
         if name not in FIELDS:

@@ -163,16 +163,12 @@ def test_check_accepts_what_can_work():
         build_config(["--max-length", "8", "--stride", "9"])  # build_config checks too
 
 
-@pytest.mark.xfail(strict=True, reason="--no-<field> is accepted for fields that are not true/false: "
-                                       "parse_overrides sets model=False, limit=False")
 @pytest.mark.parametrize("flag", ["--no-model", "--no-limit"])
 def test_no_form_only_for_boolean_fields(flag):
     with pytest.raises(UsageError):
         parse_overrides([flag])
 
 
-@pytest.mark.xfail(strict=True, reason="a misspelt --no- flag is matched without its no-: --no-plott suggests --plot, "
-                                       "the opposite of what was meant")
 def test_misspelt_no_flag_suggests_the_no_flag():
     with pytest.raises(UsageError, match="did you mean --no-plot[?]"):
         parse_overrides(["--no-plott"])
