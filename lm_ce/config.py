@@ -37,7 +37,7 @@ class Config:
     compile: bool = False  # torch.compile the model body (pays on long runs, see README)
     threads: int | None = None  # torch intra-op threads per process (default: cores / processes)
     # data
-    dataset: str = "wikitext"  # Hub dataset name, or a datasets builder (json, csv, text, parquet)
+    dataset: str = "wikitext"  # Hub dataset name, or a datasets builder (json, csv, text, parquet); <memory>: rows given to lm_ce.evaluate
     dataset_config: str | None = "wikitext-2-raw-v1"
     split: str = "test"
     data_files: list[str] | None = None  # local files; the builder follows their extension
@@ -47,6 +47,7 @@ class Config:
     id_field: str | None = None  # names each document in documents.jsonl
     join_by: list[str] | None = None  # consecutive rows with equal values of these fields form one document
     streaming: bool = False
+    data_cache: str = "default"  # default | output | off: where datasets keeps its Arrow copy of the data (README)
     limit: int | None = None  # the first N documents
     # windows
     mode: str = "document"  # document | stream
@@ -79,6 +80,7 @@ CHOICES = {
     "mode": ("document", "stream"),
     "prefix_token": ("auto", "bos", "eos", "none"),
     "padding_side": ("right", "left"),
+    "data_cache": ("default", "output", "off"),
 }
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
@@ -243,6 +245,18 @@ def build_config(args: list[str]) -> Config:
     return cfg
 
 
+def from_settings(settings: dict, source: str) -> Config:
+    """Config from keyword settings (the Python API), each checked by name and type as a config file's keys are."""
+    values = {}
+    for key, value in settings.items():
+        if key not in FIELDS:
+            raise _unknown(key, source)
+        values[key] = _coerce(key, value, source)
+    cfg = Config(**values)
+    check(cfg)
+    return cfg
+
+
 def check(cfg: Config) -> None:
     """Refuse settings that cannot work together, before anything is loaded."""
     for name in ("max_length", "stride", "batch_size", "token_budget", "limit", "chunk_documents", "threads", "checkpoint_seconds"):
@@ -256,6 +270,8 @@ def check(cfg: Config) -> None:
         )
     if cfg.resume and not cfg.output_dir:
         raise UsageError("--resume needs --output-dir: the directory of the run to continue")
+    if cfg.data_cache == "output" and not cfg.output_dir:
+        raise UsageError("--data-cache output keeps the data's Arrow copy in --output-dir: give --output-dir, or use off")
     if cfg.prompt_field and cfg.mode == "stream":
         raise UsageError("--prompt-field needs --mode document: a joined stream has no per-document prompt")
     for name in FIELDS:
