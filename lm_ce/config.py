@@ -66,7 +66,7 @@ class Config:
     output_dir: str | None = None
     resume: bool = False  # continue the run saved in output_dir (same model, data and settings)
     checkpoint_seconds: int = 300  # save progress to output_dir this often (and on Ctrl-C / SIGTERM)
-    plot: bool = True  # loss by position in the window as a PNG (needs matplotlib)
+    plot: bool = True  # loss by position in the window as a PNG (position_loss.png)
     progress: bool = True
     seed: int = 0
 

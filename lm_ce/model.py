@@ -5,11 +5,13 @@ cached under ~/.cache/lm_ce/gguf/<content hash> so that later runs load them in 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +92,9 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
         )
     else:
         source, path = "hub", spec
+        unreachable = hub_unreachable(spec, cfg)
+        if unreachable:
+            raise unreachable
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **kwargs)
@@ -135,6 +140,30 @@ def load_error(cfg: Config, source: str, path: str, e: Exception) -> UsageError 
     return None
 
 
+def hub_unreachable(repo_id: str, cfg: Config, timeout: float = 3.0) -> UsageError | None:
+    """For a Hub id not in the local cache: the error to give at once when the Hub cannot be reached, instead of
+    transformers' retries (about a minute without network); None when it is cached, reachable, or offline mode is on."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:  # transformers looks in the cache only, and says so at once
+        return None
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json", revision=cfg.revision), str):
+            return None
+    except ValueError:  # not a valid repo id: transformers says what is wrong with it
+        return None
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)  # any answer, even an error status, is reachable
+    except Exception as e:  # the HTTP client raises its own kinds (connect, DNS, timeout, proxy)
+        return UsageError(
+            f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({type(e).__name__}) and model '{repo_id}' "
+            "is not in the local cache. Offline? Give a local directory or a .gguf file with --model "
+            "(HF_HUB_OFFLINE=1 uses only the cache)"
+        )
+    return None
+
+
 def gguf_source(spec: str, cfg: Config, dtype: torch.dtype) -> tuple[str, dict, str | None]:
     """(path to load, kwargs, cache directory to fill) for a GGUF file: its cache when there, else the file."""
     if not Path(spec).is_file():
@@ -158,15 +187,35 @@ def save_gguf_cache(model, tokenizer, target: str) -> None:
 
     tmp = Path(f"{target}.tmp{os.getpid()}")
     try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        # save_pretrained refuses GGUF-loaded models; the dequantized tensors are plain, so save them as such
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save_pretrained(tmp)
+        with quiet_progress():  # one progress display at a time: no library bar while the weights are written
+            tmp.mkdir(parents=True, exist_ok=True)
+            # save_pretrained refuses GGUF-loaded models; the dequantized tensors are plain, so save them as such
+            config = model.config.to_dict()
+            config.pop("quantization_config", None)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
         log.info("cached the dequantized GGUF weights in %s (--no-gguf-cache to turn off)", target)
     except (OSError, ValueError, RuntimeError) as e:
         log.warning("could not cache the dequantized GGUF weights in %s: %s", target, e)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """transformers' and huggingface_hub's progress bars off (as they were before, afterwards)."""
+    import transformers
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    hub_was_off = are_progress_bars_disabled()
+    transformers_was_on = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if transformers_was_on:
+            transformers.utils.logging.enable_progress_bar()
+        if not hub_was_off:
+            enable_progress_bars()

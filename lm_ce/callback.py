@@ -1,0 +1,92 @@
+"""`lm_ce.PerplexityCallback`: the exact perplexity of the model being trained, whenever a Trainer evaluates.
+
+The Trainer logs its evaluation metrics before it calls `on_evaluate`, so a callback cannot add to that
+log record before the report_to integrations read it. With `trainer=` given, the figures are logged
+through `trainer.log` (their own record in `state.log_history`, and every integration's `on_log`);
+without it they are added to the evaluation's record in `state.log_history` and to its metrics.
+Either way they are in the metrics `trainer.evaluate()` returns (metric_for_best_model can name them).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+from transformers import TrainerCallback
+
+from . import api
+from .config import from_settings
+
+log = logging.getLogger("lm_ce")
+
+PREFIX = "eval_lm_ce_"
+FIGURES = {"perplexity": "metrics.perplexity", "bits_per_byte": "metrics.bits_per_byte",
+           "mean_loss": "metrics.mean_loss", "tokens": "counts.tokens"}
+
+
+class PerplexityCallback(TrainerCallback):
+    """At each evaluation: eval_lm_ce_perplexity, _bits_per_byte, _mean_loss and _tokens of the model in
+    training on `data` (as lm_ce.evaluate takes it), scored in memory on the Trainer's processes."""
+
+    def __init__(self, data, *, trainer=None, tokenizer=None, **settings):
+        self.settings = {"progress": False, **settings}  # the Trainer has its own progress bar
+        rows, checked = api.data_settings(data, self.settings)
+        from_settings(checked, api.SOURCE)  # refuse bad settings now, not at the first evaluation
+        self.data, self.trainer, self.tokenizer = data, trainer, tokenizer
+        self.figures: dict[str, float] = {}
+        self.step: int | None = None  # the global step the figures are from
+        self.warned = False
+
+    def on_evaluate(self, args, state, control, model=None, processing_class=None, metrics=None, **kwargs):
+        if self.step != state.global_step:  # once per evaluation, also when the Trainer evaluates several datasets
+            self.figures = self._figures(model, processing_class)
+            self.step = state.global_step
+            self._log(state, metrics)
+        if metrics is not None:
+            metrics.update(self.figures)
+
+    def _figures(self, model, processing_class) -> dict[str, float]:
+        tokenizer = self.tokenizer or getattr(processing_class, "tokenizer", processing_class)
+        accelerator = self.trainer.accelerator if self.trainer is not None else None
+        with plain_forward(model):
+            results = api.evaluate_with(model, tokenizer, self.data, self.settings, accelerator=accelerator)
+        return {PREFIX + name: _lookup(results.summary, path) for name, path in FIGURES.items()}
+
+    def _log(self, state, metrics: dict | None) -> None:
+        """Through trainer.log when the trainer is known, else into this evaluation's log_history record."""
+        if self.trainer is not None:
+            self.trainer.log(dict(self.figures))
+            return
+        for entry in reversed(state.log_history):
+            if entry.get("step") == state.global_step and all(k in entry for k in metrics or {}):
+                entry.update(self.figures)
+                break
+        else:
+            state.log_history.append({**self.figures, "step": state.global_step})
+        if state.is_world_process_zero and not self.warned:
+            log.warning("PerplexityCallback: give trainer=trainer so that the report_to integrations receive the "
+                        "figures too (they are in trainer.state.log_history and the evaluation's metrics)")
+            self.warned = True
+
+
+def _lookup(summary: dict, path: str):
+    value = summary
+    for key in path.split("."):
+        value = value[key]
+    return value
+
+
+@contextlib.contextmanager
+def plain_forward(model: torch.nn.Module) -> Iterator[None]:
+    """The model without the autocast wrapper accelerate puts on a mixed-precision Trainer's model, so the
+    figures are those of the weights as they are (as lm_ce.evaluate computes them); put back afterwards."""
+    wrapped, original = model.__dict__.get("forward"), model.__dict__.get("_original_forward")
+    if wrapped is None or original is None:
+        yield
+        return
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapped
