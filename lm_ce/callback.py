@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 
 from . import api
 from .config import from_settings
+from .records import Results
 
 log = logging.getLogger("lm_ce")
 
@@ -31,35 +32,37 @@ class PerplexityCallback(TrainerCallback):
 
     def __init__(self, data, *, trainer=None, tokenizer=None, **settings):
         self.settings = {"progress": False, **settings}  # the Trainer has its own progress bar
-        rows, checked = api.data_settings(data, self.settings)
+        _, checked = api.data_settings(data, self.settings)
         from_settings(checked, api.SOURCE)  # refuse bad settings now, not at the first evaluation
         self.data, self.trainer, self.tokenizer = data, trainer, tokenizer
         self.figures: dict[str, float] = {}
+        self.results: Results | None = None  # the last evaluation's, as lm_ce.evaluate returns it
         self.step: int | None = None  # the global step the figures are from
         self.warned = False
 
     def on_evaluate(self, args, state, control, model=None, processing_class=None, metrics=None, **kwargs):
-        if self.step != state.global_step:  # once per evaluation, also when the Trainer evaluates several datasets
-            self.figures = self._figures(model, processing_class)
+        fresh = self.step != state.global_step  # scored once per step, also when several datasets are evaluated
+        if fresh:
+            self.results = self._results(model, processing_class)
+            self.figures = {PREFIX + name: _lookup(self.results.summary, path) for name, path in FIGURES.items()}
             self.step = state.global_step
-            self._log(state, metrics)
+        if self.trainer is None:
+            self._add_to_record(state, metrics or {})
+        elif fresh:
+            self.trainer.log(dict(self.figures))  # its own record in log_history, and every callback's on_log
         if metrics is not None:
             metrics.update(self.figures)
 
-    def _figures(self, model, processing_class) -> dict[str, float]:
+    def _results(self, model, processing_class) -> Results:
         tokenizer = self.tokenizer or getattr(processing_class, "tokenizer", processing_class)
         accelerator = self.trainer.accelerator if self.trainer is not None else None
         with plain_forward(model):
-            results = api.evaluate_with(model, tokenizer, self.data, self.settings, accelerator=accelerator)
-        return {PREFIX + name: _lookup(results.summary, path) for name, path in FIGURES.items()}
+            return api.evaluate_with(model, tokenizer, self.data, self.settings, accelerator=accelerator)
 
-    def _log(self, state, metrics: dict | None) -> None:
-        """Through trainer.log when the trainer is known, else into this evaluation's log_history record."""
-        if self.trainer is not None:
-            self.trainer.log(dict(self.figures))
-            return
+    def _add_to_record(self, state, metrics: dict) -> None:
+        """The figures into this evaluation's record in log_history (the Trainer logged it just before)."""
         for entry in reversed(state.log_history):
-            if entry.get("step") == state.global_step and all(k in entry for k in metrics or {}):
+            if entry.get("step") == state.global_step and all(k in entry for k in metrics if k not in self.figures):
                 entry.update(self.figures)
                 break
         else:
