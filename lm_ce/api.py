@@ -1,7 +1,8 @@
 """The Python API: `lm_ce.evaluate(model, tokenizer, data, **settings)` on objects already in memory.
 
 The same run as the command line (lm_ce.runner.evaluate); the model is used as it is, where it is, and
-given back in the train/eval modes it had; the global RNG and thread count are restored too.
+given back in the train/eval modes it had (and with its mixed-precision wrapper, if any, which scoring sets
+aside); the global RNG and thread count are restored too.
 """
 from __future__ import annotations
 
@@ -90,12 +91,27 @@ def kept_state(model: torch.nn.Module) -> Iterator[None]:
     threads = torch.get_num_threads()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     try:
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), plain_forward(model):
             yield
     finally:
         for module, training in modes:
             module.training = training
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def plain_forward(model: torch.nn.Module) -> Iterator[None]:
+    """The model without the autocast wrapper accelerate puts on a mixed-precision model's forward (a Trainer's
+    with bf16/fp16), so the figures are those of the weights as they are, as the CLI computes them; put back after."""
+    wrapped, original = model.__dict__.get("forward"), model.__dict__.get("_original_forward")
+    if wrapped is None or original is None:
+        yield
+        return
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapped
 
 
 def _main_process(accelerator) -> bool:

@@ -5,14 +5,13 @@ log record before the report_to integrations read it. With `trainer=` given, the
 through `trainer.log` (their own record in `state.log_history`, and every integration's `on_log`);
 without it they are added to the evaluation's record in `state.log_history` and to its metrics.
 Either way they are in the metrics `trainer.evaluate()` returns (metric_for_best_model can name them).
+The figures are those of the weights as they are: a mixed-precision Trainer's autocast wrapper is set
+aside while scoring (lm_ce.evaluate does that for any model).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 
-import torch
 from transformers import TrainerCallback
 
 from . import api
@@ -56,8 +55,7 @@ class PerplexityCallback(TrainerCallback):
     def _results(self, model, processing_class) -> Results:
         tokenizer = self.tokenizer or getattr(processing_class, "tokenizer", processing_class)
         accelerator = self.trainer.accelerator if self.trainer is not None else None
-        with plain_forward(model):
-            return api.evaluate_with(model, tokenizer, self.data, self.settings, accelerator=accelerator)
+        return api.evaluate_with(model, tokenizer, self.data, self.settings, accelerator=accelerator)
 
     def _add_to_record(self, state, metrics: dict) -> None:
         """The figures into this evaluation's record in log_history (the Trainer logged it just before)."""
@@ -78,18 +76,3 @@ def _lookup(summary: dict, path: str):
     for key in path.split("."):
         value = value[key]
     return value
-
-
-@contextlib.contextmanager
-def plain_forward(model: torch.nn.Module) -> Iterator[None]:
-    """The model without the autocast wrapper accelerate puts on a mixed-precision Trainer's model, so the
-    figures are those of the weights as they are (as lm_ce.evaluate computes them); put back afterwards."""
-    wrapped, original = model.__dict__.get("forward"), model.__dict__.get("_original_forward")
-    if wrapped is None or original is None:
-        yield
-        return
-    model.forward = original
-    try:
-        yield
-    finally:
-        model.forward = wrapped

@@ -102,6 +102,27 @@ def test_without_the_trainer_the_figures_join_the_evaluation_record(tiny_llama_d
     assert NAMES[0] in trainer.state.log_history[-1] and "eval_loss" in trainer.state.log_history[-1]
 
 
+def test_mixed_precision_trainer_logs_the_figure_of_the_weights(tiny_llama_dir, llama_tokenizer, texts, tmp_path):
+    """bf16 autocast wraps the model's forward; the figure is still that of the float32 weights, as a fresh
+    copy of them gives, through the chunked head (the probe would reject the wrapped forward's bf16 logits)."""
+    from transformers import AutoModelForCausalLM
+
+    data = held_out_texts(texts)
+    trainer = train_two_steps(tiny_llama_dir, llama_tokenizer, tmp_path,
+                              lambda t: lm_ce.PerplexityCallback(data, trainer=t, **SETTINGS), bf16=True)
+    trainer.train()
+    assert "_original_forward" in trainer.model.__dict__  # accelerate's autocast wrapper is on
+    logged = next(entry for entry in trainer.state.log_history if NAMES[0] in entry)
+    copy = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    copy.load_state_dict(trainer.model.state_dict())
+    expected = lm_ce.evaluate(copy, llama_tokenizer, data, progress=False, **SETTINGS).summary
+    assert expected["model"]["head"] == "chunked"
+    assert logged[NAMES[0]] == pytest.approx(expected["metrics"]["perplexity"], rel=1e-9)
+    again = lm_ce.evaluate(trainer.model, llama_tokenizer, data, progress=False, **SETTINGS).summary
+    assert again["model"]["head"] == "chunked" and again["nll_sum"] == pytest.approx(expected["nll_sum"], rel=1e-9)
+    assert "_original_forward" in trainer.model.__dict__ and trainer.model.forward is not trainer.model._original_forward
+
+
 def test_bad_settings_are_refused_when_the_callback_is_made():
     with pytest.raises(lm_ce.UsageError, match="did you mean 'max_length'"):
         lm_ce.PerplexityCallback(["some text"], max_lenght=128)
