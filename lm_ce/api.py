@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import report, runner
-from .config import Config, UsageError, from_settings
+from .config import Config, UsageError, from_settings, resolve_path
 from .data import MEMORY
 from .records import Results
 
@@ -49,15 +49,17 @@ def data_settings(data, settings: dict) -> tuple[object | None, dict]:
     """(rows to read in memory or None, settings with the data's fields): a path becomes data_files."""
     if data is None:
         return None, settings
+    if "data_files" in settings:
+        raise UsageError(f"{SOURCE}: data is given, so leave out data_files")
     if isinstance(data, (str, os.PathLike)):
-        if not Path(data).is_file():
+        if not Path(resolve_path(str(data))).is_file():
             raise UsageError(
                 f"{SOURCE}: data {str(data)[:80]!r} is no file; give a list of strings for texts, or the path of "
                 "a .jsonl, .json, .txt, .csv or .parquet file"
             )
         return None, {**settings, "data_files": [str(data)]}
-    if "data_files" in settings or settings.get("dataset", MEMORY) != MEMORY:
-        raise UsageError(f"{SOURCE}: data is given, so leave out data_files and dataset")
+    if settings.get("dataset", MEMORY) != MEMORY:
+        raise UsageError(f"{SOURCE}: data is given in memory, so leave out dataset")
     text_field = settings.get("text_field", Config.text_field)
     if isinstance(data, (list, tuple)):
         if not all(isinstance(item, (str, Mapping)) for item in data):

@@ -146,7 +146,8 @@ def test_bad_settings_and_data_are_refused_by_name(tiny_llama, llama_tokenizer, 
         ({"max_lenght": 32}, "unknown field 'max_lenght'; did you mean 'max_length'?"),
         ({"max_length": "long"}, "field 'max_length' must be a whole number"),
         ({"mode": "streaming"}, "choose one of document, stream"),
-        ({"data_files": ["x.jsonl"]}, "leave out data_files and dataset"),
+        ({"data_files": ["x.jsonl"]}, "leave out data_files"),
+        ({"dataset": "wikitext"}, "leave out dataset"),
     ]
     for settings, message in cases:
         with pytest.raises(UsageError, match=message.replace("?", r"\?")):
