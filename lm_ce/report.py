@@ -63,7 +63,7 @@ def title(summary: dict) -> str:
 
 def data_source(data: dict) -> str:
     """The data in a few words: the files, the Hub dataset, or the rows given in memory."""
-    if data.get("source") == "files":
+    if data.get("data_files"):
         return ", ".join(data["data_files"])
     if data.get("source") == "memory":
         return "rows given in memory"
