@@ -116,10 +116,9 @@ def test_data_cache_in_the_output_or_off(tiny_gpt2_dir, tmp_path, monkeypatch, c
 
 
 def test_the_plot_is_part_of_the_default_install(tiny_gpt2_dir, tmp_path):
-    import tomllib
-
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert any(d.replace(" ", "").startswith("matplotlib") for d in project["dependencies"])
+    text = (ROOT / "pyproject.toml").read_text()
+    dependencies = text[text.index("\ndependencies = ["):text.index("\n]", text.index("\ndependencies = ["))]
+    assert '"matplotlib' in dependencies  # not only in an extra
     data = make_jsonl(tmp_path / "a.jsonl", [{"text": "The quick brown fox jumps over the lazy dog."}])
     assert main(["--model", tiny_gpt2_dir, "--data-files", data, "--output-dir", str(tmp_path / "run"),
                  "--no-progress"]) == 0
