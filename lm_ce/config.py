@@ -37,7 +37,7 @@ class Config:
     compile: bool = False  # torch.compile the model body (pays on long runs, see README)
     threads: int | None = None  # torch intra-op threads per process (default: cores / processes)
     # data
-    dataset: str = "wikitext"  # Hub dataset name, or a datasets builder (json, csv, text, parquet); <memory>: rows given to lm_ce.evaluate
+    dataset: str = "wikitext"  # Hub dataset, or a datasets builder (json, csv, text, parquet); <memory>: rows in memory
     dataset_config: str | None = "wikitext-2-raw-v1"
     split: str = "test"
     data_files: list[str] | None = None  # local files; the builder follows their extension
