@@ -204,13 +204,19 @@ def parse_overrides(args: list[str]) -> dict:
             name = name[3:]
         if name not in FIELDS:
             raise _unknown("--" + key, "command line")
-        kind, _, _ = _base_type(name)
+        kind, _, is_list = _base_type(name)
         if negate:
             out[name] = False
         elif eq:
             out[name] = _coerce(name, value, "command line")
         elif kind is bool and (i + 1 == len(args) or args[i + 1].startswith("--")):
             out[name] = True
+        elif is_list and i + 1 < len(args):  # --data-files a.jsonl b.jsonl (or a.jsonl,b.jsonl)
+            values = []
+            while i + 1 < len(args) and not args[i + 1].startswith("--"):
+                i += 1
+                values += [v for v in args[i].split(",") if v]
+            out[name] = _coerce(name, values, "command line")
         elif i + 1 < len(args):
             i += 1
             out[name] = _coerce(name, args[i], "command line")

@@ -56,6 +56,8 @@ def test_resolved_config_round_trips(tmp_path):
         (["--stride", "null"], "stride", None),
         (["--model", "none"], "model", "none"),  # not optional: 'none' is just a name
         (["--data-files", "a.jsonl,b.jsonl"], "data_files", ["a.jsonl", "b.jsonl"]),
+        (["--data-files", "a.jsonl", "b.jsonl", "--limit", "3"], "data_files", ["a.jsonl", "b.jsonl"]),
+        (["--compare-to", "m1", "m2,m3"], "compare_to", ["m1", "m2", "m3"]),
         (["--data-files", "a.jsonl"], "data_files", ["a.jsonl"]),
         (["--compare-to", "x,,y"], "compare_to", ["x", "y"]),
         (["--join-by", "book,part"], "join_by", ["book", "part"]),
