@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -36,6 +37,10 @@ class Config:
     gguf_cache: bool = True  # cache dequantized GGUF weights, keyed by the file's content hash
     compile: bool = False  # torch.compile the model body (pays on long runs, see README)
     threads: int | None = None  # torch intra-op threads per process (default: cores / processes)
+    # placement of a model larger than one device (README: "A model that does not fit")
+    device_map: str | dict | None = None  # auto | balanced | balanced_low_0 | sequential | {module: 0 | cpu | disk}
+    max_memory: dict | None = None  # {0: 20GiB, cpu: 64GiB}; on the command line 0=20GiB,cpu=64GiB
+    offload_folder: str | None = None  # where weights mapped to disk are kept (default: a temporary folder)
     # data
     dataset: str = "wikitext"  # Hub dataset, or a datasets builder (json, csv, text, parquet); <memory>: rows in memory
     dataset_config: str | None = "wikitext-2-raw-v1"
@@ -100,6 +105,8 @@ def _base_type(annotation) -> tuple[type, bool, bool]:
 
 def _coerce(name: str, value, source: str):
     """The value converted to the field's type, or a UsageError naming the field and the source."""
+    if name in MAPPINGS:
+        return MAPPINGS[name](value, _label(name, source), source)
     kind, optional, is_list = _base_type(name)
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
         if optional:
@@ -159,6 +166,72 @@ def _unknown(name: str, source: str) -> UsageError:
     close = difflib.get_close_matches(name, list(FIELDS), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid fields: {', '.join(FIELDS)}"
     return UsageError(f"{source}: unknown field '{name}'{hint}")
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+SIZE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B|B)?$", re.IGNORECASE)
+
+
+def _pairs(value, label: str, source: str, example: str) -> dict:
+    """A mapping from YAML, or from `key=value,key=value` on the command line."""
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, str) and "=" in value:
+        out = {}
+        for item in (i.strip() for i in value.split(",") if i.strip()):
+            key, eq, val = item.partition("=")
+            if not eq or not key.strip() or not val.strip():
+                raise UsageError(f"{source}: {label} item '{item}' is not key=value; write it as {example}")
+            out[key.strip()] = val.strip()
+        return out
+    raise UsageError(f"{source}: {label} must be a mapping, got {value!r}; write it as {example}")
+
+
+def _device(value, label: str, source: str, allowed: tuple[str, ...]):
+    """A device of a device map or memory budget: a GPU number (an int) or one of `allowed`."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    text = str(value).strip().lower()
+    if text.isdigit():
+        return int(text)
+    if text in allowed:
+        return text
+    raise UsageError(f"{source}: {label} has device {value!r}; use a GPU number (0, 1, ...) or {' or '.join(allowed)}")
+
+
+def parse_device_map(value, label: str, source: str) -> str | dict | None:
+    """None, one of DEVICE_MAPS, or {module name: GPU number | 'cpu' | 'disk'}."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+        return None
+    example = "module: device pairs (YAML: {model.embed_tokens: disk, model.layers: 0}; command line: model.embed_tokens=disk,model.layers=0)"
+    if isinstance(value, str) and "=" not in value:
+        if value not in DEVICE_MAPS:
+            raise UsageError(f"{source}: {label} is '{value}'; choose one of {', '.join(DEVICE_MAPS)}, or give {example}")
+        return value
+    pairs = _pairs(value, label, source, example)
+    if not pairs:
+        raise UsageError(f"{source}: {label} is an empty mapping; give {example}")
+    return {str(module): _device(device, label, source, ("cpu", "disk")) for module, device in pairs.items()}
+
+
+def parse_max_memory(value, label: str, source: str) -> dict | None:
+    """None, or {GPU number | 'cpu': size such as '20GiB'} (a mapping in YAML, 0=20GiB,cpu=64GiB on the command line)."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+        return None
+    pairs = _pairs(value, label, source, "0=20GiB,1=20GiB,cpu=64GiB (YAML: {0: 20GiB, cpu: 64GiB})")
+    out = {}
+    for device, size in pairs.items():
+        key = _device(device, label, source, ("cpu",))
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            out[key] = size
+        elif isinstance(size, str) and SIZE.match(size.strip()):
+            out[key] = int(size) if size.strip().isdigit() else size.strip()
+        else:
+            raise UsageError(f"{source}: {label} gives {device} the size {size!r}; write a size such as 20GiB or 512MB")
+    return out
+
+
+MAPPINGS = {"device_map": parse_device_map, "max_memory": parse_max_memory}
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -278,6 +351,10 @@ def check(cfg: Config) -> None:
         raise UsageError("--resume needs --output-dir: the directory of the run to continue")
     if cfg.data_cache == "output" and not cfg.output_dir:
         raise UsageError("--data-cache output keeps the data's Arrow copy in --output-dir: give --output-dir, or use off")
+    for name, parse in MAPPINGS.items():
+        parse(getattr(cfg, name), f"field '{name}'", "config")
+    if cfg.max_memory and not cfg.device_map:
+        raise UsageError("--max-memory needs --device-map (auto, balanced, balanced_low_0 or sequential) to place the model")
     if cfg.prompt_field and cfg.mode == "stream":
         raise UsageError("--prompt-field needs --mode document: a joined stream has no per-document prompt")
     for name in FIELDS:

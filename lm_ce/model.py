@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from . import placement
 from .config import Config, UsageError, first_line, resolve_path
 
 log = logging.getLogger("lm_ce")
@@ -33,6 +34,7 @@ class ModelInfo:
     dtype: str
     max_positions: int | None
     parameters: int
+    device_map: dict | None = None  # module -> GPU number, "cpu" or "disk", as loaded (None: one device)
 
 
 def torch_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -73,10 +75,13 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
     dtype = torch_dtype(cfg, device)
     spec = resolve_path(cfg.model)
     kwargs: dict = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    place = placement.from_pretrained_kwargs(cfg, gpus=torch.cuda.device_count(), **placement.local_process())
     cache_to = None
     if spec.lower().endswith(".gguf"):
         source = "gguf"
         path, kwargs, cache_to = gguf_source(spec, cfg, dtype)
+        if place and not cfg.gguf_cache:
+            raise UsageError("--device-map with a GGUF file places its dequantized cache: drop --no-gguf-cache")
     elif Path(spec).exists():
         source, path = "directory", spec
         if Path(spec).is_file():
@@ -97,15 +102,27 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
             raise unreachable
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **kwargs)
+        # a GGUF file is dequantized in memory; with a device map its cache is then placed (transformers
+        # cannot offload GGUF weights to disk)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation="sdpa", **kwargs, **({} if cache_to else place))
     except Exception as e:  # transformers raises many kinds; turn the ones bad input causes into one line
-        error = load_error(cfg, source, path, e)
+        error = placement.placement_error(cfg, e) or load_error(cfg, source, path, e)
         if error is None:
             raise
         raise error from None
     if cache_to and main_process:
         save_gguf_cache(model, tokenizer, cache_to)
-    model.to(device).eval()
+    if cache_to and place:
+        del model
+        if not (Path(cache_to) / "config.json").is_file():
+            raise UsageError(f"--device-map with a GGUF file places its dequantized cache, which could not be written to "
+                             f"{cache_to}: make that folder writable or set LM_CE_CACHE")
+        path = cache_to
+        model = placement.load_placed(path, dtype=dtype, place=place, cfg=cfg)
+    if not place:
+        model.to(device)
+    model.eval()
     info = ModelInfo(
         name=cfg.model,
         source=source,
@@ -114,6 +131,7 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
         dtype=str(dtype).replace("torch.", ""),
         max_positions=max_positions(model.config),
         parameters=sum(p.numel() for p in model.parameters()),
+        device_map=placement.device_map_of(model),
     )
     return model, tokenizer, info
 
