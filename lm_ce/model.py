@@ -120,7 +120,9 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
                              f"{cache_to}: make that folder writable or set LM_CE_CACHE")
         path = cache_to
         model = placement.load_placed(path, dtype=dtype, place=place, cfg=cfg)
-    if not place:
+    if place:
+        placement.check_tied_head(model)
+    else:
         model.to(device)
     model.eval()
     info = ModelInfo(
@@ -131,7 +133,7 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
         dtype=str(dtype).replace("torch.", ""),
         max_positions=max_positions(model.config),
         parameters=sum(p.numel() for p in model.parameters()),
-        device_map=placement.device_map_of(model),
+        device_map=placement.used_map(model) if place else None,
     )
     return model, tokenizer, info
 

@@ -104,6 +104,27 @@ def load_placed(path: str, *, dtype: torch.dtype, place: dict, cfg: Config) -> t
         raise error from None
 
 
+def check_tied_head(model: torch.nn.Module) -> None:
+    """Refuse a map that splits a tied head from the input embedding it shares its weight with."""
+    placed = getattr(model, "hf_device_map", None) or {}
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head = model.get_output_embeddings()
+    if not placed or head is None or not getattr(config, "tie_word_embeddings", False):
+        return
+    names = {id(m): n for n, m in model.named_modules()}
+    embedding, output = names.get(id(model.get_input_embeddings())), names.get(id(head))
+
+    def device(name):
+        owner = max((k for k in placed if k == "" or name == k or name.startswith(k + ".")), key=len, default=None)
+        return placed.get(owner)
+
+    if embedding is not None and output is not None and device(embedding) != device(output):
+        raise UsageError(
+            f"--device-map puts {output} on {device(output)} and {embedding} on {device(embedding)}, but this model's "
+            "head is tied to its input embedding (one weight): give both the same device"
+        )
+
+
 def placement_error(cfg: Config, e: Exception) -> UsageError | None:
     """The UsageError for a device map that transformers or accelerate refused, else None."""
     if not cfg.device_map or not isinstance(e, (ValueError, KeyError, RuntimeError)):
@@ -118,11 +139,18 @@ def placement_error(cfg: Config, e: Exception) -> UsageError | None:
 
 
 def device_map_of(model: torch.nn.Module) -> dict | None:
-    """The map the model was placed with (module -> GPU number, 'cpu' or 'disk'), or None for one device."""
+    """The map the model was placed with (module -> GPU number, 'cpu' or 'disk'), or None for a model not placed by one."""
     placed = getattr(model, "hf_device_map", None)
     if not placed:
         return None
     return {module: d if isinstance(d, (int, str)) else str(d) for module, d in placed.items()}
+
+
+def used_map(model: torch.nn.Module) -> dict:
+    """The map a model loaded with --device-map is placed with; transformers dispatches only the maps that need
+    it, so a map that put everything on one device (all on the CPU, say) is that device for the whole model."""
+    device = next(model.parameters()).device
+    return device_map_of(model) or {"": device.index if device.type == "cuda" else device.type}
 
 
 def _hook_device(hook) -> torch.device | None:

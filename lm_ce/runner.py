@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import checkpoint, model as model_lib
+from . import checkpoint, model as model_lib, placement
 from .compare import compare_by_bytes, load_compared
 from .config import Config, UsageError, check
 from .parallel import Plan
@@ -115,12 +115,14 @@ def _model(cfg: Config, model, tokenizer, accelerator) -> tuple[torch.nn.Module,
     info = model_lib.ModelInfo(
         cfg.model, "object", cfg.model, cfg.revision, str(next(model.parameters()).dtype).replace("torch.", ""),
         model_lib.max_positions(model.config), sum(p.numel() for p in model.parameters()),
+        device_map=placement.device_map_of(model),
     )
     return model, tokenizer, info
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where a batch's inputs go: the input embedding's device (with a device map, its execution device)."""
+    return placement.input_device(model)
 
 
 def _other_accelerator() -> bool:
