@@ -203,7 +203,7 @@ def gguf_source(spec: str, cfg: Config, dtype: torch.dtype) -> tuple[str, dict, 
 def save_gguf_cache(model, tokenizer, target: str) -> None:
     """Write the dequantized weights where gguf_source will find them next time (write, then rename)."""
     Path(target).parent.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     tmp = Path(f"{target}.tmp{os.getpid()}")
     try:
@@ -213,7 +213,7 @@ def save_gguf_cache(model, tokenizer, target: str) -> None:
             config = model.config.to_dict()
             config.pop("quantization_config", None)
             (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            save_file(unshared_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
             tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
         log.info("cached the dequantized GGUF weights in %s (--no-gguf-cache to turn off)", target)
@@ -239,3 +239,15 @@ def quiet_progress() -> Iterator[None]:
             transformers.utils.logging.enable_progress_bar()
         if not hub_was_off:
             enable_progress_bars()
+
+
+def unshared_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor once, under its first name in module order: a tied head is stored
+    as the input embedding, as save_pretrained stores it (accelerate's disk offload looks weights up by that name)."""
+    out, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = tensor.contiguous()
+    return out

@@ -210,3 +210,20 @@ def test_head_offloaded_to_cpu_computes_on_the_gpu(tmp_path, tiny_llama_dir, tex
     on_cpu = evaluate(Config(model=tiny_llama_dir, progress=False, **fields)).summary
     assert offloaded["model"]["head"] == "chunked" and offloaded["counts"]["tokens"] == on_cpu["counts"]["tokens"]
     assert math.isclose(offloaded["nll_sum"], on_cpu["nll_sum"], rel_tol=1e-5)
+
+
+def test_gguf_cache_of_a_tied_model_can_be_placed_on_disk(tmp_path, tied_llama_dir):
+    """The dequantized-GGUF cache stores a tied head under the embedding's name, which disk offload looks up."""
+    from safetensors import safe_open
+
+    from lm_ce.model import save_gguf_cache
+
+    model, tokenizer, _ = load(Config(model=tied_llama_dir), torch.device("cpu"))
+    save_gguf_cache(model, tokenizer, str(tmp_path / "cache"))
+    with safe_open(str(tmp_path / "cache" / "model.safetensors"), "pt") as f:
+        assert "model.embed_tokens.weight" in f.keys() and "lm_head.weight" not in f.keys()
+    placed, _, _ = load(Config(model=str(tmp_path / "cache"), device_map=disk_map(3), offload_folder=str(tmp_path / "o")),
+                        torch.device("cpu"))
+    ids = torch.tensor([[1, 7, 3, 9, 4]])
+    with torch.inference_mode():
+        assert torch.equal(placed(ids).logits, model(ids).logits)
