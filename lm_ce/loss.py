@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .placement import execution_device, input_device
+from .placement import input_device
 
 log = logging.getLogger("lm_ce")
 
@@ -59,7 +59,6 @@ class Head:
     scale: float = 1.0  # logits *= scale (Cohere's logit_scale, Granite's 1 / logits_scaling)
     softcap: float | None = None  # logits = softcap * tanh(logits / softcap) (Gemma 2 and 3)
     module: torch.nn.Module | None = None  # the output layer, whose weights accelerate may offload
-    device: torch.device | None = None  # where the head computes (default: its weight's device)
 
     @property
     def vocab_size(self) -> int:
@@ -71,15 +70,15 @@ class Head:
 
     @contextlib.contextmanager
     def loaded(self) -> Iterator["Head"]:
-        """This head with its weights on its execution device while inside (accelerate brings in offloaded ones)."""
+        """This head with its weights on its execution device while inside (accelerate brings in offloaded ones);
+        hidden states go to the device its weights are then on."""
         if not self.offloaded or self.module is None:
             yield self
             return
         from accelerate.utils import align_module_device
 
         with align_module_device(self.module):
-            yield dataclasses.replace(self, weight=self.module.weight, bias=self.module.bias, module=None,
-                                      device=self.module.weight.device)
+            yield dataclasses.replace(self, weight=self.module.weight, bias=self.module.bias, module=None)
 
     def logits(self, hidden: torch.Tensor, vocab: slice = slice(None)) -> torch.Tensor:
         """Float32 logits of a block of hidden states over a slice of the vocabulary, with every
@@ -109,8 +108,7 @@ def head_of(model: torch.nn.Module) -> Head | None:
     if getattr(config, "logits_scaling", None):  # Granite divides
         scale /= float(config.logits_scaling)
     softcap = getattr(config, "final_logit_softcapping", None)
-    return Head(out.weight, out.bias, scale, float(softcap) if softcap else None, module=out,
-                device=execution_device(model, out))
+    return Head(out.weight, out.bias, scale, float(softcap) if softcap else None, module=out)
 
 
 def chunk_rows(vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:

@@ -67,7 +67,8 @@ def from_pretrained_kwargs(cfg: Config, *, gpus: int, local_rank: int, local_wor
         max_memory = {device(d, "--max-memory"): size for d, size in cfg.max_memory.items()}
     elif local_world > 1 and not isinstance(device_map, dict):
         max_memory = shared_memory(group, local_world)
-    return {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder(cfg)}
+    folder = offload_folder(cfg, f"process{local_rank}" if local_world > 1 else "")
+    return {"device_map": device_map, "max_memory": max_memory, "offload_folder": folder}
 
 
 def shared_memory(group: list[int], local_world: int) -> dict:
@@ -80,11 +81,13 @@ def shared_memory(group: list[int], local_world: int) -> dict:
     return budget
 
 
-def offload_folder(cfg: Config) -> str:
-    """Where weights mapped to disk are written when their files cannot be read in place (default: a temporary folder)."""
+def offload_folder(cfg: Config, sub: str = "") -> str:
+    """Where weights mapped to disk are written when their files cannot be read in place (safetensors files are
+    read in place): --offload-folder (a subfolder per process when several share a machine), else a temporary one."""
     if cfg.offload_folder:
-        os.makedirs(cfg.offload_folder, exist_ok=True)
-        return cfg.offload_folder
+        folder = os.path.join(cfg.offload_folder, sub) if sub else cfg.offload_folder
+        os.makedirs(folder, exist_ok=True)
+        return folder
     folder = tempfile.mkdtemp(prefix="lm_ce_offload_")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder

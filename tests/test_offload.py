@@ -128,7 +128,7 @@ def test_gpu_numbers_count_within_the_process_group(tmp_path):
     kwargs = placement.from_pretrained_kwargs(cfg, gpus=8, local_rank=2, local_world=4)
     assert kwargs["device_map"] == {"model.embed_tokens": 4, "model.layers": 5, "lm_head": "cpu", "model.norm": "disk"}
     assert kwargs["max_memory"] == {4: "20GiB", 5: "20GiB", "cpu": "64GiB"}
-    assert kwargs["offload_folder"] == str(tmp_path)
+    assert kwargs["offload_folder"] == str(tmp_path / "process2")  # processes never share an offload folder
     with pytest.raises(UsageError, match="GPU 1"):
         placement.from_pretrained_kwargs(cfg, gpus=4, local_rank=0, local_world=4)
     with pytest.raises(UsageError, match="balanced_low_0"):
