@@ -1,6 +1,7 @@
 """Models placed by a device map: offloaded to disk they give the in-memory run's numbers; the GPU-group rule."""
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -110,6 +111,21 @@ def test_auto_map_under_a_small_cpu_budget_spills_to_disk(tmp_path, tied_llama_d
     with torch.inference_mode():
         expected = load(Config(model=tied_llama_dir), torch.device("cpu"))[0](ids).logits
         assert torch.allclose(model(ids).logits, expected, atol=1e-6)
+
+
+def test_placement_is_written_and_repeats_from_config_yaml(tmp_path, tiny_llama_dir, capsys):
+    """The CLI with --device-map and --max-memory: results.json records the map; config.yaml repeats the run."""
+    from lm_ce.cli import main
+
+    data = make_jsonl(tmp_path / "d.jsonl", [{"text": "Hello world. " * 20}])
+    out = tmp_path / "run"
+    assert main(["--model", tiny_llama_dir, "--data-files", data, "--device-map", "sequential", "--max-memory",
+                 "cpu=30KB", "--offload-folder", str(tmp_path / "off"), "--output-dir", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert "disk" in summary["model"]["device_map"].values() and summary["model"]["head"] == "chunked"
+    again = build_config(["--config", str(out / "config.yaml")])
+    assert again.device_map == "sequential" and again.max_memory == {"cpu": "30KB"}
+    capsys.readouterr()
 
 
 def test_gpu_groups_are_disjoint_and_cover_the_visible_gpus():
@@ -227,3 +243,17 @@ def test_gguf_cache_of_a_tied_model_can_be_placed_on_disk(tmp_path, tied_llama_d
     ids = torch.tensor([[1, 7, 3, 9, 4]])
     with torch.inference_mode():
         assert torch.equal(placed(ids).logits, model(ids).logits)
+
+
+@pytest.mark.slow  # a real 2-process launch (torch.distributed.run, gloo on CPU)
+def test_two_processes_each_with_a_device_map(tmp_path, tiny_llama_dir, texts, capsys):
+    """Every process loads the model with the map (its head on disk in its own offload subfolder); the sums
+    equal the one-process run's; the map given on the command line."""
+    from .test_distributed import compare
+
+    data = make_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
+    args = ["--model", tiny_llama_dir, "--data-files", data, "--max-length", "64", "--stride", "32",
+            "--device-map", "model=cpu,lm_head=disk", "--offload-folder", str(tmp_path / "offload")]
+    one, many, _ = compare(args, tmp_path, capsys)
+    assert one["model"]["device_map"] == many["model"]["device_map"] == {"model": "cpu", "lm_head": "disk"}
+    assert many["model"]["head"] == "chunked"
