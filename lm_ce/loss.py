@@ -229,10 +229,11 @@ class HeadChoice:
 PROBE_TOKENS = 16
 
 
-def float64_logits(head: Head, hidden: torch.Tensor, slice_rows: int = 8192) -> torch.Tensor:
-    """The reference: the head and its transforms in float64 on the same hidden states (vocabulary in slices,
-    so that no float64 copy of the whole head is made)."""
+def float64_logits(head: Head, hidden: torch.Tensor) -> torch.Tensor:
+    """The reference: the head and its transforms in float64 on the same hidden states (vocabulary in slices
+    of about 32 MB of float64 weight, so that no float64 copy of the whole head is made)."""
     hidden = hidden.to(head.weight.device).double()
+    slice_rows = max(256, 2**22 // hidden.shape[-1])
     parts = []
     for v0 in range(0, head.vocab_size, slice_rows):
         part = hidden @ head.weight[v0 : v0 + slice_rows].double().t()
