@@ -15,7 +15,7 @@ import tempfile
 
 import torch
 
-from .config import Config, UsageError, first_line
+from .config import Config, UsageError, first_line, parse_device_map, parse_max_memory
 
 log = logging.getLogger("lm_ce")
 
@@ -55,16 +55,18 @@ def from_pretrained_kwargs(cfg: Config, *, gpus: int, local_rank: int, local_wor
             raise UsageError(f"{what} names GPU {d}, but there is {where}; use GPU numbers within it, cpu or disk")
         return group[d]
 
-    if isinstance(cfg.device_map, dict):
-        device_map = {module: device(d, "--device-map") for module, d in cfg.device_map.items()}
+    spec = parse_device_map(cfg.device_map, "--device-map", "config")  # as typed checks leave it: "0" is GPU 0
+    if isinstance(spec, dict):
+        device_map = {module: device(d, "--device-map") for module, d in spec.items()}
     else:
-        device_map = cfg.device_map
+        device_map = spec
         if device_map == "balanced_low_0" and group and group[0] != 0:
             raise UsageError("--device-map balanced_low_0 works only for the process whose GPUs start at 0; "
                              "use balanced, auto or sequential with several processes")
     max_memory = None
     if cfg.max_memory:
-        max_memory = {device(d, "--max-memory"): size for d, size in cfg.max_memory.items()}
+        budget = parse_max_memory(cfg.max_memory, "--max-memory", "config")
+        max_memory = {device(d, "--max-memory"): size for d, size in budget.items()}
     elif local_world > 1 and not isinstance(device_map, dict):
         max_memory = shared_memory(group, local_world)
     folder = offload_folder(cfg, f"process{local_rank}" if local_world > 1 else "")

@@ -150,6 +150,9 @@ def test_gpu_numbers_count_within_the_process_group(tmp_path):
     with pytest.raises(UsageError, match="balanced_low_0"):
         placement.from_pretrained_kwargs(Config(device_map="balanced_low_0"), gpus=4, local_rank=1, local_world=2)
     assert placement.from_pretrained_kwargs(Config(), gpus=8, local_rank=0, local_world=1) == {}
+    typed = Config(device_map={"lm_head": "1", "model": "CPU"}, max_memory={"1": "2GiB"}, offload_folder=str(tmp_path))
+    kwargs = placement.from_pretrained_kwargs(typed, gpus=2, local_rank=0, local_world=1)
+    assert kwargs["device_map"] == {"lm_head": 1, "model": "cpu"} and kwargs["max_memory"] == {1: "2GiB"}
 
 
 def test_device_map_and_max_memory_from_yaml_and_command_line(tmp_path):
