@@ -132,13 +132,13 @@ def test_writing_the_gguf_cache_shows_no_library_bar(tiny_llama, llama_tokenizer
     from huggingface_hub.utils import are_progress_bars_disabled
 
     seen = []
-    save_model = safetensors.torch.save_model
+    save_file = safetensors.torch.save_file  # what save_gguf_cache writes the weights with
 
     def watched(*args, **kwargs):
         seen.append((transformers.utils.logging.is_progress_bar_enabled(), are_progress_bars_disabled()))
-        return save_model(*args, **kwargs)
+        return save_file(*args, **kwargs)
 
-    monkeypatch.setattr(safetensors.torch, "save_model", watched)
+    monkeypatch.setattr(safetensors.torch, "save_file", watched)
     transformers.utils.logging.enable_progress_bar()
     target = tmp_path / "cache" / "model"
     model_lib.save_gguf_cache(tiny_llama, llama_tokenizer, str(target))
