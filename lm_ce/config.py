@@ -285,11 +285,12 @@ def parse_overrides(args: list[str]) -> dict:
         elif kind is bool and (i + 1 == len(args) or args[i + 1].startswith("--")):
             out[name] = True
         elif is_list and i + 1 < len(args):  # --data-files a.jsonl b.jsonl (or a.jsonl,b.jsonl)
-            values = []
+            words = []
             while i + 1 < len(args) and not args[i + 1].startswith("--"):
                 i += 1
-                values += [v for v in args[i].split(",") if v]
-            out[name] = _coerce(name, values, "command line")
+                words.append(args[i])
+            value = words[0] if len(words) == 1 else [v for w in words for v in w.split(",") if v]
+            out[name] = _coerce(name, value, "command line")  # one word: as before ("none", "a,b", "")
         elif i + 1 < len(args):
             i += 1
             out[name] = _coerce(name, args[i], "command line")
