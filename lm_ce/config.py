@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from .protocols import DEFAULT, DETOKENIZERS, PROTOCOLS, protocol_values
+
 
 class UsageError(Exception):
     """Bad input: the message says what is wrong and what to do. The CLI prints it and exits 2."""
@@ -55,11 +57,15 @@ class Config:
     data_cache: str = "default"  # default | output | off: where datasets keeps its Arrow copy of the data (README)
     limit: int | None = None  # the first N documents
     # windows
-    mode: str = "document"  # document | stream
+    protocol: str = "lm-eval"  # lm-eval | lm-eval-wikitext | hf-docs | llama-cpp | gptq: sets the fields below (see README)
+    mode: str = "document"  # document | stream | llama-cpp | gptq
     max_length: int | None = None  # input tokens per window (default: the model's positions, at most 2048)
     stride: int | None = None  # new tokens scored per later window (default: max_length)
     prefix_token: str = "auto"  # auto | bos | eos | none (auto: bos, else eos, in document mode; none in stream mode)
-    separator: str = "\n\n"  # joins documents in stream mode
+    separator: str = "\n\n"  # joins documents in stream, llama-cpp and gptq modes
+    bos_policy: str = "first"  # first | every-window | none: where the prefix token goes (document and stream modes)
+    chunks: int | None = None  # llama-cpp and gptq modes: score at most this many chunks
+    detokenizer: str = "none"  # none | wikitext: undo WikiText's tokenization before scoring (lm-eval's wikitext task)
     batch_size: int = 8  # windows per batch at most
     token_budget: int | None = None  # input tokens per batch at most (default: batch_size * max_length, at most 4096 on CPU)
     padding_side: str = "right"  # right | left; must not change the result
@@ -74,6 +80,8 @@ class Config:
     plot: bool = True  # loss by position in the window as a PNG (position_loss.png)
     progress: bool = True
     seed: int = 0
+    # suites: datasets scored one after the other with one model load (config files only; see README)
+    suite: list[dict] | None = None  # entries: {name: ..., any data or window field: ...}
 
     def resolved(self) -> dict:
         """The config as plain data, written next to the results so any run can be repeated."""
@@ -82,7 +90,10 @@ class Config:
 
 CHOICES = {
     "dtype": ("auto", "float32", "bfloat16", "float16"),
-    "mode": ("document", "stream"),
+    "protocol": tuple(PROTOCOLS),
+    "mode": ("document", "stream", "llama-cpp", "gptq"),
+    "bos_policy": ("first", "every-window", "none"),
+    "detokenizer": tuple(DETOKENIZERS),
     "prefix_token": ("auto", "bos", "eos", "none"),
     "padding_side": ("right", "left"),
     "data_cache": ("default", "output", "off"),
@@ -255,7 +266,12 @@ def load_yaml(path: str | Path) -> dict:
         name = str(key).replace("-", "_")
         if name not in FIELDS:
             raise _unknown(str(key), str(path))
-        out[name] = _coerce(name, value, str(path))
+        if name == "suite":
+            from .suite import suite_entries  # suite.py builds on this module
+
+            out[name] = suite_entries(value, str(path))
+        else:
+            out[name] = _coerce(name, value, str(path))
     return out
 
 
@@ -277,6 +293,8 @@ def parse_overrides(args: list[str]) -> dict:
             name = name[3:]
         if name not in FIELDS:
             raise _unknown("--" + key, "command line")
+        if name == "suite":
+            raise UsageError("command line: a suite is a list of datasets; give it in a config file (see configs/)")
         kind, _, is_list = _base_type(name)
         if negate:
             out[name] = False
@@ -320,26 +338,41 @@ def build_config(args: list[str]) -> Config:
             i += 1
         args = rest
     values.update(parse_overrides(args))
-    cfg = Config(**values)
+    cfg = Config(**with_protocol(values))
     check(cfg)
+    if cfg.suite:
+        from .suite import entry_config
+
+        for entry in cfg.suite:
+            check(entry_config(cfg, entry))
     return cfg
 
 
 def from_settings(settings: dict, source: str) -> Config:
-    """Config from keyword settings (the Python API), each checked by name and type as a config file's keys are."""
+    """Config from keyword settings (the Python API), each checked by name and type as a config file's keys are,
+    over the fields their protocol sets."""
     values = {}
     for key, value in settings.items():
         if key not in FIELDS:
             raise _unknown(key, source)
         values[key] = _coerce(key, value, source)
-    cfg = Config(**values)
+    cfg = Config(**with_protocol(values))
     check(cfg)
     return cfg
 
 
+def with_protocol(values: dict) -> dict:
+    """The fields given explicitly, over those their protocol sets (lm-eval when none is named)."""
+    return {**protocol_values(values.get("protocol", DEFAULT)), **values}
+
+
 def check(cfg: Config) -> None:
     """Refuse settings that cannot work together, before anything is loaded."""
-    for name in ("max_length", "stride", "batch_size", "token_budget", "limit", "chunk_documents", "threads", "checkpoint_seconds"):
+    for name in CHOICES:
+        value = getattr(cfg, name)
+        if value not in CHOICES[name]:
+            raise UsageError(f"field '{name}' is '{value}'; choose one of {', '.join(CHOICES[name])}")
+    for name in ("max_length", "stride", "batch_size", "token_budget", "limit", "chunk_documents", "threads", "checkpoint_seconds", "chunks"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -356,12 +389,21 @@ def check(cfg: Config) -> None:
         parse(getattr(cfg, name), f"field '{name}'", "config")
     if cfg.max_memory and not cfg.device_map:
         raise UsageError("--max-memory needs --device-map (auto, balanced, balanced_low_0 or sequential) to place the model")
-    if cfg.prompt_field and cfg.mode == "stream":
-        raise UsageError("--prompt-field needs --mode document: a joined stream has no per-document prompt")
-    for name in FIELDS:
-        value = getattr(cfg, name)
-        if name in CHOICES and value not in CHOICES[name]:
-            raise UsageError(f"field '{name}' is '{value}'; choose one of {', '.join(CHOICES[name])}")
+    if cfg.prompt_field and cfg.mode != "document":
+        raise UsageError(f"--prompt-field needs --mode document: a joined text ({cfg.mode}) has no per-document prompt")
+    chunked = cfg.mode in ("llama-cpp", "gptq")
+    if cfg.chunks is not None and not chunked:
+        raise UsageError(f"--chunks counts llama-cpp or gptq chunks; --mode {cfg.mode} has none (drop --chunks)")
+    if chunked and cfg.stride is not None:
+        raise UsageError(f"--mode {cfg.mode} cuts non-overlapping chunks and takes no --stride; drop --stride")
+    if chunked and cfg.bos_policy != "first":
+        raise UsageError(f"--bos-policy applies to document and stream windows; --mode {cfg.mode} places BOS as "
+                         "the tokenizer does; drop --bos-policy")
+    if cfg.bos_policy == "none" and cfg.prefix_token in ("bos", "eos"):
+        raise UsageError(f"--bos-policy none and --prefix-token {cfg.prefix_token} contradict; give one of them")
+    if cfg.bos_policy == "every-window" and cfg.prefix_token == "none":
+        raise UsageError("--bos-policy every-window puts the prefix token in every window; it needs --prefix-token "
+                         "auto, bos or eos, not none")
 
 
 def resolve_path(spec: str) -> str:

@@ -143,6 +143,13 @@ def cache_options(cfg: Config) -> dict:
     return {"streaming": cfg.streaming}
 
 
+def whole_text(path: str) -> str:
+    """A text file read whole as one text, as llama.cpp's `-f` reads it: bytes as they are (no newline
+    translation), one trailing newline dropped."""
+    text = Path(path).read_bytes().decode("utf-8")
+    return text[:-1] if text.endswith("\n") else text
+
+
 def load_rows(cfg: Config):
     """The `datasets` Dataset (or IterableDataset when streaming) the config names."""
     import datasets
@@ -158,6 +165,8 @@ def load_rows(cfg: Config):
             bad = first_bad_utf8(p)
             if bad:
                 raise UsageError(bad)
+        if builder == "text" and cfg.mode == "llama-cpp":
+            return datasets.Dataset.from_dict({"text": [whole_text(p) for p in paths]})
         try:
             with quiet_datasets():
                 return datasets.load_dataset(builder, data_files=paths, split="train", **cache_options(cfg))

@@ -3,7 +3,8 @@
 A sequence S is what one document (document mode) or the whole corpus (stream mode) becomes.
 A window (start, a, b) feeds S[start:b] to the model and scores the targets S[a+1..b]: the
 input position i predicts S[start+i+1], and positions before a-start are masked context.
-Every target of S from `first_target` on is scored exactly once.
+Every target of S from `first_target` on is scored exactly once. A window may put another token
+(BOS, the prefix) at its first input position: `first_id`; its targets stay those of S.
 """
 from __future__ import annotations
 
@@ -20,6 +21,16 @@ class Window:
     a: int
     b: int
     target_offset: int  # how many of the document's targets come before this window's first
+    first_id: int | None = None  # put at input position 0 in place of S[start] (BOS per chunk, every-window prefix)
+
+    def inputs(self) -> torch.Tensor:
+        """The input ids S[start:b], with first_id at position 0 when set."""
+        ids = self.seq[self.start : self.b]
+        if self.first_id is None or int(ids[0]) == self.first_id:
+            return ids
+        ids = ids.clone()
+        ids[0] = self.first_id
+        return ids
 
     @property
     def length(self) -> int:
@@ -67,6 +78,46 @@ def stream_spans(n_seq: int, max_length: int, stride: int) -> list[tuple[int, in
     return spans
 
 
+def llama_cpp_spans(n_seq: int, n_ctx: int, chunks: int | None = None) -> list[tuple[int, int, int]]:
+    """Windows of llama.cpp's `llama-perplexity`: chunks of n_ctx tokens (the remainder dropped, at most
+    `chunks` of them), each scoring only its second half, the targets at chunk positions n_ctx/2+1 .. n_ctx-1."""
+    first = n_ctx // 2
+    spans = []
+    for i in range(chunk_count(n_seq, n_ctx, chunks)):
+        start = i * n_ctx
+        spans.append((start, start + first, start + n_ctx - 1))
+    return spans
+
+
+def gptq_spans(n_seq: int, n_ctx: int, chunks: int | None = None) -> list[tuple[int, int, int]]:
+    """Windows of the GPTQ/AWQ evaluation script: chunks of n_ctx tokens (the remainder dropped, at most
+    `chunks` of them), each scored as `labels = input_ids` scores it: the targets at positions 1 .. n_ctx-1."""
+    return [(i * n_ctx, i * n_ctx, i * n_ctx + n_ctx - 1) for i in range(chunk_count(n_seq, n_ctx, chunks))]
+
+
+def chunk_count(n_seq: int, n_ctx: int, chunks: int | None) -> int:
+    """Whole chunks of n_ctx tokens in n_seq (`numel // n_ctx`), at most `chunks`."""
+    n = n_seq // n_ctx
+    return n if chunks is None else min(n, chunks)
+
+
+def without_double_prefix(ids: list[int], prefix: int | None) -> tuple[list[int], bool]:
+    """(ids, removed): the text's ids without a leading prefix token when one is placed before them anyway
+    (a text that begins with the BOS/EOS string, or a tokenizer that adds BOS itself)."""
+    if prefix is not None and ids and ids[0] == prefix:
+        return ids[1:], True
+    return ids, False
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS in front of a text by default (as llama.cpp's add_bos asks)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == bos and ids[:1] != tokenizer("a", add_special_tokens=False)["input_ids"][:1]
+
+
 def document_sequence(tokenizer, text: str, prefix_id: int | None, prompt: str | None = None) -> tuple[list[int], int]:
     """(S, first_target) of one document: prefix + [prompt] + text tokens; targets start after the prompt.
 
@@ -89,12 +140,12 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def windows_of(doc: int, seq: list[int], spans: list[tuple[int, int, int]]) -> list[Window]:
-    """Window records for the spans of one sequence."""
+def windows_of(doc: int, seq: list[int], spans: list[tuple[int, int, int]], first_id: int | None = None) -> list[Window]:
+    """Window records for the spans of one sequence; `first_id` goes at every window's first input position."""
     tensor = torch.tensor(seq, dtype=torch.long)
     out, offset = [], 0
     for start, a, b in spans:
-        out.append(Window(doc, tensor, start, a, b, offset))
+        out.append(Window(doc, tensor, start, a, b, offset, first_id))
         offset += b - a
     return out
 
