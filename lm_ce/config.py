@@ -348,6 +348,11 @@ def build_config(args: list[str]) -> Config:
     return cfg
 
 
+def config_for(**fields) -> Config:
+    """A checked Config from explicit fields over their protocol's (what build_config does, for Python callers)."""
+    return from_settings(fields, "config_for")
+
+
 def from_settings(settings: dict, source: str) -> Config:
     """Config from keyword settings (the Python API), each checked by name and type as a config file's keys are,
     over the fields their protocol sets."""

@@ -1,17 +1,34 @@
-"""The two passes over the data: documents one by one (document mode), or one joined stream (stream mode).
+"""The passes over the data: documents one by one (document mode), one joined stream (stream mode), or
+one joined text cut into chunks (llama-cpp and gptq modes).
 
 Document mode reads the data in chunks; each process tokenizes its share of the next chunk in a
 background thread while the current chunk is scored.
 """
 from __future__ import annotations
 
+import logging
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 from . import data
+from .config import UsageError
 from .parallel import Plan, gather, score_windows
+from .protocols import detokenized
 from .records import DocumentResult, Run
-from .windows import document_sequence, document_spans, stream_spans, windows_of
+from .windows import (adds_bos, document_sequence, document_spans, gptq_spans, llama_cpp_spans, stream_spans,
+                      windows_of, without_double_prefix)
+
+log = logging.getLogger("lm_ce")
+
+
+@dataclass
+class Sequence:
+    """One document's token sequence S and where its targets start."""
+
+    ids: list[int]
+    first_target: int
+    doubled: bool = False  # the text's own leading prefix token was removed
 
 
 def run_documents(plan: Plan, run: Run, tokenizer) -> bool:
@@ -23,7 +40,7 @@ def run_documents(plan: Plan, run: Run, tokenizer) -> bool:
         for index, docs in enumerate(chunks(source, plan.cfg.chunk_documents)):
             if index < run.chunks_done:  # finished before a resume: read, not tokenized
                 continue
-            future = pool.submit(tokenize_share, docs, tokenizer, plan.setup.prefix, rank, world)
+            future = pool.submit(tokenize_share, docs, tokenizer, plan.setup.prefix, rank, world, plan.cfg.detokenizer)
             if pending is not None and _score_chunk(*pending, plan, run):
                 return True
             pending = (docs, future)
@@ -36,32 +53,89 @@ def run_stream(plan: Plan, run: Run, tokenizer) -> bool:
     """One token stream of all documents joined by the separator, windows every `stride` tokens."""
     docs = list(data.iter_documents(plan.cfg, plan.rows))
     texts = [d.text for d in docs if d.text is not None]  # empty rows still add a separator, as in the recipe
-    joined = plan.cfg.separator.join(texts)
-    run.stream_bytes = len(joined.encode("utf-8"))
-    prefix = [plan.setup.prefix] if plan.setup.prefix is not None else []
-    seq = prefix + (tokenizer(joined, add_special_tokens=False)["input_ids"] if joined else [])
+    run.stream_bytes = len(plan.cfg.separator.join(texts).encode("utf-8"))
+    joined = plan.cfg.separator.join(detokenized(plan.cfg.detokenizer, t) for t in texts)
+    ids, doubled = without_double_prefix(tokenizer(joined, add_special_tokens=False)["input_ids"] if joined else [],
+                                         plan.setup.prefix)
+    _say_doubled(run, int(doubled))
+    seq = ([plan.setup.prefix] if plan.setup.prefix is not None else []) + ids
     spans = stream_spans(len(seq), plan.setup.max_length, plan.setup.stride)
-    stopped = score_windows(windows_of(-1, seq, spans), plan, run, {-1: DocumentResult(index=-1)})
+    windows = windows_of(-1, seq, spans, plan.setup.window_first)
+    stopped = score_windows(windows, plan, run, {-1: DocumentResult(index=-1)})
+    _joined_documents(docs, run)
+    return stopped
+
+
+def run_chunks(plan: Plan, run: Run, tokenizer) -> bool:
+    """llama-cpp and gptq modes: the documents joined by the separator, tokenized once, cut into chunks of
+    max_length tokens (the remainder dropped, at most --chunks of them)."""
+    cfg, n_ctx = plan.cfg, plan.setup.max_length
+    docs = list(data.iter_documents(cfg))
+    joined = cfg.separator.join(detokenized(cfg.detokenizer, d.text) for d in docs if d.text is not None)
+    seq, doubled = chunk_sequence(cfg.mode, tokenizer, joined)
+    _say_doubled(run, int(doubled))
+    if cfg.mode == "llama-cpp" and len(seq) < 2 * n_ctx:  # llama-perplexity refuses these too
+        raise UsageError(f"--mode llama-cpp: the text tokenizes to {len(seq)} tokens; llama-perplexity needs at least "
+                         f"2 x max_length = {2 * n_ctx}; give more text or a smaller --max-length")
+    spans = (llama_cpp_spans if cfg.mode == "llama-cpp" else gptq_spans)(len(seq), n_ctx, cfg.chunks)
+    if not spans:
+        raise UsageError(f"--mode gptq: the text tokenizes to {len(seq)} tokens, less than one chunk of {n_ctx}; give "
+                         "more text or a smaller --max-length")
+    windows = windows_of(-1, seq, spans, plan.setup.window_first)
+    scored = [tokenizer.decode(w.seq[w.a + 1 : w.b + 1]) for w in windows]  # what the figures per byte/word cover
+    run.stream_bytes = sum(len(t.encode("utf-8")) for t in scored)
+    run.stream_words = sum(count_words(t) for t in scored)
+    stopped = score_windows(windows, plan, run, {-1: DocumentResult(index=-1)})
+    _joined_documents(docs, run)
+    return stopped
+
+
+def chunk_sequence(mode: str, tokenizer, text: str) -> tuple[list[int], bool]:
+    """(ids, doubled) of the joined text, tokenized once: llama-cpp puts BOS in front only when the tokenizer adds
+    BOS (and nothing else); gptq takes the tokenizer's default special tokens as they are. A second BOS that
+    the text itself began with is removed."""
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    if mode == "llama-cpp":
+        ids, doubled = without_double_prefix(tokenizer(text, add_special_tokens=False)["input_ids"] if text else [], bos)
+        return ([bos] if bos is not None else []) + ids, doubled
+    ids = tokenizer(text)["input_ids"]
+    if bos is not None and ids[:2] == [bos, bos]:
+        return ids[1:], True
+    return ids, False
+
+
+def _joined_documents(docs: list[data.Document], run: Run) -> None:
+    """The rows of a joined pass, for counts (documents, skipped, words)."""
     run.documents = [_document_result(d) for d in docs]
     for d, r in zip(docs, run.documents):
         r.words = count_words(d.text) if d.text is not None else 0
         r.skipped = "not_text" if d.text is None else None
-    return stopped
 
 
-def tokenize_share(docs: list[data.Document], tokenizer, prefix: int | None, rank: int, world: int) -> dict:
-    """{document index: (S, first_target)} for this process's share (every world-th) of a chunk."""
+def _say_doubled(run: Run, n: int) -> None:
+    """Count texts whose own leading prefix token was removed; say so once per run."""
+    if n and not run.doubled_prefix:
+        log.warning("a text began with the prefix token itself (BOS/EOS in the text, e.g. chat-templated data, or "
+                    "added by the tokenizer): the duplicate is removed; counts.double_prefix_removed says how often")
+    run.doubled_prefix += n
+
+
+def tokenize_share(docs: list[data.Document], tokenizer, prefix: int | None, rank: int, world: int,
+                   detokenizer: str = "none") -> dict[int, Sequence]:
+    """{document index: Sequence} for this process's share (every world-th) of a chunk."""
     mine = [d for i, d in enumerate(docs) if i % world == rank and d.text]
     plain = [d for d in mine if d.prompt is None]
     out = {}
     if plain:
-        encoded = tokenizer([d.text for d in plain], add_special_tokens=False)["input_ids"]
+        encoded = tokenizer([detokenized(detokenizer, d.text) for d in plain], add_special_tokens=False)["input_ids"]
         head = [prefix] if prefix is not None else []
         for d, ids in zip(plain, encoded):
-            out[d.index] = (head + ids, len(head))
+            ids, doubled = without_double_prefix(ids, prefix)
+            out[d.index] = Sequence(head + ids, len(head), doubled)
     for d in mine:
         if d.prompt is not None:
-            out[d.index] = document_sequence(tokenizer, d.text, prefix, d.prompt)
+            seq, first = document_sequence(tokenizer, detokenized(detokenizer, d.text), prefix, d.prompt)
+            out[d.index] = Sequence(seq, first)
     return out
 
 
@@ -75,15 +149,17 @@ def _score_chunk(docs: list[data.Document], future: Future, plan: Plan, run: Run
         if d.text is None:
             r.skipped = "not_text"
             continue
-        seq, first = sequences.get(d.index, ([], 0))
-        spans = document_spans(len(seq), first, plan.setup.max_length, plan.setup.stride)
+        sequence = sequences.get(d.index, Sequence([], 0))
+        spans = document_spans(len(sequence.ids), sequence.first_target, plan.setup.max_length, plan.setup.stride)
         if not spans:
             r.skipped = "empty"
             continue
         r.bytes, r.words, r.windows = len(d.text.encode("utf-8")), count_words(d.text), len(spans)
-        windows += windows_of(d.index, seq, spans)
+        windows += windows_of(d.index, sequence.ids, spans, plan.setup.window_first)
+    doubled = sum(s.doubled for s in sequences.values())
     if score_windows(windows, plan, run, results):
         return True
+    _say_doubled(run, doubled)
     run.documents.extend(results[d.index] for d in docs)
     run.chunks_done += 1
     return False

@@ -97,6 +97,8 @@ class Run:
     partial: Tally | None = None  # the current chunk's merged sums, when stopped inside it
     windows: int = 0
     stream_bytes: int = 0
+    stream_words: int = 0  # llama-cpp and gptq modes: words of the scored spans
+    doubled_prefix: int = 0  # texts whose own leading BOS/EOS duplicated the prefix token (removed)
     tokens_per_process: list[int] = field(default_factory=list)
 
 

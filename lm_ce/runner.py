@@ -19,7 +19,7 @@ from . import checkpoint, model as model_lib, placement
 from .compare import compare_by_bytes, load_compared
 from .config import Config, UsageError, check
 from .parallel import Plan
-from .passes import run_documents, run_stream
+from .passes import run_chunks, run_documents, run_stream
 from .progress import Progress, StopRequest
 from .records import Results, Run
 from .scoring import Scorer
@@ -84,7 +84,9 @@ def _passes(plan: Plan, run: Run, tokenizer, done: bool) -> bool:
             return False
         if plan.cfg.mode == "document":
             return run_documents(plan, run, tokenizer)
-        return run_stream(plan, run, tokenizer)
+        if plan.cfg.mode == "stream":
+            return run_stream(plan, run, tokenizer)
+        return run_chunks(plan, run, tokenizer)
     except KeyboardInterrupt:
         log.warning("aborted: the figures cover the chunks finished before the stop")
         return True

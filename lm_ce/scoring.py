@@ -107,7 +107,7 @@ class Scorer:
         rows, in_window = [], []
         for r, w in enumerate(batch):
             off = width - w.length if left else 0
-            ids[r, off : off + w.length] = w.seq[w.start : w.b]
+            ids[r, off : off + w.length] = w.inputs()
             if left:
                 positions[r, off : off + w.length] = torch.arange(w.length)
                 mask[r, off : off + w.length] = 1

@@ -14,6 +14,8 @@ import torch
 from .config import Config, UsageError
 from .loss import Head, head_of, probe_head
 from .model import ModelInfo
+from .protocols import PROTOCOLS
+from .windows import adds_bos
 
 log = logging.getLogger("lm_ce")
 
@@ -30,6 +32,7 @@ class Setup:
     max_length: int
     stride: int
     prefix: int | None  # the token placed before each document (None: no prefix)
+    window_first: int | None  # the token put at every window's first input position (None: the text's own)
     budget: int  # padded input tokens per batch at most
     head: Head | None  # None: the output layer cannot be split, full logits are used
     head_note: str  # which head path and why, for results.json
@@ -42,13 +45,15 @@ def resolve(cfg: Config, *, model: torch.nn.Module, tokenizer, info: ModelInfo, 
     choice = probe_head(model, head_of(model))
     if device.type == "cpu":
         note_cpu_half_precision(next(model.parameters()).dtype)
+    prefix = prefix_id(cfg, tokenizer)
     return Setup(
         device=device,
         processes=processes,
         threads=threads,
         max_length=max_length,
         stride=stride,
-        prefix=prefix_id(cfg, tokenizer),
+        prefix=prefix,
+        window_first=window_first_id(cfg, tokenizer, prefix),
         budget=cfg.token_budget or default_budget(cfg.batch_size, max_length, device),
         head=choice.head,
         head_note=choice.note,
@@ -62,17 +67,37 @@ def resolve_lengths(cfg: Config, positions: int | None) -> tuple[int, int]:
         raise UsageError(
             f"--max-length {max_length} is beyond the model's {positions} positions; use --max-length {positions} or less"
         )
-    stride = cfg.stride or max_length
+    stride = cfg.stride or (max(1, max_length // 2) if PROTOCOLS[cfg.protocol].half_stride else max_length)
     if stride > max_length:
         raise UsageError(f"--stride {stride} is larger than --max-length {max_length}; use a stride at most max_length")
     return max_length, stride
 
 
 def prefix_id(cfg: Config, tokenizer) -> int | None:
-    """The token placed before each document so its first token is predicted too."""
+    """The token placed before each document so its first token is predicted too (document mode by
+    default; stream mode only when asked; llama-cpp and gptq modes never: BOS is where the tokenizer puts it)."""
+    if cfg.mode in ("llama-cpp", "gptq") or cfg.bos_policy == "none":
+        return None
+    if cfg.prefix_token == "auto" and cfg.mode == "stream":
+        return None
+    return _token(cfg, tokenizer)
+
+
+def window_first_id(cfg: Config, tokenizer, prefix: int | None) -> int | None:
+    """The token every window's first input position holds: the prefix token with --bos-policy
+    every-window; BOS in llama-cpp chunks when the tokenizer adds BOS (llama-perplexity's rule); else none."""
+    if cfg.bos_policy == "every-window":
+        return prefix if prefix is not None else _token(cfg, tokenizer)
+    if cfg.mode == "llama-cpp" and adds_bos(tokenizer):
+        return tokenizer.bos_token_id
+    return None
+
+
+def _token(cfg: Config, tokenizer) -> int | None:
+    """The token --prefix-token names (auto: BOS, else EOS), or a UsageError when the tokenizer has none."""
     choice = cfg.prefix_token
     if choice == "auto":
-        choice = "none" if cfg.mode == "stream" else ("bos" if tokenizer.bos_token_id is not None else "eos")
+        choice = "bos" if tokenizer.bos_token_id is not None else "eos"
     if choice == "none":
         return None
     token = tokenizer.bos_token_id if choice == "bos" else tokenizer.eos_token_id

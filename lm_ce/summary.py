@@ -16,6 +16,7 @@ from . import stats
 from .config import Config, UsageError
 from .data import MEMORY, local_files
 from .model import ModelInfo, file_sha256
+from .protocols import PROTOCOLS
 from .records import DocumentResult, Results, Run, Tally
 from .setup import Setup
 
@@ -30,6 +31,7 @@ class Counts(TypedDict):
     input_tokens: int
     padding_tokens: int
     tokens_per_process: list[int]
+    double_prefix_removed: int
 
 
 class Metrics(TypedDict):
@@ -93,7 +95,7 @@ def summarize(cfg: Config, *, run: Run, stopped: bool, setup: Setup, info: Model
               tokenizer) -> Results:
     """The summary (results.json) and the breakdowns of a run."""
     tally = copy.deepcopy(run.tally)
-    if run.partial is not None and cfg.mode == "stream":  # a stopped stream has only partial sums
+    if run.partial is not None and cfg.mode != "document":  # a stopped stream has only partial sums
         tally.merge(run.partial)
     documents = run.documents  # stopped inside a chunk: the report covers the finished chunks only
     scored = [d for d in documents if not d.skipped]
@@ -106,9 +108,10 @@ def summarize(cfg: Config, *, run: Run, stopped: bool, setup: Setup, info: Model
             "tokens": totals.tokens, "documents": len(scored), "skipped_documents": len(documents) - len(scored),
             "bytes": totals.bytes, "words": totals.words, "windows": run.windows, "input_tokens": tally.inputs,
             "padding_tokens": tally.padding, "tokens_per_process": run.tokens_per_process,
+            "double_prefix_removed": run.doubled_prefix,
         },
         "metrics": metrics(totals.nll_sum, totals.tokens, totals.bytes, totals.words),
-        "uncertainty": _uncertainty(cfg, tally, scored),
+        "uncertainty": _uncertainty(cfg, tally, scored, totals),
         "timing": {
             "seconds": durations.scoring,
             "tokens_per_second": totals.tokens / durations.scoring if durations.scoring > 0 else None,
@@ -136,8 +139,9 @@ def _totals(cfg: Config, run: Run, tally: Tally, scored: list[DocumentResult], s
     if cfg.mode == "document":
         return Totals(math.fsum(d.nll_sum for d in scored), sum(d.tokens for d in scored),
                       sum(d.bytes for d in scored), sum(d.words for d in scored))
+    words = run.stream_words if cfg.mode in ("llama-cpp", "gptq") else sum(d.words for d in scored)
     return Totals(math.fsum(d.nll for d in tally.docs.values()), tally.tokens,
-                  run.stream_bytes if not stopped else 0, sum(d.words for d in scored) if not stopped else 0)
+                  run.stream_bytes if not stopped else 0, words if not stopped else 0)
 
 
 def _refuse_nothing_scored(cfg: Config, documents: list[DocumentResult]) -> None:
@@ -148,15 +152,27 @@ def _refuse_nothing_scored(cfg: Config, documents: list[DocumentResult]) -> None
     )
 
 
-def _uncertainty(cfg: Config, tally: Tally, scored: list[DocumentResult]) -> dict:
-    """Standard errors clustered by document (by window for a single stream or a single document)."""
+def _uncertainty(cfg: Config, tally: Tally, scored: list[DocumentResult], totals: Totals) -> dict:
+    """Standard errors clustered by document (by window for a single stream or a single document); in
+    llama-cpp mode also llama-perplexity's own `PPL +/- error` (per-token, as it prints it)."""
     if cfg.mode == "document" and len(scored) >= 2:
         clusters = stats.Clustered([d.nll_sum for d in scored], [d.tokens for d in scored])
         unit = "documents"
     else:
         clusters = stats.Clustered([w.nll for w in tally.windows], [w.tokens for w in tally.windows])
         unit = "windows"
-    return stats.uncertainty(clusters, math.fsum(d.sum_sq for d in tally.docs.values()), unit)
+    sum_sq = math.fsum(d.sum_sq for d in tally.docs.values())
+    out = stats.uncertainty(clusters, sum_sq, unit)
+    if cfg.mode == "llama-cpp" and totals.tokens > 1:
+        out["llama_cpp_perplexity_error"] = llama_cpp_error(totals.nll_sum, sum_sq, totals.tokens)
+    return out
+
+
+def llama_cpp_error(nll_sum: float, sum_sq: float, tokens: int) -> float | None:
+    """The `+/-` llama-perplexity prints after PPL: exp(mean) * sqrt((E[nll^2] - mean^2) / (tokens - 1))."""
+    mean = nll_sum / tokens
+    variance = sum_sq / tokens - mean * mean
+    return stats.exp_capped(mean) * math.sqrt(variance / (tokens - 1)) if variance > 0 else None
 
 
 def data_summary(cfg: Config) -> dict:
@@ -174,12 +190,18 @@ def data_summary(cfg: Config) -> dict:
 
 def _settings(cfg: Config, setup: Setup) -> dict:
     return {
+        "protocol": cfg.protocol,
+        "headline": PROTOCOLS[cfg.protocol].headline,
         "mode": cfg.mode,
         "max_length": setup.max_length,
         "stride": setup.stride,
         "prefix_token": cfg.prefix_token,
         "prefix_token_id": setup.prefix,
-        "separator": cfg.separator if cfg.mode == "stream" else None,
+        "bos_policy": cfg.bos_policy,
+        "window_first_token_id": setup.window_first,
+        "chunks": cfg.chunks,
+        "detokenizer": cfg.detokenizer,
+        "separator": cfg.separator if cfg.mode != "document" else None,
         "batch_size": cfg.batch_size,
         "token_budget": setup.budget,
         "padding_side": cfg.padding_side,
