@@ -110,3 +110,4 @@ class Results:
     documents: list[DocumentResult] = field(default_factory=list)
     positions: stats.PositionLoss | None = None
     token_table: dict[str, list] | None = None  # column -> values, document order (with --save-tokens)
+    parts: dict[str, Results] = field(default_factory=dict)  # a suite: each dataset's own results, by name

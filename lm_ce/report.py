@@ -55,9 +55,10 @@ def fmt(value) -> str:
 
 def title(summary: dict) -> str:
     s, m = summary["settings"], summary["model"]
+    protocol = f"protocol {s['protocol']}, " if s.get("protocol") else ""
     return (
-        f"{m['name']} ({m['dtype']}) on {data_source(summary['data'])}: {s['mode']} mode, max_length {s['max_length']}, "
-        f"stride {s['stride']}"
+        f"{m['name']} ({m['dtype']}) on {data_source(summary['data'])}: {protocol}{s['mode']} mode, "
+        f"max_length {s['max_length']}, stride {s['stride']}"
     )
 
 
@@ -81,6 +82,46 @@ def what_was_run(summary: dict) -> list[tuple[str, str]]:
             elif value is not None:
                 rows.append((f"{section}.{key}", fmt(value)))
     return rows
+
+
+def headline(summary: dict) -> tuple[str, str] | None:
+    """(label, value) of the protocol's headline figure, and llama.cpp's own `PPL +/- error` in llama-cpp mode."""
+    s = summary.get("settings", {})
+    key = s.get("headline")
+    if not key:
+        return None
+    value = fmt(lookup(summary, f"metrics.{key}"))
+    error = summary.get("uncertainty", {}).get("llama_cpp_perplexity_error")
+    if error is not None:
+        value = f"PPL = {summary['metrics']['perplexity']:.4f} +/- {error:.5f} (llama-perplexity's per-token error)"
+    return f"headline ({s['protocol']}: {key})", value
+
+
+def suite_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a suite: one row per dataset, then the pooled and the mean figures."""
+    header = ["dataset", "protocol", "tokens", "mean loss", "perplexity", "bits/byte", "headline"]
+    rows = []
+    for name, d in summary["suite"]["datasets"].items():
+        key = d["settings"]["headline"]
+        rows.append([name + ("" if d["complete"] else " (interrupted)"), d["settings"]["protocol"],
+                     fmt(d["counts"]["tokens"]), fmt(d["metrics"]["mean_loss"]), fmt(d["metrics"]["perplexity"]),
+                     fmt(d["metrics"]["bits_per_byte"]), f"{key} {fmt(d['metrics'][key])}"])
+    micro, macro = summary["suite"]["micro"], summary["suite"]["macro"]
+    rows.append(["micro (pooled)", "-", fmt(micro["tokens"]), fmt(micro["mean_loss"]), fmt(micro["perplexity"]),
+                 fmt(micro["bits_per_byte"]), "-"])
+    rows.append([f"macro (mean of {macro['datasets']})", "-", "-", fmt(macro["mean_loss"]), fmt(macro["perplexity"]),
+                 fmt(macro["bits_per_byte"]), "-"])
+    return header, rows
+
+
+def _suite_title(summary: dict) -> str:
+    m = summary["model"]
+    return f"{m['name']} ({m['dtype']}) on a suite of {len(summary['suite']['datasets'])} datasets"
+
+
+def _grid(header: list[str], body: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *body]]
 
 
 def interval(summary: dict) -> str:
@@ -116,29 +157,38 @@ def sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
 
 
 def table(summary: dict) -> str:
-    """The console table: one figure a line, then the breakdowns."""
+    """The console table: one figure a line, then the breakdowns (a suite: one row per dataset, then averages)."""
+    if "suite" in summary:
+        interrupted = [] if summary["complete"] else ["INTERRUPTED: the suite stopped before its last dataset"]
+        return "\n".join([_suite_title(summary), *interrupted, *_grid(*suite_rows(summary))])
     rows = [(label, fmt(lookup(summary, path))) for label, path in ROWS]
     rows.insert(2, ("perplexity 95% interval", interval(summary)))
+    if headline(summary):
+        rows.insert(0, headline(summary))
     width = max(len(label) for label, _ in rows)
     lines = [title(summary)]
     if not summary.get("complete", True):
         lines.append("INTERRUPTED: these figures cover only what was scored before the stop")
     lines += [f"  {label:<{width}}  {value}" for label, value in rows]
     for name, header, body in sections(summary):
-        widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-        lines += ["", name]
-        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *body]]
+        lines += ["", name, *_grid(header, body)]
     return "\n".join(lines)
 
 
 def markdown(summary: dict) -> str:
     """results.md: the figures, then what was run."""
+    if "suite" in summary:
+        header, body = suite_rows(summary)
+        out = [f"# {_suite_title(summary)}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(out + ["| " + " | ".join(r) + " |" for r in body]) + "\n"
     out = [f"# {title(summary)}", ""]
     if not summary.get("complete", True):
         out += ["**Interrupted: these figures cover only what was scored before the stop.**", ""]
     out += ["| metric | value |", "|---|---|"]
     out += [f"| {label} | {fmt(lookup(summary, path))} |" for label, path in ROWS]
     out += [f"| perplexity 95% interval | {interval(summary)} |"]
+    if headline(summary):
+        out += ["| {} | {} |".format(*headline(summary))]
     for name, header, body in sections(summary):
         out += ["", f"## {name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(r) + " |" for r in body]
@@ -152,6 +202,8 @@ def write(results: Results, output_dir: str, plot: bool = True) -> Path:
     tokens.parquet (--save-tokens) and position_loss.png (loss by position in the window)."""
     directory = Path(output_dir)
     directory.mkdir(parents=True, exist_ok=True)
+    for name, part in results.parts.items():  # a suite: each dataset's own files in OUTPUT_DIR/NAME
+        write(part, str(directory / name), plot=plot)
     if results.token_table:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -159,7 +211,7 @@ def write(results: Results, output_dir: str, plot: bool = True) -> Path:
         tmp = directory / f".tokens.parquet.tmp{os.getpid()}"
         pq.write_table(pa.table(results.token_table), tmp)
         os.replace(tmp, directory / "tokens.parquet")
-    if plot and results.positions is not None and int(results.positions.count.sum()):
+    if plot and results.positions is not None and "suite" not in results.summary and int(results.positions.count.sum()):
         plot_positions(results.positions, directory / "position_loss.png", title(results.summary))
     _atomic(directory / "results.json", json.dumps(results.summary, indent=2, default=str) + "\n")
     _atomic(directory / "results.md", markdown(results.summary))

@@ -12,6 +12,8 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -24,6 +26,7 @@ from .progress import Progress, StopRequest
 from .records import Results, Run
 from .scoring import Scorer
 from .setup import resolve, set_threads
+from .suite import run_suite
 from .summary import Durations, summarize
 
 log = logging.getLogger("lm_ce")
@@ -35,6 +38,7 @@ def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=Non
              on_event: Callable[[str], None] | None = None) -> Results:
     """Score the configured data (or the `rows` given) with the configured model (or the one given); the
     summary is results.json. `accelerator`: the processes to share the work with (a Trainer's), else a new one.
+    A config with a suite scores each of its datasets in turn with this one model (see suite.py).
 
     on_event(name) is called as each of EVENTS happens: after the model loads, when the scoring clock
     starts (after the head probe and the compared models), and when scoring ends (for benchmarks)."""
@@ -46,11 +50,34 @@ def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=Non
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available() and not _other_accelerator())
     threads = set_threads(cfg, accelerator.num_processes, accelerator.device)
     torch.manual_seed(cfg.seed)
-    state = _saved_state(cfg, accelerator.num_processes)
+    state = None if cfg.suite else _saved_state(cfg, accelerator.num_processes)
     model, tokenizer, info = _model(cfg, model, tokenizer, accelerator)
     emit("loaded")
-    setup = resolve(cfg, model=model, tokenizer=tokenizer, info=info, device=_device_of(model),
-                    processes=accelerator.num_processes, threads=threads)
+    loaded = Loaded(model, tokenizer, info, accelerator, threads)
+    if cfg.suite:
+        return run_suite(cfg, lambda entry: _score(entry, loaded, _resumable(entry, accelerator.num_processes),
+                                                  time.perf_counter(), emit))
+    return _score(cfg, loaded, state, started, emit, rows)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The model once loaded, and the processes: shared by every dataset of a suite."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    info: model_lib.ModelInfo
+    accelerator: object  # accelerate.Accelerator
+    threads: int
+
+
+def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit: Callable[[str], None],
+           rows=None) -> Results:
+    """One dataset (the configured one, or the `rows` given) scored with the loaded model: setup, passes, state
+    saved, summary."""
+    model, tokenizer, accelerator = loaded.model, loaded.tokenizer, loaded.accelerator
+    setup = resolve(cfg, model=model, tokenizer=tokenizer, info=loaded.info, device=_device_of(model),
+                    processes=accelerator.num_processes, threads=loaded.threads)
     if cfg.compile:  # compiled per new input shape on first use; pays on long runs of similar batches
         model.base_model.compile(dynamic=True)
     compared = load_compared(cfg, tokenizer=tokenizer, setup=setup, accelerator=accelerator)
@@ -58,7 +85,7 @@ def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=Non
                     want_top1=cfg.save_tokens)
     accelerator.wait_for_everyone()  # processes finish loading at different times: scoring starts when all have
     emit("scoring")
-    loaded = time.perf_counter()
+    loaded_at = time.perf_counter()
     with StopRequest() as stop:
         plan = Plan(cfg, setup, scorer, accelerator, Progress(accelerator.is_main_process and cfg.progress), stop, rows)
         run = state["run"] if state else Run(tally=plan.new_tally())
@@ -69,11 +96,19 @@ def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=Non
         checkpoint.save(cfg.output_dir, checkpoint.state_of(cfg, run, setup.processes, complete=not stopped))
         if stopped:
             log.warning("progress saved in %s: rerun the same command with --resume to continue", cfg.output_dir)
-    results = summarize(cfg, run=run, stopped=stopped, setup=setup, info=info, tokenizer=tokenizer,
-                        durations=Durations(load=loaded - started, scoring=finished - loaded, total=finished - started))
+    results = summarize(cfg, run=run, stopped=stopped, setup=setup, info=loaded.info, tokenizer=tokenizer,
+                        durations=Durations(load=loaded_at - started, scoring=finished - loaded_at,
+                                            total=finished - started))
     for name in compared.by_bytes:
         results.summary.setdefault("compare", {})[name] = compare_by_bytes(cfg, name, results.summary)
     return results
+
+
+def _resumable(cfg: Config, processes: int) -> dict | None:
+    """A suite dataset's saved state with --resume, when it has one (datasets not reached yet start afresh)."""
+    if cfg.resume and cfg.output_dir and (Path(cfg.output_dir) / checkpoint.STATE).is_file():
+        return _saved_state(cfg, processes)
+    return None
 
 
 def _passes(plan: Plan, run: Run, tokenizer, done: bool) -> bool:

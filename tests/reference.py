@@ -75,9 +75,23 @@ def stream_windows(n_seq: int, max_length: int, stride: int) -> list[tuple[int, 
     return windows
 
 
+def llama_cpp_windows(n_seq: int, n_ctx: int, n_chunks: int | None = None) -> list[tuple[int, int, int]]:
+    """llama-perplexity's chunks as windows: chunk i is S[i*n_ctx:(i+1)*n_ctx]; the logits at chunk positions
+    n_ctx/2 .. n_ctx-2 are scored against the next token; whole chunks only."""
+    count = n_seq // n_ctx if n_chunks is None else min(n_seq // n_ctx, n_chunks)
+    return [(i * n_ctx, i * n_ctx + n_ctx // 2, i * n_ctx + n_ctx - 1) for i in range(count)]
+
+
+def gptq_windows(n_seq: int, seqlen: int) -> list[tuple[int, int, int]]:
+    """The GPTQ script's chunks S[i*seqlen:(i+1)*seqlen], each with labels = input_ids (seqlen - 1 targets)."""
+    return [(i * seqlen, i * seqlen, (i + 1) * seqlen - 1) for i in range(n_seq // seqlen)]
+
+
 @torch.no_grad()
-def reference_nll(model: torch.nn.Module, seq: list[int], windows: list[tuple[int, int, int]]) -> tuple[float, int]:
-    """Sum of -log p(S[j] | S[start:j]) over every window's targets, float64, one forward per window."""
+def reference_nll(model: torch.nn.Module, seq: list[int], windows: list[tuple[int, int, int]],
+                  first_id: int | None = None) -> tuple[float, int]:
+    """Sum of -log p(S[j] | S[start:j]) over every window's targets, float64, one forward per window.
+    With first_id, every window's first input token is first_id instead of S[start]."""
     model64 = as_float64(model)
     device = _device(model64)
     nll_sum = 0.0
@@ -85,7 +99,10 @@ def reference_nll(model: torch.nn.Module, seq: list[int], windows: list[tuple[in
     for start, a, b in windows:
         if not 0 <= start <= a < b < len(seq):
             raise ValueError(f"bad window {(start, a, b)} for a sequence of {len(seq)} tokens")
-        input_ids = torch.tensor([seq[start:b]], dtype=torch.long, device=device)
+        inputs = list(seq[start:b])
+        if first_id is not None:
+            inputs[0] = first_id
+        input_ids = torch.tensor([inputs], dtype=torch.long, device=device)
         logits = model64(input_ids=input_ids, use_cache=False).logits[0]
         logprobs = torch.log_softmax(logits.double(), dim=-1)
         for j in range(a + 1, b + 1):
@@ -183,12 +200,17 @@ def reference_transformers_recipe(
 
 
 @torch.no_grad()
-def reference_tokens(model: torch.nn.Module, seq: list[int], windows: list[tuple[int, int, int]]) -> list[dict]:
-    """Every scored target: its index j in S, NLL, the model's top-1 and log-probabilities (float64)."""
+def reference_tokens(model: torch.nn.Module, seq: list[int], windows: list[tuple[int, int, int]],
+                     first_id: int | None = None) -> list[dict]:
+    """Every scored target: its index j in S, NLL, the model's top-1 and log-probabilities (float64).
+    With first_id, every window's first input token is first_id instead of S[start]."""
     model64 = as_float64(model)
     rows = []
     for start, a, b in windows:
-        input_ids = torch.tensor([seq[start:b]], dtype=torch.long, device=_device(model64))
+        inputs = list(seq[start:b])
+        if first_id is not None:
+            inputs[0] = first_id
+        input_ids = torch.tensor([inputs], dtype=torch.long, device=_device(model64))
         logprobs = torch.log_softmax(model64(input_ids=input_ids, use_cache=False).logits[0].double(), dim=-1)
         for j in range(a + 1, b + 1):
             row = logprobs[j - 1 - start]
