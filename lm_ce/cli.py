@@ -13,7 +13,8 @@ USAGE = """usage: evaluate.py [--config FILE.yaml] [--FIELD VALUE ...]
 Scores a text dataset with a causal LM: mean token cross-entropy, perplexity, bits per byte.
 Every field of the config (lm_ce/config.py; see README) is a flag, e.g.
   --model gpt2 --dataset wikitext --dataset-config wikitext-2-raw-v1 --split test
-  --data-files a.jsonl --text-field text --limit 100 --mode document|stream
+  --data-files a.jsonl --text-field text --limit 100 --mode document|stream|llama-cpp|gptq
+  --protocol lm-eval|lm-eval-wikitext|hf-docs|llama-cpp|gptq --bos-policy first|every-window|none
   --max-length 1024 --stride 512 --batch-size 8 --dtype float32 --output-dir runs/x
 """
 

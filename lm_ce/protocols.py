@@ -29,17 +29,17 @@ PROTOCOLS = {
     p.name: p
     for p in (
         Protocol("lm-eval", {**_COMMON, "mode": "document"},
-                 quote="lm-eval loglikelihood_rolling perplexity (document-level, BOS prefix, non-overlapping windows)"),
+                 quote="lm-eval rolling perplexity, document-level, BOS prefix, context N"),
         Protocol("lm-eval-wikitext", {**_COMMON, "mode": "document", "detokenizer": "wikitext"},
                  quote="lm-eval wikitext word perplexity", headline="word_perplexity",
                  data={"dataset": "EleutherAI/wikitext_document_level", "dataset_config": "wikitext-2-raw-v1",
                        "split": "test", "text_field": "page"}),
         Protocol("hf-docs", {**_COMMON, "mode": "stream"}, half_stride=True,
-                 quote="transformers docs sliding-window perplexity (stride = max_length / 2)"),
+                 quote="sliding-window perplexity, context N, stride N/2 (transformers docs)"),
         Protocol("llama-cpp", {**_COMMON, "mode": "llama-cpp", "max_length": 512},
-                 quote="llama.cpp llama-perplexity PPL (-c 512; second half of each chunk)"),
+                 quote="llama.cpp PPL, -c 512"),
         Protocol("gptq", {**_COMMON, "mode": "gptq", "max_length": 2048},
-                 quote="GPTQ/AWQ-style perplexity (\"\\n\\n\"-joined, 2048-token chunks)"),
+                 quote="GPTQ-style perplexity, 2048-token chunks"),
     )
 }
 DEFAULT = "lm-eval"

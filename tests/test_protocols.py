@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from lm_ce import data
 from lm_ce.config import Config, UsageError, build_config, config_for
 from lm_ce.protocols import PROTOCOLS, WINDOW_FIELDS, wikitext_detokenized
 from lm_ce.runner import evaluate
+from lm_ce.setup import resolve_lengths
 from lm_ce.windows import (Window, adds_bos, document_spans, gptq_spans, llama_cpp_spans, stream_spans,
                            without_double_prefix)
 
@@ -86,6 +88,12 @@ def test_every_protocol_sets_every_window_field_and_flags_override():
     assert (cfg.mode, cfg.max_length, cfg.chunks) == ("llama-cpp", 256, 3)
     assert build_config(["--protocol", "gptq"]).max_length == 2048
     assert build_config([]) == Config()  # the default protocol is today's document mode
+    assert resolve_lengths(config_for(protocol="hf-docs", max_length=64), 128) == (64, 32)
+    assert resolve_lengths(config_for(protocol="hf-docs", max_length=64, stride=48), 128) == (64, 48)
+    assert resolve_lengths(config_for(max_length=64), 128) == (64, 64)
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name, p in PROTOCOLS.items():  # the README's protocol table says what to quote each one as
+        assert f"| `{name}`" in readme and p.quote in readme, name
 
 
 @pytest.mark.parametrize("args,needle", [
