@@ -253,3 +253,24 @@ def test_lm_eval_wikitext_scores_the_detokenized_page_and_counts_the_stored_one(
     assert res.summary["counts"]["words"] == words
     assert res.summary["counts"]["bytes"] == sum(len(p.encode()) for p in pages)
     assert math.isclose(res.summary["metrics"]["word_perplexity"], math.exp(nll / words), rel_tol=REL)
+
+
+def test_lm_eval_wikitext_equals_lm_eval_itself(tiny_llama_dir, write_jsonl):
+    """lm-eval's own pieces: its wikitext detokenizer and process_results, HFLM.loglikelihood_rolling, and the
+    weighted perplexity its word_perplexity aggregates to."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks.wikitext import preprocess_wikitext as task
+
+    pages = [PAGE, PAGE.replace("Valkyrie", "Orchid") * 3, " = Short = \n A page ( with a note ) . \n"]
+    lm = HFLM(pretrained=tiny_llama_dir, backend="causal", max_length=32, batch_size=2, device="cpu", dtype="float32")
+    requests = [Instance(request_type="loglikelihood_rolling", doc={"page": p},
+                         arguments=(task.wikitext_detokenizer({"page": p}),), idx=i) for i, p in enumerate(pages)]
+    loglikelihoods = lm.loglikelihood_rolling(requests, disable_tqdm=True)
+    scored = [task.process_results({"page": p}, [ll])["word_perplexity"] for p, ll in zip(pages, loglikelihoods)]
+    expected = math.exp(-sum(ll for ll, _ in scored) / sum(words for _, words in scored))
+    res = evaluate(config_for(protocol="lm-eval-wikitext", model=tiny_llama_dir, progress=False, max_length=32,
+                              data_files=[write_jsonl([{"page": p} for p in pages])]))
+    assert res.summary["counts"]["words"] == sum(words for _, words in scored)
+    assert math.isclose(res.summary["metrics"]["word_perplexity"], expected, rel_tol=1e-5)
