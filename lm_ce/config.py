@@ -269,7 +269,7 @@ def load_yaml(path: str | Path) -> dict:
         if name == "suite":
             from .suite import suite_entries  # suite.py builds on this module
 
-            out[name] = suite_entries(value, str(path))
+            out[name] = None if value is None else suite_entries(value, str(path))
         else:
             out[name] = _coerce(name, value, str(path))
     return out

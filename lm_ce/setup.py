@@ -32,10 +32,10 @@ class Setup:
     max_length: int
     stride: int
     prefix: int | None  # the token placed before each document (None: no prefix)
-    window_first: int | None  # the token put at every window's first input position (None: the text's own)
     budget: int  # padded input tokens per batch at most
     head: Head | None  # None: the output layer cannot be split, full logits are used
     head_note: str  # which head path and why, for results.json
+    window_first: int | None = None  # the token put at every window's first input position (None: the text's own)
 
 
 def resolve(cfg: Config, *, model: torch.nn.Module, tokenizer, info: ModelInfo, device: torch.device,

@@ -145,7 +145,7 @@ REFUSED = [
     ("yaml-not-mapping", lambda e: yaml_config(e, "- a\n- b\n"), ["run.yaml", "mapping"]),
     ("yaml-not-utf8", lambda e: ["--config", e.file("run.yaml", b"model: caf\xe9\n")], ["run.yaml:1: not UTF-8", "save the config file as UTF-8"]),
     ("config-missing", lambda e: ["--config", str(e.tmp / "nope.yaml")], ["nope.yaml does not exist"]),
-    ("mode-wrong", lambda e: ["--mode", "wrong"], ["--mode is 'wrong'; choose one of document, stream"]),
+    ("mode-wrong", lambda e: ["--mode", "wrong"], ["--mode is 'wrong'; choose one of document, stream, llama-cpp, gptq"]),
     ("prompt-field-stream", lambda e: ["--mode", "stream", "--prompt-field", "n"], ["--prompt-field needs --mode document"]),
     # --- the tokenizer ---
     ("no-bos-eos-auto", lambda e: ["--model", e.no_specials, "--prefix-token", "auto"], ["neither a BOS nor an EOS", "--prefix-token none"]),

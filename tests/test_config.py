@@ -92,7 +92,7 @@ def test_yaml_values_are_coerced(tmp_path, text, field, value):
     [
         (["--max-length", "abc"], "command line: --max-length must be a whole number, got 'abc'"),
         (["--streaming", "maybe"], "command line: --streaming must be true or false, got 'maybe'"),
-        (["--mode", "windows"], "command line: --mode is 'windows'; choose one of document, stream"),
+        (["--mode", "windows"], "command line: --mode is 'windows'; choose one of document, stream, llama-cpp, gptq"),
         (["--limit"], "command line: --limit needs a value"),
         (["model"], "unexpected argument 'model'; fields are given as --name value"),
         (["--max-lenght", "5"], "command line: unknown flag '--max-lenght'; did you mean --max-length?"),

@@ -80,7 +80,8 @@ def test_document_run_summary_by_hand():
     s = results.summary
     assert s["nll_sum"] == 11.0
     assert s["counts"] == {"tokens": 6, "documents": 2, "skipped_documents": 2, "bytes": 16, "words": 3,
-                           "windows": 2, "input_tokens": 8, "padding_tokens": 2, "tokens_per_process": [6]}
+                           "windows": 2, "input_tokens": 8, "padding_tokens": 2, "tokens_per_process": [6],
+                           "double_prefix_removed": 0}
     assert s["metrics"] == metrics(11.0, 6, 16, 3)
     assert s["metrics"]["mean_loss"] == pytest.approx(11 / 6, rel=1e-15)
     # clusters: documents; mean 11/6, residuals 6 - 4 * 11/6 = -4/3 and 5 - 2 * 11/6 = 4/3:
@@ -100,9 +101,10 @@ def test_document_run_summary_by_hand():
     assert s["groups"]["y"]["bits_per_byte"] == pytest.approx(5 / 6 / LN2, rel=1e-15)
     assert s["model"] == {"name": "tiny", "source": "object", "path": "tiny", "revision": None, "dtype": "float32",
                           "max_positions": 256, "parameters": 1000, "device_map": None, "head": "full logits (built by hand)"}
-    assert s["settings"] == {"mode": "document", "max_length": 8, "stride": 8, "prefix_token": "auto",
-                             "prefix_token_id": 0, "separator": None, "batch_size": 8, "token_budget": 64,
-                             "padding_side": "right"}
+    assert s["settings"] == {"protocol": "lm-eval", "headline": "perplexity", "mode": "document", "max_length": 8,
+                             "stride": 8, "prefix_token": "auto", "prefix_token_id": 0, "bos_policy": "first",
+                             "window_first_token_id": None, "chunks": None, "detokenizer": "none", "separator": None,
+                             "batch_size": 8, "token_budget": 64, "padding_side": "right"}
     assert s["data"]["dataset"] == "wikitext" and s["data"]["group_field"] == "group"
     assert s["environment"]["processes"] == 1 and s["environment"]["device"] == "cpu"
     assert s["environment"]["torch"] == torch.__version__
