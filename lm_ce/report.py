@@ -85,13 +85,14 @@ def what_was_run(summary: dict) -> list[tuple[str, str]]:
 
 
 def headline(summary: dict) -> tuple[str, str] | None:
-    """(label, value) of the protocol's headline figure, and llama.cpp's own `PPL +/- error` in llama-cpp mode."""
+    """(label, value) of the protocol's headline figure when it is not plain perplexity, and llama.cpp's own
+    `PPL +/- error` in llama-cpp mode; None otherwise."""
     s = summary.get("settings", {})
     key = s.get("headline")
-    if not key:
+    error = summary.get("uncertainty", {}).get("llama_cpp_perplexity_error")
+    if not key or (key == "perplexity" and error is None):  # plain perplexity: the table's second row already
         return None
     value = fmt(lookup(summary, f"metrics.{key}"))
-    error = summary.get("uncertainty", {}).get("llama_cpp_perplexity_error")
     if error is not None:
         value = f"PPL = {summary['metrics']['perplexity']:.4f} +/- {error:.5f} (llama-perplexity's per-token error)"
     return f"headline ({s['protocol']}: {key})", value

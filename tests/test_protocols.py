@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm_ce import data
+from lm_ce import data, report
 from lm_ce.config import Config, UsageError, build_config, config_for
 from lm_ce.protocols import PROTOCOLS, WINDOW_FIELDS, wikitext_detokenized
 from lm_ce.runner import evaluate
@@ -201,6 +201,9 @@ def test_chunk_protocols_match_reference(tiny_llama, llama_tokenizer, bos_tokeni
         var = sum(r["nll"] ** 2 for r in rows) / count - mean * mean
         expected = math.exp(mean) * math.sqrt(var / (count - 1))
         assert math.isclose(res.summary["uncertainty"]["llama_cpp_perplexity_error"], expected, rel_tol=1e-4)
+        printed = re.search(r"PPL = ([\d.]+) \+/- ([\d.]+)", report.table(res.summary))  # as llama-perplexity prints it
+        assert math.isclose(float(printed[1]), math.exp(mean), rel_tol=1e-6)
+        assert math.isclose(float(printed[2]), expected, rel_tol=1e-4)
 
 
 @pytest.mark.parametrize("mode,max_length,stride", [("document", 16, 16), ("document", 16, 8), ("stream", 16, 8)])
@@ -253,6 +256,7 @@ def test_lm_eval_wikitext_scores_the_detokenized_page_and_counts_the_stored_one(
     assert res.summary["counts"]["words"] == words
     assert res.summary["counts"]["bytes"] == sum(len(p.encode()) for p in pages)
     assert math.isclose(res.summary["metrics"]["word_perplexity"], math.exp(nll / words), rel_tol=REL)
+    assert "headline (lm-eval-wikitext: word_perplexity)" in report.table(res.summary).splitlines()[1]
 
 
 def test_lm_eval_wikitext_equals_lm_eval_itself(tiny_llama_dir, write_jsonl):
