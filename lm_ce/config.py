@@ -245,6 +245,15 @@ def parse_max_memory(value, label: str, source: str) -> dict | None:
 MAPPINGS = {"device_map": parse_device_map, "max_memory": parse_max_memory}
 
 
+def _field_value(name: str, value, source: str):
+    """A field's value from a file or the Python API, checked (a suite entry by entry, see suite.py)."""
+    if name != "suite":
+        return _coerce(name, value, source)
+    from .suite import suite_entries  # suite.py builds on this module
+
+    return None if value is None else suite_entries(value, source)
+
+
 def load_yaml(path: str | Path) -> dict:
     """The fields of a YAML config file, checked by name and type."""
     path = Path(path)
@@ -266,12 +275,7 @@ def load_yaml(path: str | Path) -> dict:
         name = str(key).replace("-", "_")
         if name not in FIELDS:
             raise _unknown(str(key), str(path))
-        if name == "suite":
-            from .suite import suite_entries  # suite.py builds on this module
-
-            out[name] = None if value is None else suite_entries(value, str(path))
-        else:
-            out[name] = _coerce(name, value, str(path))
+        out[name] = _field_value(name, value, str(path))
     return out
 
 
@@ -360,7 +364,7 @@ def from_settings(settings: dict, source: str) -> Config:
     for key, value in settings.items():
         if key not in FIELDS:
             raise _unknown(key, source)
-        values[key] = _coerce(key, value, source)
+        values[key] = _field_value(key, value, source)
     cfg = Config(**with_protocol(values))
     check(cfg)
     return cfg

@@ -70,7 +70,7 @@ def run_chunks(plan: Plan, run: Run, tokenizer) -> bool:
     """llama-cpp and gptq modes: the documents joined by the separator, tokenized once, cut into chunks of
     max_length tokens (the remainder dropped, at most --chunks of them)."""
     cfg, n_ctx = plan.cfg, plan.setup.max_length
-    docs = list(data.iter_documents(cfg))
+    docs = list(data.iter_documents(cfg, plan.rows))
     joined = cfg.separator.join(detokenized(cfg.detokenizer, d.text) for d in docs if d.text is not None)
     seq, doubled = chunk_sequence(cfg.mode, tokenizer, joined)
     _say_doubled(run, int(doubled))
