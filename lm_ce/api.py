@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import report, runner
-from .config import Config, UsageError, from_settings, resolve_path
+from .config import Config, UsageError, from_settings, resolve_path, with_protocol
 from .data import MEMORY
 from .records import Results
 
@@ -60,7 +60,7 @@ def data_settings(data, settings: dict) -> tuple[object | None, dict]:
         return None, {**settings, "data_files": [str(data)]}
     if settings.get("dataset", MEMORY) != MEMORY:
         raise UsageError(f"{SOURCE}: data is given in memory, so leave out dataset")
-    text_field = settings.get("text_field", Config.text_field)
+    text_field = with_protocol(settings).get("text_field", Config.text_field)  # lm-eval-wikitext's is "page"
     if isinstance(data, (list, tuple)):
         if not all(isinstance(item, (str, Mapping)) for item in data):
             raise UsageError(f"{SOURCE}: data must be a list of strings (texts) or of dicts (rows with '{text_field}')")

@@ -257,6 +257,10 @@ def test_lm_eval_wikitext_scores_the_detokenized_page_and_counts_the_stored_one(
     assert res.summary["counts"]["bytes"] == sum(len(p.encode()) for p in pages)
     assert math.isclose(res.summary["metrics"]["word_perplexity"], math.exp(nll / words), rel_tol=REL)
     assert "headline (lm-eval-wikitext: word_perplexity)" in report.table(res.summary).splitlines()[1]
+    import lm_ce  # the Python API: pages given in memory, the protocol's text field
+
+    same = lm_ce.evaluate(tiny_llama, llama_tokenizer, pages, protocol="lm-eval-wikitext", max_length=32, progress=False)
+    assert (same.summary["nll_sum"], same.summary["counts"]) == (res.summary["nll_sum"], res.summary["counts"])
 
 
 def test_lm_eval_wikitext_equals_lm_eval_itself(tiny_llama_dir, write_jsonl):
