@@ -200,3 +200,14 @@ def test_heaviest_share_goes_to_the_least_loaded_process():
     assert [parallel.share_of(r, shares, []) for r in (0, 1)] == [0, 1]
     assert [parallel.share_of(r, shares, [100, 10]) for r in (0, 1)] == [1, 0]
     assert [parallel.share_of(r, shares, [7]) for r in (0, 1)] == [0, 1]  # another world size: start afresh
+
+
+@pytest.mark.slow  # two real 2-process launches
+@pytest.mark.parametrize("protocol_args", [["--protocol", "llama-cpp", "--max-length", "16"],
+                                           ["--protocol", "hf-docs", "--max-length", "32", "--bos-policy", "every-window"]])
+def test_protocols_joined_text(tiny_llama_dir, texts_file, tmp_path, capsys, protocol_args):
+    """(f) The joined-text protocols (llama-cpp chunks with their second halves; every-window BOS in stream windows)."""
+    args = ["--model", tiny_llama_dir, "--data-files", texts_file, "--batch-size", "4", *protocol_args]
+    one, many, _ = compare(args, tmp_path, capsys)
+    assert many["settings"]["protocol"] == one["settings"]["protocol"] == protocol_args[1]
+    assert all(n > 0 for n in many["counts"]["tokens_per_process"])
