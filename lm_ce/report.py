@@ -58,7 +58,7 @@ def title(summary: dict) -> str:
     protocol = f"protocol {s['protocol']}, " if s.get("protocol") else ""
     return (
         f"{m['name']} ({m['dtype']}) on {data_source(summary['data'])}: {protocol}{s['mode']} mode, "
-        f"max_length {s['max_length']}, stride {s['stride']}"
+        f"max_length {s['max_length']}" + (f", stride {s['stride']}" if s.get("stride") else "")
     )
 
 

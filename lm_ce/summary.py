@@ -194,7 +194,7 @@ def _settings(cfg: Config, setup: Setup) -> dict:
         "headline": PROTOCOLS[cfg.protocol].headline,
         "mode": cfg.mode,
         "max_length": setup.max_length,
-        "stride": setup.stride,
+        "stride": setup.stride if cfg.mode in ("document", "stream") else None,  # chunks do not overlap
         "prefix_token": cfg.prefix_token,
         "prefix_token_id": setup.prefix,
         "bos_policy": cfg.bos_policy,
