@@ -5,13 +5,18 @@ background thread while the current chunk is scored.
 """
 from __future__ import annotations
 
+import logging
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from . import data
 from .parallel import Plan, gather, score_windows
 from .records import DocumentResult, Run
-from .windows import document_sequence, document_spans, stream_spans, windows_of
+from .windows import Window, document_sequence, document_spans, stream_spans, windows_of
+
+log = logging.getLogger("lm_ce")
+
+COSTLY = 8  # input tokens read per token scored from which the cost is said before scoring (a small --stride)
 
 
 def run_documents(plan: Plan, run: Run, tokenizer) -> bool:
@@ -40,8 +45,9 @@ def run_stream(plan: Plan, run: Run, tokenizer) -> bool:
     run.stream_bytes = len(joined.encode("utf-8"))
     prefix = [plan.setup.prefix] if plan.setup.prefix is not None else []
     seq = prefix + (tokenizer(joined, add_special_tokens=False)["input_ids"] if joined else [])
-    spans = stream_spans(len(seq), plan.setup.max_length, plan.setup.stride)
-    stopped = score_windows(windows_of(-1, seq, spans), plan, run, {-1: DocumentResult(index=-1)})
+    windows = windows_of(-1, seq, stream_spans(len(seq), plan.setup.max_length, plan.setup.stride))
+    say_cost(windows, plan)
+    stopped = score_windows(windows, plan, run, {-1: DocumentResult(index=-1)})
     run.documents = [_document_result(d) for d in docs]
     for d, r in zip(docs, run.documents):
         r.words = count_words(d.text) if d.text is not None else 0
@@ -82,11 +88,29 @@ def _score_chunk(docs: list[data.Document], future: Future, plan: Plan, run: Run
             continue
         r.bytes, r.words, r.windows = len(d.text.encode("utf-8")), count_words(d.text), len(spans)
         windows += windows_of(d.index, seq, spans)
+    say_cost(windows, plan, f" (in this chunk of {len(docs):,} documents)")
     if score_windows(windows, plan, run, results):
         return True
     run.documents.extend(results[d.index] for d in docs)
     run.chunks_done += 1
     return False
+
+
+def say_cost(windows: list[Window], plan: Plan, which: str = "") -> None:
+    """Once per run, before scoring: when the windows read COSTLY times more tokens than they score, say how
+    many windows and tokens that is, and estimate the time after the first batch."""
+    scored, read = sum(w.n_scored for w in windows), sum(w.length for w in windows)
+    if plan.progress.cost_said or not scored or read < COSTLY * scored:
+        return
+    plan.progress.cost_said = True
+    max_length, stride = plan.setup.max_length, plan.setup.stride
+    if plan.progress.main:
+        log.warning(
+            "--stride %d with --max-length %d: %s windows%s read %s input tokens to score %s, %.0f per scored token "
+            "(--stride %d reads about 1): the time estimate follows the first batch",
+            stride, max_length, f"{len(windows):,}", which, f"{read:,}", f"{scored:,}", read / scored, max_length,
+        )
+    plan.progress.estimate_after_next_batch()
 
 
 def _document_result(doc: data.Document) -> DocumentResult:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import checkpoint, model as model_lib, placement
+from . import checkpoint, model as model_lib, outdir, placement
 from .compare import compare_by_bytes, load_compared
 from .config import Config, UsageError, check
 from .parallel import Plan
@@ -44,36 +44,38 @@ def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=Non
     check(cfg)
     started = time.perf_counter()
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available() and not _other_accelerator())
-    threads = set_threads(cfg, accelerator.num_processes, accelerator.device)
-    torch.manual_seed(cfg.seed)
-    state = _saved_state(cfg, accelerator.num_processes)
-    model, tokenizer, info = _model(cfg, model, tokenizer, accelerator)
-    emit("loaded")
-    setup = resolve(cfg, model=model, tokenizer=tokenizer, info=info, device=_device_of(model),
-                    processes=accelerator.num_processes, threads=threads)
-    if cfg.compile:  # compiled per new input shape on first use; pays on long runs of similar batches
-        model.base_model.compile(dynamic=True)
-    compared = load_compared(cfg, tokenizer=tokenizer, setup=setup, accelerator=accelerator)
-    scorer = Scorer(model, setup.head, setup.device, cfg.padding_side == "left", compared.same_tokens,
-                    want_top1=cfg.save_tokens)
-    accelerator.wait_for_everyone()  # processes finish loading at different times: scoring starts when all have
-    emit("scoring")
-    loaded = time.perf_counter()
-    with StopRequest() as stop:
-        plan = Plan(cfg, setup, scorer, accelerator, Progress(accelerator.is_main_process and cfg.progress), stop, rows)
-        run = state["run"] if state else Run(tally=plan.new_tally())
-        stopped = _passes(plan, run, tokenizer, done=bool(state and state.get("complete")))
-    finished = time.perf_counter()
-    emit("scored")
-    if cfg.output_dir and accelerator.is_main_process:
-        checkpoint.save(cfg.output_dir, checkpoint.state_of(cfg, run, setup.processes, complete=not stopped))
-        if stopped:
-            log.warning("progress saved in %s: rerun the same command with --resume to continue", cfg.output_dir)
-    results = summarize(cfg, run=run, stopped=stopped, setup=setup, info=info, tokenizer=tokenizer,
-                        durations=Durations(load=loaded - started, scoring=finished - loaded, total=finished - started))
-    for name in compared.by_bytes:
-        results.summary.setdefault("compare", {})[name] = compare_by_bytes(cfg, name, results.summary)
-    return results
+    with outdir.claim(cfg):  # checked and locked before anything loads; released at the end, also on error
+        threads = set_threads(cfg, accelerator.num_processes, accelerator.device)
+        torch.manual_seed(cfg.seed)
+        state = _saved_state(cfg, accelerator.num_processes)
+        model, tokenizer, info = _model(cfg, model, tokenizer, accelerator)
+        emit("loaded")
+        setup = resolve(cfg, model=model, tokenizer=tokenizer, info=info, device=_device_of(model),
+                        processes=accelerator.num_processes, threads=threads)
+        if cfg.compile:  # compiled per new input shape on first use; pays on long runs of similar batches
+            model.base_model.compile(dynamic=True)
+        compared = load_compared(cfg, tokenizer=tokenizer, setup=setup, accelerator=accelerator)
+        scorer = Scorer(model, setup.head, setup.device, cfg.padding_side == "left", compared.same_tokens,
+                        want_top1=cfg.save_tokens)
+        accelerator.wait_for_everyone()  # processes finish loading at different times: scoring starts when all have
+        emit("scoring")
+        loaded = time.perf_counter()
+        progress = Progress(accelerator.is_main_process and cfg.progress, main=accelerator.is_main_process)
+        with StopRequest() as stop:
+            plan = Plan(cfg, setup, scorer, accelerator, progress, stop, rows)
+            run = state["run"] if state else Run(tally=plan.new_tally())
+            stopped = _passes(plan, run, tokenizer, done=bool(state and state.get("complete")))
+        finished = time.perf_counter()
+        emit("scored")
+        if cfg.output_dir and accelerator.is_main_process:
+            checkpoint.save(cfg.output_dir, checkpoint.state_of(cfg, run, setup.processes, complete=not stopped))
+            if stopped:
+                log.warning("progress saved in %s: rerun the same command with --resume to continue", cfg.output_dir)
+        durations = Durations(load=loaded - started, scoring=finished - loaded, total=finished - started)
+        results = summarize(cfg, run=run, stopped=stopped, setup=setup, info=info, tokenizer=tokenizer, durations=durations)
+        for name in compared.by_bytes:
+            results.summary.setdefault("compare", {})[name] = compare_by_bytes(cfg, name, results.summary)
+        return results
 
 
 def _passes(plan: Plan, run: Run, tokenizer, done: bool) -> bool:
