@@ -15,7 +15,7 @@ Scores a text dataset with a causal LM: mean token cross-entropy, perplexity, bi
 Every field of the config (lm_ce/config.py; see README) is a flag, e.g.
   --model gpt2 --dataset wikitext --dataset-config wikitext-2-raw-v1 --split test
   --data-files a.jsonl --text-field text --limit 100 --mode document|stream
-  --max-length 1024 --stride 512 --batch-size 8 --dtype float32 --output-dir runs/x
+  --max-length 1024 --stride 512 --batch-size 8 --dtype float32 --output-dir runs/x [--resume | --overwrite]
 """
 
 

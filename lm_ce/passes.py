@@ -88,7 +88,7 @@ def _score_chunk(docs: list[data.Document], future: Future, plan: Plan, run: Run
             continue
         r.bytes, r.words, r.windows = len(d.text.encode("utf-8")), count_words(d.text), len(spans)
         windows += windows_of(d.index, seq, spans)
-    say_cost(windows, plan, f" (in this chunk of {len(docs):,} documents)")
+    say_cost(windows, plan, f" (in this chunk of {len(docs):,} document{'s' if len(docs) != 1 else ''})")
     if score_windows(windows, plan, run, results):
         return True
     run.documents.extend(results[d.index] for d in docs)
