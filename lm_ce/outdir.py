@@ -179,29 +179,34 @@ def previous_run(directory: Path) -> Previous | None:
     if not found:
         return None
     files = ", ".join(found)
-    summary = _json(directory / "results.json")
-    tokens = summary.get("counts", {}).get("tokens") if isinstance(summary.get("counts"), dict) else None
-    scored = f"{tokens:,} tokens scored before the stop; " if isinstance(tokens, int) else ""
     if STATE in found:
-        complete = _complete(directory / STATE)
-        if complete is None:
+        saved = _saved(directory / STATE)
+        if saved is None:
             return Previous(f"a run whose {STATE} cannot be read ({files})", False)
+        complete, tokens = saved
         if not complete:
+            scored = f"{tokens:,} tokens scored before the stop; " if tokens is not None else ""
             return Previous(f"an interrupted run ({scored}{files})", True)
         return Previous(f"a finished run ({files})", False)
-    if summary.get("complete") is False:
+    if _json(directory / "results.json").get("complete") is False:
         return Previous(f"an interrupted run without saved progress ({files})", False)
     return Previous(f"a finished run ({files})", False)
 
 
-def _complete(path: Path) -> bool | None:
-    """Whether a saved state says its run finished; None when it cannot be read."""
+def _saved(path: Path) -> tuple[bool, int | None] | None:
+    """(complete, tokens scored) of a saved state (tokens None when they cannot be told); None when unreadable."""
     import torch
 
     try:
-        return bool(torch.load(path, weights_only=False)["complete"])
+        state = torch.load(path, weights_only=False)
+        complete = bool(state["complete"])
     except Exception:  # another tool's file, a damaged disk, or a format from another version
         return None
+    try:
+        run = state["run"]
+        return complete, run.tally.tokens + (run.partial.tokens if run.partial is not None else 0)
+    except Exception:  # a state of another version: still a run, its count unknown
+        return complete, None
 
 
 def _json(path: Path) -> dict:

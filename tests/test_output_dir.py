@@ -77,7 +77,9 @@ def test_an_interrupted_run_is_kept_and_resumable(tiny_llama_dir, data, tmp_path
     capsys.readouterr()
     assert cli.main(args(tiny_llama_dir, data, out)) == 2
     line = one_error_line(capsys)
-    assert "holds an interrupted run" in line and "--resume" in line and "--overwrite" in line
+    assert "holds an interrupted run (" in line and "--resume" in line and "--overwrite" in line
+    scored = int(line.split("holds an interrupted run (")[1].split(" tokens scored")[0].replace(",", ""))
+    assert scored > 0  # the batch scored before the stop, from the saved state
     assert run_files(out) == before
     assert cli.main(args(tiny_llama_dir, data, out, "--resume")) == 0
     assert json.loads((out / "results.json").read_text())["complete"] is True
