@@ -65,9 +65,7 @@ def claim(cfg: Config) -> Claim:
     """
     if not cfg.output_dir:
         return Claim(None)
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     directory = Path(cfg.output_dir).absolute()
     error = None
     if state.is_main_process:
@@ -82,6 +80,16 @@ def claim(cfg: Config) -> Claim:
     if error:
         raise UsageError(error)
     return Claim(directory, main=state.is_main_process)
+
+
+def process_state():
+    """accelerate's process state, started as runner.evaluate's Accelerator starts it (CPU processes when
+    there is no accelerator: started otherwise, torchrun's CPU processes would each count as the main one)."""
+    import torch
+    from accelerate import PartialState
+
+    mps = getattr(torch.backends, "mps", None)
+    return PartialState(cpu=not torch.cuda.is_available() and not (mps is not None and mps.is_available()))
 
 
 def _claim(directory: Path, cfg: Config) -> None:

@@ -205,3 +205,20 @@ def test_ctrl_c_while_the_model_loads_ends_in_one_line(tiny_llama_dir, data, tmp
     assert proc.returncode == 130, stderr
     assert lines == ["lm_ce: interrupted (Ctrl-C) before scoring started: nothing was scored"], stderr
     assert not (out / outdir.LOCK).exists()
+
+
+@pytest.mark.slow  # a real 2-process launch
+def test_two_processes_get_the_same_answer(tiny_llama_dir, data, tmp_path):
+    """Under torchrun the main process claims and every process is told: a refused directory ends all of
+    them at once (no process waits for the others), and a free one is written by the main process only."""
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              str(ROOT / "scripts" / "evaluate.py"), *args(tiny_llama_dir, data, out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count(f"wrote {out}/") == 1 and not (out / outdir.LOCK).exists()
+    again = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
+    refusals = [line for line in again.stderr.splitlines() if line.startswith("lm_ce: error: ")]
+    assert again.returncode != 0 and len(refusals) == 2, again.stderr  # one line from each process
+    assert all("holds a finished run" in line for line in refusals)
