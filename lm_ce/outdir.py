@@ -124,9 +124,8 @@ def make(directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         blocker = next((p for p in directory.parents if p.exists() and not p.is_dir()), None)
-        if blocker is not None:
-            raise UsageError(f"--output-dir {directory} cannot be created: {blocker} is a file; give another directory") from None
-        raise UsageError(f"--output-dir {directory} cannot be created ({e.strerror}); give a writable directory") from None
+        why = f": {blocker} is a file; give another directory" if blocker else f" ({e.strerror}); give a writable directory"
+        raise UsageError(f"--output-dir {directory} cannot be created{why}") from None
 
 
 def _lock(directory: Path) -> int:
@@ -136,18 +135,20 @@ def _lock(directory: Path) -> int:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise UsageError(f"--output-dir {directory} is not writable ({e.strerror}); give a writable directory") from None
+            why = f"is not writable ({e.strerror})"
+            raise UsageError(f"--output-dir {directory} {why}; give a writable directory") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            busy = e.errno in (errno.EAGAIN, errno.EACCES) or _pid_alive(fd)  # no OS locks here: the pid tells
             holder = _holder(fd)
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
+            if busy:
+                os.close(fd)
                 raise UsageError(
                     f"--output-dir {directory} is in use by another run ({holder}); wait for it to end, or use "
                     "another --output-dir"
                 ) from None
-            raise UsageError(f"--output-dir {directory}: cannot lock {path} ({e.strerror}); use another --output-dir") from None
+            log.warning("%s: the file system has no file locks (%s); the lock file's pid guards it", directory, e.strerror)
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -162,6 +163,22 @@ def _lock(directory: Path) -> int:
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         return fd
     raise UsageError(f"--output-dir {directory}: its lock file keeps changing hands; use another --output-dir")
+
+
+def _pid_alive(fd: int) -> bool:
+    """Whether the lock file names another process of this host that still runs (where OS locks are missing)."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        if info["host"] != socket.gethostname() or info["pid"] == os.getpid():
+            return False
+        os.kill(info["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
 
 
 def _holder(fd: int) -> str:

@@ -137,6 +137,35 @@ def test_a_live_run_locks_the_directory_and_a_dead_ones_lock_is_taken_over(tiny_
     assert not (out / outdir.LOCK).exists()  # released at the end of the run
 
 
+def test_without_os_locks_the_lock_files_pid_decides(tmp_path, monkeypatch, caplog):
+    """On a file system without file locks (flock fails with ENOLCK) a live pid keeps the directory, a dead one not."""
+    import errno
+    import fcntl
+    import socket
+
+    from lm_ce.config import UsageError
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "run"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        lock = {"pid": sleeper.pid, "host": socket.gethostname(), "started": "earlier"}
+        (out / outdir.LOCK).write_text(json.dumps(lock))
+        with pytest.raises(UsageError, match=f"in use by another run \\(pid {sleeper.pid} on"):
+            outdir.claim(Config(output_dir=str(out)))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with outdir.claim(Config(output_dir=str(out))):
+        assert json.loads((out / outdir.LOCK).read_text())["pid"] == os.getpid()
+    assert f"a lock left by pid {sleeper.pid}" in caplog.text
+    assert not (out / outdir.LOCK).exists()
+
+
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Any attempt to load a model fails the test: what is checked here must be checked before."""
