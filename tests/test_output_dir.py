@@ -251,3 +251,27 @@ def test_two_processes_get_the_same_answer(tiny_llama_dir, data, tmp_path):
     refusals = [line for line in again.stderr.splitlines() if line.startswith("lm_ce: error: ")]
     assert again.returncode != 0 and len(refusals) == 2, again.stderr  # one line from each process
     assert all("holds a finished run" in line for line in refusals)
+
+
+def test_the_python_api_holds_the_directory_and_a_callback_replaces_only_its_own_report(
+        tiny_llama, llama_tokenizer, tmp_path):
+    """lm_ce.evaluate refuses another run's directory; a PerplexityCallback's later evaluations replace its
+    own earlier report (a new callback into that directory is refused like any other run)."""
+    import lm_ce
+    from transformers import TrainerControl, TrainerState
+
+    from lm_ce.config import UsageError
+
+    texts = ["Hello world.", "Good morning!"]
+    out = tmp_path / "api"
+    lm_ce.evaluate(tiny_llama, llama_tokenizer, texts, output_dir=str(out), max_length=32, progress=False)
+    with pytest.raises(UsageError, match="holds a finished run"):
+        lm_ce.evaluate(tiny_llama, llama_tokenizer, texts, output_dir=str(out), max_length=32, progress=False)
+    out = tmp_path / "callback"
+    callback = lm_ce.PerplexityCallback(texts, tokenizer=llama_tokenizer, output_dir=str(out), max_length=32)
+    for step in (10, 20):
+        callback.on_evaluate(None, TrainerState(global_step=step), TrainerControl(), model=tiny_llama, metrics={})
+        assert json.loads((out / "results.json").read_text())["nll_sum"] == callback.results.summary["nll_sum"]
+    with pytest.raises(UsageError, match="holds a finished run"):
+        lm_ce.PerplexityCallback(texts, tokenizer=llama_tokenizer, output_dir=str(out), max_length=32).on_evaluate(
+            None, TrainerState(global_step=30), TrainerControl(), model=tiny_llama, metrics={})
