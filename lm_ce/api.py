@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import report, runner
+from . import outdir, report, runner
 from .config import Config, UsageError, from_settings, resolve_path, with_protocol
 from .data import MEMORY
 from .records import Results
@@ -38,10 +38,11 @@ def evaluate_with(model: torch.nn.Module, tokenizer, data, settings: dict, *, ac
     cfg = from_settings({"model": name_of(model), **settings}, SOURCE)
     if rows is not None and cfg.resume:
         raise UsageError(f"{SOURCE}: resume=True needs data read from files or the Hub, not rows in memory")
-    with kept_state(model):
-        results = runner.evaluate(cfg, model=model, tokenizer=tokenizer, rows=rows, accelerator=accelerator)
-    if cfg.output_dir and _main_process(accelerator):
-        report.write(results, cfg.output_dir, plot=cfg.plot)
+    with outdir.claim(cfg):  # held until the reports are written, as the command line holds it
+        with kept_state(model):
+            results = runner.evaluate(cfg, model=model, tokenizer=tokenizer, rows=rows, accelerator=accelerator)
+        if cfg.output_dir and _main_process(accelerator):
+            report.write(results, cfg.output_dir, plot=cfg.plot)
     return results
 
 

@@ -55,7 +55,10 @@ class PerplexityCallback(TrainerCallback):
     def _results(self, model, processing_class) -> Results:
         tokenizer = self.tokenizer or getattr(processing_class, "tokenizer", processing_class)
         accelerator = self.trainer.accelerator if self.trainer is not None else None
-        return api.evaluate_with(model, tokenizer, self.data, self.settings, accelerator=accelerator)
+        settings = self.settings
+        if self.results is not None and settings.get("output_dir") and not settings.get("resume"):
+            settings = {**settings, "overwrite": True}  # the report of this training's previous evaluation
+        return api.evaluate_with(model, tokenizer, self.data, settings, accelerator=accelerator)
 
     def _add_to_record(self, state, metrics: dict) -> None:
         """The figures into this evaluation's record in log_history (the Trainer logged it just before)."""

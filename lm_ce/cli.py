@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 USAGE = """usage: evaluate.py [--config FILE.yaml] [--FIELD VALUE ...]
 
@@ -15,7 +16,7 @@ Every field of the config (lm_ce/config.py; see README) is a flag, e.g.
   --model gpt2 --dataset wikitext --dataset-config wikitext-2-raw-v1 --split test
   --data-files a.jsonl --text-field text --limit 100 --mode document|stream|llama-cpp|gptq
   --protocol lm-eval|lm-eval-wikitext|hf-docs|llama-cpp|gptq --bos-policy first|every-window|none
-  --max-length 1024 --stride 512 --batch-size 8 --dtype float32 --output-dir runs/x
+  --max-length 1024 --stride 512 --batch-size 8 --dtype float32 --output-dir runs/x [--resume | --overwrite]
 """
 
 
@@ -29,23 +30,40 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import UsageError, build_config
 
+    results = None
     try:
         cfg = build_config(argv)
-        from . import report
+        from . import outdir
         from .runner import evaluate
 
-        results = evaluate(cfg)
+        with outdir.claim(cfg):  # the output directory is checked and locked before the model loads
+            results = evaluate(cfg)
+            report_run(results, cfg)
     except (UsageError, FloatingPointError) as e:  # bad input, or a model that produced NaN/inf
         print(f"lm_ce: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside scoring (scoring itself stops cleanly and saves its progress)
+        where = "before scoring started: nothing was scored" if results is None else (
+            "while writing the reports: rerun the command with --resume to write them")
+        print(f"lm_ce: interrupted (Ctrl-C) {where}", file=sys.stderr)
+        return 130
+    return 0 if results.summary["complete"] else 130
+
+
+def report_run(results, cfg) -> None:
+    """The main process prints the table, writes the reports and names exactly the files it wrote."""
     from accelerate import PartialState
 
-    if PartialState().is_main_process:
-        print(report.table(results.summary))
-        if cfg.output_dir:
-            where = report.write(results, cfg.output_dir, plot=cfg.plot)
-            print(f"wrote {where}/ (results.json, results.md, config.yaml, documents.jsonl ...)")
-    return 0 if results.summary["complete"] else 130
+    from . import report
+
+    if not PartialState().is_main_process:
+        return
+    print(report.table(results.summary))
+    if cfg.output_dir:
+        names = [p.name for p in report.write(results, cfg.output_dir, plot=cfg.plot)]
+        if (Path(cfg.output_dir) / "state.pt").is_file():  # saved by the run itself, for --resume
+            names.append("state.pt")
+        print(f"wrote {Path(cfg.output_dir)}/: {', '.join(names)}")
 
 
 class _Stderr(logging.StreamHandler):

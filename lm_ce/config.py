@@ -76,6 +76,7 @@ class Config:
     # output
     output_dir: str | None = None
     resume: bool = False  # continue the run saved in output_dir (same model, data and settings)
+    overwrite: bool = False  # replace the run in output_dir: its files are deleted first (files lm_ce did not write are kept)
     checkpoint_seconds: int = 300  # save progress to output_dir this often (and on Ctrl-C / SIGTERM)
     plot: bool = True  # loss by position in the window as a PNG (position_loss.png)
     progress: bool = True
@@ -398,6 +399,17 @@ def check(cfg: Config) -> None:
         parse(getattr(cfg, name), f"field '{name}'", "config")
     if cfg.max_memory and not cfg.device_map:
         raise UsageError("--max-memory needs --device-map (auto, balanced, balanced_low_0 or sequential) to place the model")
+    if cfg.overwrite and not cfg.output_dir:
+        raise UsageError("--overwrite needs --output-dir: the directory whose run is replaced")
+    if cfg.overwrite and cfg.resume:
+        raise UsageError("--overwrite and --resume contradict each other: --resume continues the saved run, "
+                         "--overwrite deletes it; choose one")
+    if cfg.data_files == []:  # `--data-files ""`: without this the default Hub dataset would be scored
+        raise UsageError("--data-files is empty: give one or more files (--data-files a.jsonl,b.jsonl), "
+                         "or leave it out to score --dataset")
+    if cfg.mode == "stream" and cfg.max_length == 1:
+        raise UsageError("--mode stream --max-length 1 scores nothing: a stream window's first token is only "
+                         "context, so a window needs 2 tokens or more; use --max-length 2 or more")
     if cfg.prompt_field and cfg.mode != "document":
         raise UsageError(f"--prompt-field needs --mode document: a joined text ({cfg.mode}) has no per-document prompt")
     chunked = cfg.mode in ("llama-cpp", "gptq")

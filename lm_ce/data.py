@@ -167,9 +167,11 @@ def load_rows(cfg: Config):
                 raise UsageError(bad)
         if builder == "text" and cfg.mode == "llama-cpp":
             return datasets.Dataset.from_dict({"text": [whole_text(p) for p in paths]})
+        # A byte order mark starts many files saved on Windows; json strips it, text would score it (3 bytes)
+        options = {"encoding": "utf-8-sig"} if builder == "text" else {}
         try:
             with quiet_datasets():
-                return datasets.load_dataset(builder, data_files=paths, split="train", **cache_options(cfg))
+                return datasets.load_dataset(builder, data_files=paths, split="train", **cache_options(cfg), **options)
         except Exception as e:  # datasets raises many kinds; turn them into one clear line
             raise read_error(cfg, e) from None
     try:
@@ -234,9 +236,14 @@ def _text(value) -> str | None:
 
 
 def _field(row: dict, name: str | None) -> str | None:
-    if not name or row.get(name) is None:
+    """A group or id as text; a whole number read as a float (pandas reads a CSV column of whole numbers
+    with empty cells as float64) is written as the whole number, `1`, not `1.0`."""
+    value = row.get(name) if name else None
+    if value is None:
         return None
-    return str(row[name])
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _plain(rows, cfg: Config) -> Iterator[Document]:

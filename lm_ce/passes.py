@@ -16,10 +16,12 @@ from .config import UsageError
 from .parallel import Plan, gather, score_windows
 from .protocols import detokenized
 from .records import DocumentResult, Run
-from .windows import (adds_bos, document_sequence, document_spans, gptq_spans, llama_cpp_spans, stream_spans,
-                      windows_of, without_double_prefix)
+from .windows import (Window, adds_bos, document_sequence, document_spans, gptq_spans, llama_cpp_spans,
+                      stream_spans, windows_of, without_double_prefix)
 
 log = logging.getLogger("lm_ce")
+
+COSTLY = 8  # input tokens read per token scored from which the cost is said before scoring (a small --stride)
 
 
 @dataclass
@@ -61,6 +63,7 @@ def run_stream(plan: Plan, run: Run, tokenizer) -> bool:
     seq = ([plan.setup.prefix] if plan.setup.prefix is not None else []) + ids
     spans = stream_spans(len(seq), plan.setup.max_length, plan.setup.stride)
     windows = windows_of(-1, seq, spans, plan.setup.window_first)
+    say_cost(windows, plan)
     stopped = score_windows(windows, plan, run, {-1: DocumentResult(index=-1)})
     _joined_documents(docs, run)
     return stopped
@@ -157,12 +160,30 @@ def _score_chunk(docs: list[data.Document], future: Future, plan: Plan, run: Run
         r.bytes, r.words, r.windows = len(d.text.encode("utf-8")), count_words(d.text), len(spans)
         windows += windows_of(d.index, sequence.ids, spans, plan.setup.window_first)
     doubled = sum(s.doubled for s in sequences.values())
+    say_cost(windows, plan, f" (in this chunk of {len(docs):,} document{'s' if len(docs) != 1 else ''})")
     if score_windows(windows, plan, run, results):
         return True
     _say_doubled(run, doubled)
     run.documents.extend(results[d.index] for d in docs)
     run.chunks_done += 1
     return False
+
+
+def say_cost(windows: list[Window], plan: Plan, which: str = "") -> None:
+    """Once per run, before scoring: when the windows read COSTLY times more tokens than they score, say how
+    many windows and tokens that is, and estimate the time after the first batch."""
+    scored, read = sum(w.n_scored for w in windows), sum(w.length for w in windows)
+    if plan.progress.cost_said or not scored or read < COSTLY * scored:
+        return
+    plan.progress.cost_said = True
+    max_length, stride = plan.setup.max_length, plan.setup.stride
+    if plan.progress.main:
+        log.warning(
+            "--stride %d with --max-length %d: %s windows%s read %s input tokens to score %s, %.0f per scored token "
+            "(--stride %d reads about 1): the time estimate follows the first batch",
+            stride, max_length, f"{len(windows):,}", which, f"{read:,}", f"{scored:,}", read / scored, max_length,
+        )
+    plan.progress.estimate_after_next_batch()
 
 
 def _document_result(doc: data.Document) -> DocumentResult:

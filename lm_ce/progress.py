@@ -5,6 +5,7 @@ import logging
 import math
 import signal
 import threading
+import time
 
 log = logging.getLogger("lm_ce")
 
@@ -12,13 +13,24 @@ log = logging.getLogger("lm_ce")
 class Progress:
     """tqdm over scored tokens with the running perplexity; silent off the main process."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, enabled: bool, *, main: bool = True):
+        self.enabled = enabled  # the bar (--progress, on the main process)
+        self.main = main  # the main process: says the cost of costly windows, bar or not
         self.bar = None
         self.nll = 0.0
         self.tokens = 0
+        self.planned = 0  # tokens of the windows planned so far
+        self.counted = 0  # of those, scored (before a resume included)
+        self.cost_said = False
+        self.timed_from: tuple[float, int] | None = None  # (clock, tokens) when the cost estimate started
+
+    def estimate_after_next_batch(self) -> None:
+        """Log the estimated scoring time once the next batch is scored (its rate times the tokens left)."""
+        self.timed_from = (time.perf_counter(), self.counted)
 
     def add_total(self, n: int, done: int = 0) -> None:
+        self.planned += n
+        self.counted += done
         if self.enabled and self.bar is None:  # opened when there is work, not before the data loads
             from tqdm.auto import tqdm
 
@@ -31,14 +43,33 @@ class Progress:
 
     def update(self, tokens: int, nll: float) -> None:
         self.tokens += tokens
+        self.counted += tokens
         self.nll += nll
+        if self.timed_from is not None and tokens:
+            self._say_estimate()
         if self.bar is not None and tokens:
             self.bar.update(tokens)
             self.bar.set_postfix(ppl=f"{math.exp(min(self.nll / max(self.tokens, 1), 700)):.4g}", refresh=False)
 
+    def _say_estimate(self) -> None:
+        started, before = self.timed_from
+        self.timed_from = None
+        rate = (self.counted - before) / max(time.perf_counter() - started, 1e-9)
+        left = self.planned - self.counted
+        if self.main:
+            log.warning("estimated scoring time: about %s for the %s tokens left of those planned so far (%.3g "
+                        "tokens/s on the first batch)", duration(left / rate), f"{left:,}", rate)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def duration(seconds: float) -> str:
+    """'3 h 05 min', '12 min', '40 s'."""
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+    return f"{int(seconds // 60)} min" if seconds >= 60 else f"{int(seconds)} s"
 
 
 class StopRequest:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from .outdir import REPORTS
 from .records import Results
 
 ROWS = [
@@ -198,13 +199,18 @@ def markdown(summary: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def write(results: Results, output_dir: str, plot: bool = True) -> Path:
-    """results.json, results.md, config.yaml (the resolved config), documents.jsonl, and with them
-    tokens.parquet (--save-tokens) and position_loss.png (loss by position in the window)."""
+def write(results: Results, output_dir: str, plot: bool = True) -> list[Path]:
+    """results.json, results.md, config.yaml (the resolved config), documents.jsonl (document mode), and with
+    them tokens.parquet (--save-tokens) and position_loss.png (loss by position in the window).
+
+    Returns the files written. A report file of ours that this run does not write (left by the interrupted
+    part of a resumed run) is deleted, so the directory describes one run only.
+    """
     directory = Path(output_dir)
     directory.mkdir(parents=True, exist_ok=True)
+    written = []
     for name, part in results.parts.items():  # a suite: each dataset's own files in OUTPUT_DIR/NAME
-        write(part, str(directory / name), plot=plot)
+        written += write(part, str(directory / name), plot=plot)
     if results.token_table:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -212,11 +218,14 @@ def write(results: Results, output_dir: str, plot: bool = True) -> Path:
         tmp = directory / f".tokens.parquet.tmp{os.getpid()}"
         pq.write_table(pa.table(results.token_table), tmp)
         os.replace(tmp, directory / "tokens.parquet")
+        written.append(directory / "tokens.parquet")
     if plot and results.positions is not None and "suite" not in results.summary and int(results.positions.count.sum()):
-        plot_positions(results.positions, directory / "position_loss.png", title(results.summary))
-    _atomic(directory / "results.json", json.dumps(results.summary, indent=2, default=str) + "\n")
-    _atomic(directory / "results.md", markdown(results.summary))
-    _atomic(directory / "config.yaml", yaml.safe_dump(results.summary["config"], sort_keys=False, allow_unicode=True))
+        if plot_positions(results.positions, directory / "position_loss.png", title(results.summary)):
+            written.append(directory / "position_loss.png")
+    written.append(_atomic(directory / "results.json", json.dumps(results.summary, indent=2, default=str) + "\n"))
+    written.append(_atomic(directory / "results.md", markdown(results.summary)))
+    config = yaml.safe_dump(results.summary["config"], sort_keys=False, allow_unicode=True)
+    written.append(_atomic(directory / "config.yaml", config))
     if results.documents:
         lines = []
         for d in results.documents:
@@ -224,15 +233,19 @@ def write(results: Results, output_dir: str, plot: bool = True) -> Path:
             row["perplexity"] = math.exp(d.nll_sum / d.tokens) if d.tokens else None
             row["bits_per_byte"] = d.nll_sum / (d.bytes * math.log(2)) if d.tokens and d.bytes else None
             lines.append(json.dumps(row, ensure_ascii=False))
-        _atomic(directory / "documents.jsonl", "\n".join(lines) + "\n")
-    return directory
+        written.append(_atomic(directory / "documents.jsonl", "\n".join(lines) + "\n"))
+    for name in REPORTS:
+        if directory / name not in written and (directory / name).is_file():
+            (directory / name).unlink()
+    return written
 
 
-def _atomic(path: Path, text: str) -> None:
+def _atomic(path: Path, text: str) -> Path:
     """Write then rename, so a crash never leaves a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+    return path
 
 
 def plot_positions(positions, path: Path, caption: str) -> bool:

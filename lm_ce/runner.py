@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, model as model_lib, placement
+from . import checkpoint, model as model_lib, outdir, placement
 from .compare import compare_by_bytes, load_compared
 from .config import Config, UsageError, check
 from .parallel import Plan
@@ -48,16 +48,16 @@ def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=Non
     check(cfg)
     started = time.perf_counter()
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available() and not _other_accelerator())
-    threads = set_threads(cfg, accelerator.num_processes, accelerator.device)
-    torch.manual_seed(cfg.seed)
-    state = None if cfg.suite else _saved_state(cfg, accelerator.num_processes)
-    model, tokenizer, info = _model(cfg, model, tokenizer, accelerator)
-    emit("loaded")
-    loaded = Loaded(model, tokenizer, info, accelerator, threads)
-    if cfg.suite:
-        return run_suite(cfg, lambda entry: _score(entry, loaded, _resumable(entry, accelerator.num_processes),
-                                                  time.perf_counter(), emit))
-    return _score(cfg, loaded, state, started, emit, rows)
+    with outdir.claim(cfg):  # checked and locked before anything loads; released at the end, also on error
+        threads = set_threads(cfg, accelerator.num_processes, accelerator.device)
+        torch.manual_seed(cfg.seed)
+        state = None if cfg.suite else _saved_state(cfg, accelerator.num_processes)
+        model, tokenizer, info = _model(cfg, model, tokenizer, accelerator)
+        emit("loaded")
+        loaded = Loaded(model, tokenizer, info, accelerator, threads)
+        if cfg.suite:
+            return run_suite(cfg, lambda entry: _score_entry(entry, loaded, emit))
+        return _score(cfg, loaded, state, started, emit, rows)
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,12 @@ class Loaded:
     info: model_lib.ModelInfo
     accelerator: object  # accelerate.Accelerator
     threads: int
+
+
+def _score_entry(cfg: Config, loaded: Loaded, emit: Callable[[str], None]) -> Results:
+    """One dataset of a suite, in its own output directory (claimed as a run's is)."""
+    with outdir.claim(cfg):
+        return _score(cfg, loaded, _resumable(cfg, loaded.accelerator.num_processes), time.perf_counter(), emit)
 
 
 def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit: Callable[[str], None],
@@ -86,8 +92,9 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
     accelerator.wait_for_everyone()  # processes finish loading at different times: scoring starts when all have
     emit("scoring")
     loaded_at = time.perf_counter()
+    progress = Progress(accelerator.is_main_process and cfg.progress, main=accelerator.is_main_process)
     with StopRequest() as stop:
-        plan = Plan(cfg, setup, scorer, accelerator, Progress(accelerator.is_main_process and cfg.progress), stop, rows)
+        plan = Plan(cfg, setup, scorer, accelerator, progress, stop, rows)
         run = state["run"] if state else Run(tally=plan.new_tally())
         stopped = _passes(plan, run, tokenizer, done=bool(state and state.get("complete")))
     finished = time.perf_counter()
@@ -96,9 +103,9 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
         checkpoint.save(cfg.output_dir, checkpoint.state_of(cfg, run, setup.processes, complete=not stopped))
         if stopped:
             log.warning("progress saved in %s: rerun the same command with --resume to continue", cfg.output_dir)
+    durations = Durations(load=loaded_at - started, scoring=finished - loaded_at, total=finished - started)
     results = summarize(cfg, run=run, stopped=stopped, setup=setup, info=loaded.info, tokenizer=tokenizer,
-                        durations=Durations(load=loaded_at - started, scoring=finished - loaded_at,
-                                            total=finished - started))
+                        durations=durations)
     for name in compared.by_bytes:
         results.summary.setdefault("compare", {})[name] = compare_by_bytes(cfg, name, results.summary)
     return results

@@ -82,13 +82,19 @@ class PositionLoss:
         return rows
 
 
+NULL_GROUP = "(null)"  # the group of documents whose group field is null or missing
+
+
 def groups(documents, ln2: float = math.log(2)) -> dict:
-    """One row per value of the group field: documents, tokens, bytes, mean loss, perplexity, bits per byte."""
+    """One row per value of the group field: documents, tokens, bytes, mean loss, perplexity, bits per byte.
+
+    Documents without a value are counted under NULL_GROUP, so the groups add up to the totals.
+    """
     out: dict = {}
     for d in documents:
-        if d.skipped or d.group is None:
+        if d.skipped:
             continue
-        g = out.setdefault(d.group, {"documents": 0, "tokens": 0, "bytes": 0, "nll_sum": 0.0})
+        g = out.setdefault(NULL_GROUP if d.group is None else d.group, {"documents": 0, "tokens": 0, "bytes": 0, "nll_sum": 0.0})
         g["documents"] += 1
         g["tokens"] += d.tokens
         g["bytes"] += d.bytes

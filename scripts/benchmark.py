@@ -351,7 +351,7 @@ def run_peer(name: str, spec: dict, case: dict, work: Path, args, rtol: float, f
     cmd = [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model", spec["gguf"], "--dtype", args.dtype,
            "--data-files", spec["data"], "--text-field", "text", "--mode", "document", "--max-length", str(L),
            "--stride", str(L), "--prefix-token", "auto", "--batch-size", str(B), "--threads", str(args.threads),
-           "--no-progress", "--output-dir", str(out_dir)]
+           "--no-progress", "--overwrite", "--output-dir", str(out_dir)]  # the work folder is the benchmark's own
     print("   peer: lm_ce CLI whole process ...", flush=True)
     cli = spawn(cmd, child_env(args.threads), work / "logs" / f"{name}.cli.log", args.timeout)
     cli["ok"] = cli["rc"] == 0 and (out_dir / "results.json").is_file()

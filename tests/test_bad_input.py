@@ -81,6 +81,31 @@ def model_dir(e: Env, name: str, config: str | None = None, without: str = "weig
     return str(path)
 
 
+def truncated_weights(e: Env) -> str:
+    """A copy of the tiny llama whose model.safetensors lost its second half (an interrupted download)."""
+    path = e.tmp / "truncated"
+    shutil.copytree(e.llama, path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return str(path)
+
+
+def remote_code_model(e: Env) -> str:
+    """A copy of the tiny llama that asks for its own code (auto_map), as models needing trust_remote_code do."""
+    path = e.tmp / "custom"
+    shutil.copytree(e.llama, path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="lm_ce_custom", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                                                       "AutoModelForCausalLM": "modeling_custom.CustomModel"})
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "configuration_custom.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass CustomConfig(LlamaConfig):\n    model_type = 'lm_ce_custom'\n")
+    (path / "modeling_custom.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_custom import CustomConfig\n\n\n"
+        "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    return str(path)
+
+
 def base(e: Env) -> list[str]:
     """A command line that works; each case adds to it (later flags win)."""
     return ["--model", e.llama, "--data-files", e.good, "--progress", "false", "--batch-size", "4"]
@@ -103,9 +128,13 @@ REFUSED = [
     ("model-dir-bad-config", lambda e: ["--model", model_dir(e, "bad_config", config="{not json")], ["bad_config", "not a valid JSON file", "config.json"]),
     ("model-dir-no-weights", lambda e: ["--model", model_dir(e, "no_weights")], ["cannot load model directory", "no_weights", "weights"]),
     ("model-dir-no-tokenizer", lambda e: ["--model", model_dir(e, "no_tok", without="tokenizer")], ["cannot load model directory", "no_tok", "tokenizer"]),
+    ("model-truncated-safetensors", lambda e: ["--model", truncated_weights(e)], ["truncated/model.safetensors is truncated or corrupt", "download or save the model again"]),
+    ("model-remote-code", lambda e: ["--model", remote_code_model(e)], ["own Python code", "auto_map in config.json", "--trust-remote-code", "executes the model's code"]),
+    ("compare-to-missing", lambda e: ["--compare-to", str(e.tmp / "no_such_model")], ["no_such_model does not exist; check --compare-to"]),
     ("model-hub-offline", lambda e: ["--model", "nobody-here/no-such-model"], ["nobody-here/no-such-model", "Offline?", "--model"]),
     # --- the data ---
     ("hub-dataset-offline", lambda e: ["--data-files", "none", "--dataset", "nobody-here/no-such-dataset"], ["nobody-here/no-such-dataset", "--data-files"]),
+    ("data-files-empty-string", lambda e: ["--data-files", ""], ["--data-files is empty", "--dataset"]),
     ("data-missing", lambda e: ["--data-files", str(e.tmp / "nope.jsonl")], ["nope.jsonl does not exist", "--data-files"]),
     ("data-directory", lambda e: ["--data-files", e.folder("corpus")], ["corpus is a directory", "--data-files"]),
     ("data-unknown-ext", lambda e: ["--data-files", e.file("d.xml", "<a/>")], ["cannot tell the format", "d.xml", "--dataset"]),
@@ -130,6 +159,7 @@ REFUSED = [
     # --- lengths and sizes ---
     ("stride-over-max-length", lambda e: ["--max-length", "16", "--stride", "32"], ["--stride 32 is larger than --max-length 16"]),
     ("max-length-beyond-model", lambda e: ["--max-length", "300"], ["--max-length 300 is beyond the model's 256 positions", "--max-length 256"]),
+    ("stream-max-length-1", lambda e: ["--mode", "stream", "--max-length", "1"], ["--mode stream --max-length 1 scores nothing", "--max-length 2"]),
     ("max-length-0", lambda e: ["--max-length", "0"], ["--max-length must be at least 1, got 0"]),
     ("batch-size-negative", lambda e: ["--batch-size", "-1"], ["--batch-size must be at least 1, got -1"]),
     # --- the command line and config files ---
@@ -153,6 +183,14 @@ REFUSED = [
 ]
 
 
+# fragments a case's line must NOT hold: it names the right flag and does not blame what is not wrong
+ABSENT = {
+    "compare-to-missing": ["--model"],
+    "stream-max-length-1": ["--text-field", "text field"],
+    "model-remote-code": ["hf.co", "config.json, the weights"],
+}
+
+
 @pytest.mark.parametrize("case,args,fragments", REFUSED, ids=[c[0] for c in REFUSED])
 def test_refused_with_one_clear_line(env, capsys, case, args, fragments):
     code = main(base(env) + args(env))
@@ -164,6 +202,8 @@ def test_refused_with_one_clear_line(env, capsys, case, args, fragments):
     assert "Traceback" not in err
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+    for fragment in ABSENT.get(case, []):
+        assert fragment not in lines[0], (fragment, lines[0])
 
 
 def results_of(e: Env, args: list[str]) -> tuple[dict, list[dict]]:
@@ -207,6 +247,51 @@ def test_utf8_bom_is_not_part_of_the_text(env):
     assert summary["counts"]["documents"] == 2 and summary["counts"]["bytes"] == len("Hello world.Good morning!")
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_utf8_bom_in_a_text_file_is_not_scored(env, streaming):
+    """A .txt file saved with a byte order mark scores exactly like the same file without it."""
+    text = "Hello world.\nGood morning!\n"
+    flags = ["--streaming"] if streaming else []
+    plain, plain_docs = results_of(env, ["--data-files", env.file("plain.txt", text), *flags])
+    shutil.rmtree(env.tmp / "run")
+    bom, bom_docs = results_of(env, ["--data-files", env.file("bom.txt", b"\xef\xbb\xbf" + text.encode()), *flags])
+    assert bom["counts"] == plain["counts"] and bom["counts"]["bytes"] == len("Hello world.Good morning!")
+    assert bom["nll_sum"] == plain["nll_sum"]
+    assert [d["tokens"] for d in bom_docs] == [d["tokens"] for d in plain_docs]
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_groups_add_up_to_the_total_and_whole_numbers_stay_whole(env, suffix):
+    """Documents without a group value are a group of their own; group 1 is `1` whatever the column type
+    (pandas reads a CSV column of whole numbers with empty cells as float64, which once showed `1.0`)."""
+    texts = ["Hello world.", "Good morning!", "The quick brown fox.", "A lazy dog."]
+    if suffix == "jsonl":
+        path = make_jsonl(env.tmp / "g.jsonl", [{"text": t, "g": g} for t, g in zip(texts, [1, None, 2, 1])])
+    else:
+        path = env.file("g.csv", "text,g\n" + "".join(f"{t},{g}\n" for t, g in zip(texts, ["1", "", "2", "1"])))
+    summary, documents = results_of(env, ["--data-files", path, "--group-field", "g"])
+    groups = summary["groups"]
+    assert sorted(groups) == ["(null)", "1", "2"]
+    assert [d["group"] for d in documents] == ["1", None, "2", "1"]
+    assert sum(g["documents"] for g in groups.values()) == summary["counts"]["documents"] == 4
+    assert sum(g["tokens"] for g in groups.values()) == summary["counts"]["tokens"]
+    assert math.isclose(sum(g["nll_sum"] for g in groups.values()), summary["nll_sum"], rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["document", "stream"])
+def test_a_small_stride_says_its_cost_before_scoring(env, capsys, mode):
+    """--stride 1 makes a window per token: the windows, the tokens they read and a time estimate are said."""
+    path = make_jsonl(env.tmp / "long.jsonl", [{"text": "The quick brown fox jumps over the lazy dog. " * 8}] * 2)
+    summary, _ = results_of(env, ["--data-files", path, "--mode", mode, "--max-length", "64", "--stride", "1"])
+    err = capsys.readouterr().err
+    assert summary["counts"]["windows"] > 100
+    windows = summary["counts"]["windows"]
+    assert f"--stride 1 with --max-length 64: {windows:,} windows" in err, err
+    assert "estimated scoring time: about" in err, err
+    results_of(env, ["--data-files", path, "--mode", mode, "--max-length", "64", "--stride", "32", "--overwrite"])
+    assert "windows" not in capsys.readouterr().err  # an ordinary stride says nothing
+
+
 ODD = [
     "   \t  ",  # whitespace only: real tokens, scored
     "a",  # one character: one target after the BOS
@@ -237,7 +322,7 @@ def test_odd_documents_in_a_text_file(env):
     assert_finite(summary)
 
 
-SUBPROCESS = ["unknown-flag", "gguf-magic-truncated", "jsonl-not-json"]  # config, transformers, datasets: one each
+SUBPROCESS = ["unknown-flag", "gguf-magic-truncated", "model-truncated-safetensors", "jsonl-not-json"]
 
 
 @pytest.mark.parametrize("case", SUBPROCESS)

@@ -166,12 +166,14 @@ def test_write_writes_every_file(tmp_path):
 
 
 def test_write_leaves_out_what_there_is_not(tmp_path):
-    write(results_of(summary_dict(), tokens=False), str(tmp_path / "no_plot"), plot=False)
+    written = write(results_of(summary_dict(), tokens=False), str(tmp_path / "no_plot"), plot=False)
     assert sorted(p.name for p in (tmp_path / "no_plot").iterdir()) == [
         "config.yaml", "documents.jsonl", "results.json", "results.md"]
+    assert sorted(p.name for p in written) == sorted(p.name for p in (tmp_path / "no_plot").iterdir())
     bare = Results(summary_dict(), [], PositionLoss.zeros(8), None)  # stream mode: no documents, nothing by position
-    write(bare, str(tmp_path / "bare"))
+    written = write(bare, str(tmp_path / "bare"))
     assert sorted(p.name for p in (tmp_path / "bare").iterdir()) == ["config.yaml", "results.json", "results.md"]
+    assert sorted(p.name for p in written) == ["config.yaml", "results.json", "results.md"]  # what the CLI lists
 
 
 def test_write_replaces_earlier_files(tmp_path):
@@ -181,4 +183,5 @@ def test_write_replaces_earlier_files(tmp_path):
     second["nll_sum"] = 7.25
     write(results_of(second, tokens=False), str(tmp_path), plot=False)
     assert json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))["nll_sum"] == 7.25
+    assert not (tmp_path / "tokens.parquet").exists()  # the first run's, not written by the second: deleted
     assert "| NLL sum (nats) | 7.25 |" in (tmp_path / "results.md").read_text(encoding="utf-8")

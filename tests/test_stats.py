@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lm_ce.records import DocumentResult
-from lm_ce.stats import Z95, Clustered, Comparison, PositionLoss, exp_capped, groups, uncertainty
+from lm_ce.stats import NULL_GROUP, Z95, Clustered, Comparison, PositionLoss, exp_capped, groups, uncertainty
 
 
 def clustered_sample(seed: int, n_clusters: int):
@@ -98,7 +98,9 @@ def test_groups_by_hand():
         DocumentResult(4, group=None, tokens=5, nll_sum=5.0, bytes=5),
     ]
     out = groups(docs)
-    assert list(out) == ["a", "b"]
+    assert list(out) == ["a", "b", NULL_GROUP]  # no group value: a group of its own, so the groups add up
+    assert sum(g["tokens"] for g in out.values()) == 4 + 2 + 6 + 5
+    assert (out[NULL_GROUP]["documents"], out[NULL_GROUP]["nll_sum"]) == (1, 5.0)
     a = out["a"]
     assert (a["documents"], a["tokens"], a["bytes"], a["nll_sum"]) == (2, 10, 40, 12.0)
     assert a["mean_loss"] == 1.2 and a["perplexity"] == math.exp(1.2)
