@@ -1,0 +1,199 @@
+"""lm_ce.divergence and lm_ce.quantiles against numpy on a table of tokens: every statistic of
+compare.<name>, the clustered standard errors, merging, pickling, and the sketch's rank error."""
+from __future__ import annotations
+
+import io
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from lm_ce.divergence import Divergence, TokenPairs
+from lm_ce.quantiles import Quantiles
+
+Z = 1.959963984540054
+NAMES = {"max": 100, "p99_9": 99.9, "p99": 99, "p95": 95, "p90": 90, "p75": 75, "median": 50, "p25": 25, "p10": 10,
+         "p5": 5, "p1": 1, "p0_1": 0.1, "min": 0}
+
+
+def token_table(seed: int = 0, docs: int = 120) -> dict:
+    """Tokens of `docs` documents of very different lengths, in windows of at most 16, with correlated losses."""
+    rng = np.random.default_rng(seed)
+    rows = {k: [] for k in ("doc", "window", "nll", "other_nll", "kl", "same_top1")}
+    for d in range(docs):
+        n = int(rng.integers(1, 150))
+        level = rng.gamma(2.0, 1.5)  # documents differ: the clustered SE must see it
+        nll = rng.gamma(1.5, level / 1.5, n)
+        other = np.abs(nll + rng.normal(0.02 * level, 0.3, n))
+        rows["doc"].append(np.full(n, d))
+        rows["window"].append(np.arange(n) // 16 * 16)
+        rows["nll"].append(nll)
+        rows["other_nll"].append(other)
+        rows["kl"].append(rng.exponential(0.05 * level, n) * (rng.random(n) < 0.97))  # some exact zeros
+        rows["same_top1"].append(rng.random(n) < 0.9 - 0.02 * level)
+    return {k: np.concatenate(v) for k, v in rows.items()}
+
+
+def pairs(t: dict, index: np.ndarray) -> TokenPairs:
+    return TokenPairs(nll=torch.tensor(t["nll"][index], dtype=torch.float32), other_nll=torch.tensor(t["other_nll"][index], dtype=torch.float32),
+                      kl=torch.tensor(t["kl"][index], dtype=torch.float32), same_top1=torch.tensor(t["same_top1"][index]),
+                      doc=torch.tensor(t["doc"][index]), window=torch.tensor(t["window"][index]))
+
+
+def accumulate(t: dict, windows_per_block: int = 7, order=None) -> Divergence:
+    """Windows in blocks (as batches are), never a window split between blocks."""
+    key = t["doc"] * 10**6 + t["window"]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    bounds = list(zip(starts, [*starts[1:], len(key)]))
+    blocks = [bounds[i : i + windows_per_block] for i in range(0, len(bounds), windows_per_block)]
+    div = Divergence()
+    for b in order(blocks) if order else blocks:
+        div.add(pairs(t, np.concatenate([np.arange(s, e) for s, e in b])))
+    return div
+
+
+def as_stored(t: dict) -> dict:
+    """What the accumulator receives: float32 per-token values (then float64 arithmetic)."""
+    return {k: (v.astype(np.float32).astype(np.float64) if v.dtype.kind == "f" else v) for k, v in t.items()}
+
+
+def clustered(values: np.ndarray, groups: np.ndarray) -> float:
+    mean = values.mean()
+    _, inverse = np.unique(groups, return_inverse=True)
+    s, n = np.bincount(inverse, values), np.bincount(inverse)
+    c = len(s)
+    return math.sqrt(c / (c - 1) * ((s - mean * n) ** 2).sum()) / len(values)
+
+
+def jackknife(statistic, groups: np.ndarray) -> float:
+    """Delete-one-cluster jackknife standard error: an independent check of a linearized one."""
+    ids = np.unique(groups)
+    values = np.array([statistic(groups != g) for g in ids])
+    return math.sqrt((len(ids) - 1) / len(ids) * ((values - values.mean()) ** 2).sum())
+
+
+@pytest.fixture(scope="module")
+def table():
+    return as_stored(token_table())
+
+
+@pytest.fixture(scope="module")
+def summary(table):
+    return accumulate(table).summary(n_bytes=123456)
+
+
+def test_means_and_percentiles_match_numpy(table, summary):
+    nll, other, kl = table["nll"], table["other_nll"], table["kl"]
+    dp = np.exp(-other) - np.exp(-nll)
+    assert summary["tokens"] == len(nll) and summary["unit"] == "documents" and summary["clusters"] == 120
+    assert math.isclose(summary["mean_loss"], other.mean(), rel_tol=1e-12)
+    assert math.isclose(summary["nll_sum"], other.sum(), rel_tol=1e-12)
+    assert math.isclose(summary["bits_per_byte"], other.sum() / 123456 / math.log(2), rel_tol=1e-12)
+    assert math.isclose(summary["perplexity"], math.exp(other.mean()), rel_tol=1e-12)
+    assert math.isclose(summary["base_perplexity"], math.exp(nll.mean()), rel_tol=1e-12)
+    k, d = summary["kl_divergence"], summary["delta_p"]
+    assert math.isclose(k["mean"], kl.mean(), rel_tol=1e-12)
+    assert math.isclose(d["mean"], dp.mean(), rel_tol=1e-10)
+    assert math.isclose(d["rms"], math.sqrt((dp**2).mean()), rel_tol=1e-12)
+    assert set(k) == {"mean", "stderr", "stderr_iid", *NAMES} - {"p75", "p25"}
+    assert set(d) == {"mean", "stderr", "stderr_iid", "rms", "rms_stderr", *NAMES}
+    for name, q in NAMES.items():  # float32-stored values, numpy's default (linear) percentile
+        if name in k:
+            assert k[name] == pytest.approx(np.percentile(kl, q), rel=1e-6, abs=1e-12), name
+        assert d[name] == pytest.approx(np.percentile(dp.astype(np.float32), q), rel=1e-6, abs=1e-12), name
+    assert summary["kl_divergence"]["min"] == 0.0 and summary["quantile_rank_error"] == 0
+    assert math.isclose(summary["same_top1"]["mean"], table["same_top1"].mean(), rel_tol=1e-12)
+    ratio = (other - nll).mean()
+    assert math.isclose(summary["ln_ppl_ratio"]["mean"], ratio, rel_tol=1e-10)
+    assert math.isclose(summary["perplexity_ratio"], math.exp(ratio), rel_tol=1e-10)
+    assert math.isclose(summary["delta_perplexity"], math.exp(other.mean()) - math.exp(nll.mean()), rel_tol=1e-10)
+    assert math.isclose(summary["corr_ln_p"], np.corrcoef(-nll, -other)[0, 1], rel_tol=1e-10)
+    assert summary["kl_mean"] == k["mean"] and summary["kl_p99"] == k["p99"] and summary["kl_max"] == k["max"]
+
+
+def test_standard_errors_are_clustered_by_document(table, summary):
+    nll, other, doc = table["nll"], table["other_nll"], table["doc"]
+    dp = np.exp(-other) - np.exp(-nll)
+    same = table["same_top1"].astype(float)
+    for got, values in [(summary["kl_divergence"], table["kl"]), (summary["delta_p"], dp),
+                        (summary["same_top1"], same), (summary["ln_ppl_ratio"], other - nll)]:
+        assert math.isclose(got["stderr"], clustered(values, doc), rel_tol=1e-9)
+        assert math.isclose(got["stderr_iid"], values.std(ddof=1) / math.sqrt(len(values)), rel_tol=1e-9)
+        assert got["stderr"] > 1.2 * got["stderr_iid"] or values is same  # documents differ on purpose
+    assert math.isclose(summary["mean_loss_stderr"], clustered(other, doc), rel_tol=1e-9)
+    se = summary["ln_ppl_ratio"]["stderr"]
+    lo, hi = summary["perplexity_ratio_ci95"]
+    assert math.isclose(lo, math.exp((other - nll).mean() - Z * se)) and math.isclose(hi, math.exp((other - nll).mean() + Z * se))
+    # linearized (delta-method) errors of nonlinear figures against a delete-one-document jackknife
+    dppl = jackknife(lambda keep: math.exp(other[keep].mean()) - math.exp(nll[keep].mean()), doc)
+    assert summary["delta_perplexity_stderr"] == pytest.approx(dppl, rel=0.05)
+    lo, hi = summary["delta_perplexity_ci95"]
+    assert math.isclose(hi - lo, 2 * Z * summary["delta_perplexity_stderr"])
+    rms = jackknife(lambda keep: math.sqrt((dp[keep] ** 2).mean()), doc)
+    assert summary["delta_p"]["rms_stderr"] == pytest.approx(rms, rel=0.05)
+
+
+def test_one_document_clusters_by_window():
+    t = as_stored(token_table(seed=3, docs=1))
+    s = accumulate(t).summary()
+    assert s["unit"] == "windows" and s["clusters"] == len(np.unique(t["window"]))
+    assert math.isclose(s["kl_divergence"]["stderr"], clustered(t["kl"], t["window"]), rel_tol=1e-9)
+    assert s["bits_per_byte"] is None
+
+
+def test_merge_of_halves_equals_whole_in_any_order(table, summary):
+    first = table["doc"] % 3 == 0  # documents split between two "processes"
+    halves = [accumulate({k: v[m] for k, v in table.items()}) for m in (first, ~first)]
+    merged = Divergence()
+    for h in reversed(halves):
+        merged.merge(h)
+    assert merged.summary(n_bytes=123456) == summary
+    shuffled = accumulate(table, order=lambda blocks: blocks[::-1])
+    assert shuffled.summary(n_bytes=123456) == summary
+
+
+def test_pickle_and_torch_save_round_trip(table, summary):
+    div = accumulate(table)
+    assert pickle.loads(pickle.dumps(div)).summary(n_bytes=123456) == summary
+    buffer = io.BytesIO()
+    torch.save({"run": div}, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=False)["run"].summary(n_bytes=123456) == summary
+
+
+def test_quantiles_exact_below_the_cap():
+    values = np.random.default_rng(1).standard_normal(5000).astype(np.float32)
+    q = Quantiles(exact_cap=5000, k=64)
+    for part in np.array_split(values, 13):
+        q.add(part)
+    qs = [0, 0.1, 1, 5, 25, 50, 75, 99.9, 100]
+    assert q.exact and q.percentiles(qs) == [float(v) for v in np.percentile(values.astype(np.float64), qs)]
+
+
+@pytest.mark.parametrize("k", [64, 256])
+def test_sketch_beyond_the_cap_keeps_its_rank_error(k):
+    rng = np.random.default_rng(k)
+    values = np.concatenate([rng.lognormal(0, 2, 150_000), -rng.exponential(1, 50_000)]).astype(np.float32)
+    rng.shuffle(values)
+    parts = [Quantiles(exact_cap=4096, k=k) for _ in range(3)]  # three processes, merged
+    for i, chunk in enumerate(np.array_split(values, 97)):
+        parts[i % 3].add(chunk)
+    q = parts[0]
+    q.merge(parts[1])
+    q.merge(parts[2])
+    n = len(values)
+    assert q.count == n and not q.exact and q.rank_error > 0
+    levels = len(q.levels)
+    assert q.rank_error <= 3 * levels * n / k  # each process: below count / k per level
+    held = sum(a.size for arrays in q.levels for a in arrays)
+    assert held <= levels * k + 3 * levels  # bounded memory
+    ordered = np.sort(values.astype(np.float64))
+    qs = [0.1, 1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9]
+    for p, got in zip(qs, q.percentiles(qs)):
+        target = p / 100 * (n - 1)
+        below, upto = np.searchsorted(ordered, got, "left"), np.searchsorted(ordered, got, "right")
+        # the value returned sits at true ranks [below, upto); it must reach within rank_error (+1, interpolation) of target
+        assert below - q.rank_error - 1 <= target <= upto + q.rank_error + 1, (p, got, below, upto, target)
+    assert q.percentiles([0, 100]) == [float(ordered[0]), float(ordered[-1])]
