@@ -33,7 +33,7 @@ class TokenPairs:
 
     nll: torch.Tensor  # base model's -ln p(target)
     other_nll: torch.Tensor
-    kl: torch.Tensor  # KL(P_base || P_other)
+    kl: torch.Tensor | None  # KL(P_base || P_other); None when only the targets' probabilities are known
     same_top1: torch.Tensor  # bool: the argmaxes agree
     doc: torch.Tensor  # int64: the document of each token
     window: torch.Tensor  # int64: any id of the token's window, unique within its document (its first target)
@@ -47,10 +47,13 @@ class Divergence:
     sums: list = field(default_factory=list)  # float64 arrays [m, len(COLUMNS)]
     kl: Quantiles = field(default_factory=Quantiles)
     delta_p: Quantiles = field(default_factory=Quantiles)
+    with_kl: bool = True  # False: built from saved tokens (no distributions), no KL statistics
 
     def add(self, t: TokenPairs) -> None:
         nll, other = t.nll.detach().double().cpu(), t.other_nll.detach().double().cpu()
-        kl = t.kl.detach().double().cpu()
+        if t.kl is None:
+            self.with_kl = False
+        kl = t.kl.detach().double().cpu() if t.kl is not None else torch.zeros_like(nll)
         delta_p = torch.exp(-other) - torch.exp(-nll)
         ln_ratio = other - nll  # ln p_base - ln p_other
         same = t.same_top1.detach().cpu().double()
@@ -60,7 +63,8 @@ class Divergence:
         sums = torch.zeros(len(keys), len(COLUMNS), dtype=torch.float64).index_add_(0, inverse, values)
         self.keys.append(keys.numpy())
         self.sums.append(sums.numpy())
-        self.kl.add(t.kl.detach().float().cpu().numpy())
+        if t.kl is not None:
+            self.kl.add(t.kl.detach().float().cpu().numpy())
         self.delta_p.add(delta_p.float().numpy())
 
     def merge(self, other: "Divergence") -> None:
@@ -68,6 +72,7 @@ class Divergence:
         self.sums += other.sums
         self.kl.merge(other.kl)
         self.delta_p.merge(other.delta_p)
+        self.with_kl = self.with_kl and other.with_kl
 
     def table(self) -> tuple[np.ndarray, np.ndarray]:
         """(keys, sums) with one row per window, in (document, window) order: the same float64 figures
@@ -144,6 +149,9 @@ class Divergence:
         }
         # names of the first version of compare.<name>, kept for readers of older results
         out.update(kl_mean=mean["kl"], kl_p99=kl_q["p99"], kl_max=kl_q["max"], top1_agreement=mean["same_top1"])
+        if not self.with_kl:
+            for key in ("kl_divergence", "kl_mean", "kl_p99", "kl_max"):
+                del out[key]
         return out
 
 
