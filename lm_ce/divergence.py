@@ -63,6 +63,8 @@ class Divergence:
         sums = torch.zeros(len(keys), len(COLUMNS), dtype=torch.float64).index_add_(0, inverse, values)
         self.keys.append(keys.numpy())
         self.sums.append(sums.numpy())
+        if len(self.keys) > 256:  # one array per batch adds up: join them (same rows, same order)
+            self.keys, self.sums = [np.concatenate(self.keys)], [np.concatenate(self.sums)]
         if t.kl is not None:
             self.kl.add(t.kl.detach().float().cpu().numpy())
         self.delta_p.add(delta_p.float().numpy())

@@ -197,3 +197,172 @@ def test_sketch_beyond_the_cap_keeps_its_rank_error(k):
         # the value returned sits at true ranks [below, upto); it must reach within rank_error (+1, interpolation) of target
         assert below - q.rank_error - 1 <= target <= upto + q.rank_error + 1, (p, got, below, upto, target)
     assert q.percentiles([0, 100]) == [float(ordered[0]), float(ordered[-1])]
+
+
+# ---- compare.<name> of real runs against the float64 full-logits reference ----
+
+def reference_table(tokens: list[dict]) -> dict:
+    """The expected figures from per-token float64 rows (kl, nll, other_nll, same_top1, doc), by numpy."""
+    kl, nll, other = (np.array([t[k] for t in tokens]) for k in ("kl", "nll", "other_nll"))
+    same, doc = np.array([t["same_top1"] for t in tokens], dtype=float), np.array([t["doc"] for t in tokens])
+    dp = np.exp(-other) - np.exp(-nll)
+    return {"kl": kl, "dp": dp, "same": same, "ratio": other - nll, "nll": nll, "other": other, "doc": doc}
+
+
+def check_against_reference(c: dict, ref: dict, *, mean_rel=1e-3, pct_rel=2e-3, pct_abs=1e-7) -> None:
+    """Every figure of compare.<name>: means to mean_rel, percentiles to pct_rel (or pct_abs near zero),
+    same top-1 within 2.5 tokens, standard errors (clustered by document) to mean_rel."""
+    n = len(ref["kl"])
+    assert c["tokens"] == n
+    for key, values in [("kl_divergence", ref["kl"]), ("delta_p", ref["dp"]), ("ln_ppl_ratio", ref["ratio"])]:
+        assert c[key]["mean"] == pytest.approx(values.mean(), rel=mean_rel, abs=1e-3 * values.std() / math.sqrt(n)), key
+        assert c[key]["stderr"] == pytest.approx(clustered(values, ref["doc"]), rel=10 * mean_rel), key
+        assert c[key]["stderr_iid"] == pytest.approx(values.std(ddof=1) / math.sqrt(n), rel=10 * mean_rel), key
+        for name, q in NAMES.items():
+            if name in c[key]:
+                assert c[key][name] == pytest.approx(np.percentile(values, q), rel=pct_rel, abs=pct_abs), (key, name)
+    assert abs(c["same_top1"]["mean"] - ref["same"].mean()) * n <= 2.5
+    assert c["delta_p"]["rms"] == pytest.approx(math.sqrt((ref["dp"] ** 2).mean()), rel=mean_rel)
+    assert c["mean_loss"] == pytest.approx(ref["other"].mean(), rel=1e-5)
+    assert c["perplexity_ratio"] == pytest.approx(math.exp(ref["ratio"].mean()), rel=mean_rel)
+    assert c["delta_perplexity"] == pytest.approx(math.exp(ref["other"].mean()) - math.exp(ref["nll"].mean()), rel=mean_rel)
+    assert c["corr_ln_p"] == pytest.approx(np.corrcoef(ref["nll"], ref["other"])[0, 1], rel=mean_rel)
+
+
+@pytest.fixture(scope="module")
+def perturbed_dir(tiny_llama_dir, tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.03 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("perturbed")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(path)
+    return str(path), model
+
+
+@pytest.fixture(scope="module")
+def run_corpus(tmp_path_factory, texts):
+    from .conftest import make_jsonl
+
+    rows = [{"text": t} for t in texts] + [{"text": t[: len(t) // 3]} for t in texts[8:]]
+    return rows, make_jsonl(tmp_path_factory.mktemp("div") / "docs.jsonl", rows)
+
+
+def test_compare_run_matches_the_float64_reference(run_corpus, tiny_llama, tiny_llama_dir, perturbed_dir, llama_tokenizer):
+    from lm_ce.config import Config
+    from lm_ce.runner import evaluate
+
+    from .reference import document_sequence, document_windows, reference_tokens
+
+    rows, path = run_corpus
+    other_dir, other = perturbed_dir
+    res = evaluate(Config(model=tiny_llama_dir, data_files=[path], compare_to=[other_dir], max_length=32, stride=16,
+                          batch_size=3, progress=False))
+    tokens = []
+    for i, row in enumerate(rows):
+        seq, first = document_sequence(llama_tokenizer, row["text"], llama_tokenizer.bos_token_id)
+        windows = document_windows(len(seq), first, 32, 16)
+        for p, q in zip(reference_tokens(tiny_llama, seq, windows), reference_tokens(other, seq, windows)):
+            tokens.append({"kl": float((p["logprobs"].exp() * (p["logprobs"] - q["logprobs"])).sum()), "nll": p["nll"],
+                           "other_nll": q["nll"], "same_top1": p["top1"] == q["top1"], "doc": i})
+    c = res.summary["compare"][other_dir]
+    assert c["unit"] == "documents" and c["quantile_rank_error"] == 0
+    check_against_reference(c, reference_table(tokens))
+    assert math.isclose(c["base_perplexity"], res.summary["metrics"]["perplexity"], rel_tol=1e-9)
+    from lm_ce import report
+
+    text = report.table(res.summary)
+    assert "====== KL divergence statistics ======" in text and "Same top p:" in text
+
+
+# ---- interrupted compare runs ----
+
+@pytest.fixture(scope="module")
+def resume_corpus(tmp_path_factory):
+    from .conftest import SENTENCES, make_jsonl
+
+    rows = [{"text": " ".join(SENTENCES[(i * 7 + k) % len(SENTENCES)] for k in range(1 + i % 9)), "id": f"d{i}"}
+            for i in range(48)]
+    return make_jsonl(tmp_path_factory.mktemp("resume") / "docs.jsonl", rows)
+
+
+def compare_settings(model: str, other: str, data: str, out) -> "Config":
+    from lm_ce.config import Config
+
+    return Config(model=model, compare_to=[other], data_files=[data], id_field="id", max_length=24, stride=12,
+                  batch_size=2, chunk_documents=16, output_dir=str(out), progress=False)
+
+
+def stop_at(monkeypatch, calls: int, when=lambda scorer: True) -> None:
+    """Ctrl-C (SIGINT to this process) during the calls-th batch that `when` accepts."""
+    import os
+    import signal
+
+    from lm_ce.scoring import Scorer
+
+    score, seen = Scorer.score, {"n": 0}
+
+    def score_then_signal(self, batch, tally):
+        if when(self):
+            seen["n"] += 1
+            if seen["n"] == calls:
+                os.kill(os.getpid(), signal.SIGINT)
+        return score(self, batch, tally)
+
+    monkeypatch.setattr(Scorer, "score", score_then_signal)
+
+
+@pytest.mark.parametrize("stop_after", [3, 30])  # inside the first chunk, in a later one
+def test_compare_run_resumes_exactly(tiny_llama_dir, perturbed_dir, resume_corpus, tmp_path, monkeypatch, stop_after):
+    import dataclasses
+
+    from lm_ce.runner import evaluate
+
+    other = perturbed_dir[0]
+    whole = evaluate(compare_settings(tiny_llama_dir, other, resume_corpus, tmp_path / "whole"))
+    cfg = compare_settings(tiny_llama_dir, other, resume_corpus, tmp_path / "stopped")
+    with monkeypatch.context() as m:
+        stop_at(m, stop_after)
+        first = evaluate(cfg)
+    assert first.summary["complete"] is False
+    partial = first.summary.get("compare", {}).get(other)
+    if partial:  # a partial report compares what both models scored: the finished chunks
+        assert partial["tokens"] == first.summary["counts"]["tokens"] < whole.summary["counts"]["tokens"]
+    resumed = evaluate(dataclasses.replace(cfg, resume=True))
+    assert resumed.summary["complete"] is True
+    assert resumed.summary["compare"][other] == whole.summary["compare"][other]
+
+
+def test_interrupted_compare_by_bytes_covers_documents_both_scored(tiny_llama_dir, tiny_gpt2_dir, resume_corpus, tmp_path,
+                                                                   monkeypatch):
+    import dataclasses
+
+    from lm_ce.paired import paired
+    from lm_ce.runner import evaluate
+
+    cfg = dataclasses.replace(compare_settings(tiny_llama_dir, tiny_gpt2_dir, resume_corpus, tmp_path / "a"), output_dir=None)
+    with monkeypatch.context() as m:  # the first model stopped: the other is not scored at all
+        stop_at(m, 5)
+        first = evaluate(cfg)
+    assert first.summary["complete"] is False and "not compared" in first.summary["compare"][tiny_gpt2_dir]["note"]
+    is_gpt2 = lambda scorer: scorer.model.config.model_type == "gpt2"  # noqa: E731
+    with monkeypatch.context() as m:  # the other model stopped in its second chunk
+        stop_at(m, 200, is_gpt2)
+        res = evaluate(cfg)
+    c = res.summary["compare"][tiny_gpt2_dir]
+    assert c["complete"] is False and "documents both models scored" in c["note"]
+    alone = evaluate(dataclasses.replace(cfg, model=tiny_gpt2_dir, compare_to=None))
+    shared = [(a, b) for a, b in zip(res.documents, alone.documents)][: c["documents"]]
+    assert 16 <= c["documents"] < len(res.documents)
+    ln2 = math.log(2)
+    expected = paired(np.array([a.nll_sum for a, _ in shared]), np.array([b.nll_sum for _, b in shared]),
+                      np.array([a.bytes for a, _ in shared]), 1 / ln2)
+    assert c["delta_bits_per_byte"] == pytest.approx(expected["value"], rel=1e-9)
+    assert c["delta_bits_per_byte_stderr"] == pytest.approx(expected["stderr"], rel=1e-9)
+    n_bytes = sum(a.bytes for a, _ in shared)
+    assert c["bits_per_byte"] == pytest.approx(sum(b.nll_sum for _, b in shared) / n_bytes / ln2, rel=1e-9)
+    assert c["base_bits_per_byte"] == pytest.approx(sum(a.nll_sum for a, _ in shared) / n_bytes / ln2, rel=1e-9)
