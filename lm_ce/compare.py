@@ -67,7 +67,8 @@ def compare_by_bytes(cfg: Config, name: str, results: Results) -> dict:
         if not other.summary["complete"]:
             return {**out, "note": "not compared: scoring the compared model was stopped (its tokenizer differs)"}
         bpb, first = other.summary["metrics"]["bits_per_byte"], summary["metrics"]["bits_per_byte"]
-        return {**out, "bits_per_byte": bpb, "delta_bits_per_byte": bpb - first if bpb is not None and first is not None else None}
+        delta = bpb - first if bpb is not None and first is not None else None
+        return {**out, "bits_per_byte": bpb, "delta_bits_per_byte": delta}
     # document mode: pair the documents both scored (a stopped compared run finished only the first ones)
     theirs = {d.index: d for d in other.documents if not d.skipped and d.tokens}
     pairs = [(d, theirs[d.index]) for d in results.documents if not d.skipped and d.tokens and d.index in theirs]

@@ -133,8 +133,9 @@ def compare_runs(dir_a: str, dir_b: str) -> dict:
     else:
         out["paired_by"] = "totals"
         out["delta"] = _stream_deltas(a, b, same)
+        blocks = out["delta"]["bits_per_byte"]["stderr"] is not None
         notes.append("stream mode keeps no per-document rows: " + (
-            "paired token by token, in blocks of `stride` targets" if out["delta"]["bits_per_byte"]["stderr"] is not None
+            "paired token by token, in blocks of `stride` targets (bits per byte: bytes shared out by tokens)" if blocks
             else "only the totals are compared (no standard error); save tokens (--save-tokens) in both runs to pair them"))
     if same:
         ratio = out["delta"]["mean_loss"]
