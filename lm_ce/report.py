@@ -100,11 +100,10 @@ def sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         out.append(("By group", ["group", "documents", "tokens", "mean loss", "perplexity", "bits/byte"], rows))
     if summary.get("compare"):
         first = summary["metrics"]
-        rows = [[summary["model"]["name"] + " (base)", fmt(first["perplexity"]), fmt(first["bits_per_byte"]), "-", "-", "-", "-"]]
-        for name, c in summary["compare"].items():
-            kl, same = c.get("kl_divergence", {}), c.get("same_top1", {})
+        rows = [[summary["model"]["name"] + " (first)", fmt(first["perplexity"]), fmt(first["bits_per_byte"]), "-", "-", "-", "-"]]
+        for name, c in summary["compare"].items():  # kl_mean, kl_p99, top1_agreement: kl_divergence.mean, .p99, same_top1.mean
             rows.append([name, fmt(c.get("perplexity")), fmt(c.get("bits_per_byte")), fmt(c.get("delta_perplexity")),
-                         fmt(kl.get("mean")), fmt(kl.get("p99")), fmt(same.get("mean"))])
+                         fmt(c.get("kl_mean")), fmt(c.get("kl_p99")), fmt(c.get("top1_agreement"))])
             if c.get("note"):
                 rows[-1][3:] = [c["note"], "-", "-", "-"]
         out.append(("Model against model (same tokens)", ["model", "perplexity", "bits/byte", "delta ppl", "KL mean",

@@ -163,6 +163,33 @@ def test_pickle_and_torch_save_round_trip(table, summary):
     assert torch.load(buffer, weights_only=False)["run"].summary(n_bytes=123456) == summary
 
 
+def test_report_in_llama_cpp_layout(summary):
+    from lm_ce import report
+
+    s = {"model": {"name": "base-model"}, "uncertainty": {"mean_loss_stderr": 0.01, "perplexity_ci95": [1, 2], "clusters": 120,
+                                                          "unit": "documents"}, "compare": {"q4": summary}}
+    [(title, lines)] = report.divergence_blocks(s)
+    assert title.startswith("q4 against the base")
+    heads = [i for i, line in enumerate(lines) if line.startswith("======")]
+    assert [lines[i] for i in heads] == ["====== Perplexity statistics ======", "====== KL divergence statistics ======",
+                                         "====== Token probability statistics ======"]
+    row = {line.split(":")[0].strip(): line.split(":", 1)[1].split() for line in lines if ":" in line and "=" not in line}
+    k, d = summary["kl_divergence"], summary["delta_p"]
+    assert row["Mean    KLD"] == [f"{k['mean']:.6f}", "±", f"{k['stderr']:.6f}"]
+    assert row["99.9%   KLD"] == [f"{k['p99_9']:.6f}"] and row["0.1%   KLD"] == [f"{k['p0_1']:.6f}"]
+    assert row["Median  Δp"] == [f"{100 * d['median']:.3f}", "%"]
+    assert row["RMS Δp"] == [f"{100 * d['rms']:.3f}", "±", f"{100 * d['rms_stderr']:.3f}", "%"]
+    assert row["Same top p"] == [f"{100 * summary['same_top1']['mean']:.3f}", "±", f"{100 * summary['same_top1']['stderr']:.3f}", "%"]
+    assert row["Mean PPL(Q)-PPL(base)"] == [f"{summary['delta_perplexity']:.6f}", "±", f"{summary['delta_perplexity_stderr']:.6f}"]
+    assert row["Mean PPL(base)"][2] == f"{summary['base_perplexity'] * 0.01:.6f}"
+    assert "clustered by documents (120)" in lines[-1]
+    s["complete"], s["settings"] = True, {"mode": "document", "max_length": 8, "stride": 8}
+    s.update(metrics={"perplexity": 1.0, "bits_per_byte": None}, data={"data_files": ["x"]})
+    s["model"].update(dtype="float32")
+    md = report.markdown({**s, "environment": {}, "config": {}})
+    assert "## q4 against the base" in md and "```text\n====== Perplexity statistics ======" in md
+
+
 def test_quantiles_exact_below_the_cap():
     values = np.random.default_rng(1).standard_normal(5000).astype(np.float32)
     q = Quantiles(exact_cap=5000, k=64)
