@@ -100,8 +100,8 @@ def sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         out.append(("By group", ["group", "documents", "tokens", "mean loss", "perplexity", "bits/byte"], rows))
     if summary.get("compare"):
         first = summary["metrics"]
-        rows = [[summary["model"]["name"] + " (first)", fmt(first["perplexity"]), fmt(first["bits_per_byte"]), "-", "-", "-", "-"]]
-        for name, c in summary["compare"].items():  # kl_mean, kl_p99, top1_agreement: kl_divergence.mean, .p99, same_top1.mean
+        rows = [[summary["model"]["name"] + " (first)", fmt(first["perplexity"]), fmt(first["bits_per_byte"]), *"----"]]
+        for name, c in summary["compare"].items():  # kl_mean, kl_p99, top1_agreement: the first-version names
             rows.append([name, fmt(c.get("perplexity")), fmt(c.get("bits_per_byte")), fmt(c.get("delta_perplexity")),
                          fmt(c.get("kl_mean")), fmt(c.get("kl_p99")), fmt(c.get("top1_agreement"))])
             if c.get("note"):
@@ -151,7 +151,8 @@ def divergence_blocks(summary: dict) -> list[tuple[str, list[str]]]:
         lines += [f"{label} KLD: {_pm(kl[key], kl['stderr'] if key == 'mean' else None)}"
                   for label, key in KL_ROWS if key in kl]
         lines += ["", "====== Token probability statistics ======"]
-        lines += [f"{label} Δp: {_pm(dp[key], dp['stderr'] if key == 'mean' else None, 100, 3)} %" for label, key in KL_ROWS]
+        lines += [f"{label} Δp: {_pm(dp[key], dp['stderr'] if key == 'mean' else None, 100, 3)} %"
+                  for label, key in KL_ROWS]
         lines += [f"RMS Δp    : {_pm(dp['rms'], dp['rms_stderr'], 100, 3)} %",
                   f"Same top p: {_pm(same['mean'], same['stderr'], 100, 3)} %"]
         notes = [f"Q = {name}, base = {summary['model']['name']}; {c['tokens']:,} tokens; ± is the standard error "
