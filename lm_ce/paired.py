@@ -20,8 +20,7 @@ import numpy as np
 from .config import UsageError
 from .stats import Z95, exp_capped
 
-DATA_KEYS = ("dataset", "dataset_config", "split", "data_files", "text_field", "prompt_field", "join_by", "streaming",
-             "limit")
+DATA_KEYS = ("source", "dataset", "dataset_config", "split", "text_field", "prompt_field", "join_by", "streaming", "limit")
 WINDOW_KEYS = ("max_length", "stride")
 MOST_CHANGED = 10
 
@@ -60,8 +59,8 @@ def read_run(directory: str) -> RunFiles:
 
 def check_comparable(a: RunFiles, b: RunFiles) -> bool:
     """Refuse runs on different data, windows or documents (naming what differs); True when they scored the same tokens."""
-    differ = [f"data.{k}: {a.summary['data'].get(k)!r} vs {b.summary['data'].get(k)!r}" for k in DATA_KEYS
-              if a.summary["data"].get(k) != b.summary["data"].get(k)]
+    x, y = _data_identity(a.summary["data"]), _data_identity(b.summary["data"])
+    differ = [f"data.{k}: {x.get(k)!r} vs {y.get(k)!r}" for k in x if x.get(k) != y.get(k)]
     differ += [f"settings.{k}: {a.summary['settings'].get(k)!r} vs {b.summary['settings'].get(k)!r}"
                for k in ("mode", "prefix_token", "separator") if a.summary["settings"].get(k) != b.summary["settings"].get(k)]
     if differ:
@@ -88,6 +87,17 @@ def check_comparable(a: RunFiles, b: RunFiles) -> bool:
             raise UsageError(f"the runs scored the same tokens in different windows ({'; '.join(windows)}): "
                              "compare runs with the same --max-length and --stride")
     return same
+
+
+def _data_identity(data: dict) -> dict:
+    """What must agree for two runs to have read the same data: local files by content (size and sha256, not
+    path), else their names as given; the Hub dataset; how rows were read."""
+    out = {k: data.get(k) for k in DATA_KEYS}
+    if data.get("files") is not None:
+        out["files"] = [f"{f['bytes']} bytes, sha256 {f['sha256'][:12]}" for f in data["files"]]
+    else:
+        out["data_files"] = data.get("data_files")
+    return out
 
 
 def paired(a: np.ndarray, b: np.ndarray, units: np.ndarray, scale: float = 1.0) -> dict:

@@ -136,8 +136,13 @@ def test_refusals_name_what_differs(runs, make_run, tiny_llama_dir, write_jsonl,
     with pytest.raises(UsageError, match="max_length: 32 vs 24; stride: 16 vs 24"):
         paired.compare_runs(runs["a"], other_windows)
     other_data = make_run(tiny_llama_dir, data_files=[write_jsonl([{"text": "Hello there.", "title": "x", "domain": "d"}])])
-    with pytest.raises(UsageError, match="data.data_files"):
+    with pytest.raises(UsageError, match="data.files: \\['.* bytes, sha256 .*'\\] vs"):
         paired.compare_runs(runs["a"], other_data)
+    copied = tmp_path / "copy" / "same.jsonl"  # the same content elsewhere is the same data
+    copied.parent.mkdir()
+    copied.write_bytes(open(json.load(open(f"{runs['a']}/results.json"))["data"]["files"][0]["path"], "rb").read())
+    same = paired.compare_runs(runs["a"], make_run(tiny_llama_dir, data_files=[str(copied)], save_tokens=True))
+    assert same["delta"]["mean_loss"]["value"] == 0.0 and same["token_by_token"]["same_top1"]["mean"] == 1.0
     edited = tmp_path / "edited"
     edited.mkdir()
     for name in ("results.json", "documents.jsonl"):
