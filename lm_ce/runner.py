@@ -74,7 +74,7 @@ def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=Non
         durations = Durations(load=loaded - started, scoring=finished - loaded, total=finished - started)
         results = summarize(cfg, run=run, stopped=stopped, setup=setup, info=info, tokenizer=tokenizer, durations=durations)
         for name in compared.by_bytes:
-            results.summary.setdefault("compare", {})[name] = compare_by_bytes(cfg, name, results.summary)
+            results.summary.setdefault("compare", {})[name] = compare_by_bytes(cfg, name, results)
         return results
 
 
