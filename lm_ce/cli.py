@@ -17,11 +17,64 @@ Every field of the config (lm_ce/config.py; see README) is a flag, e.g.
   --data-files a.jsonl --text-field text --limit 100 --mode document|stream|llama-cpp|gptq
   --protocol lm-eval|lm-eval-wikitext|hf-docs|llama-cpp|gptq --bos-policy first|every-window|none
   --max-length 1024 --stride 512 --batch-size 8 --dtype float32 --output-dir runs/x [--resume | --overwrite]
+
+Two finished runs: lm-ce compare RUN_A RUN_B [--output-dir DIR] (see lm-ce compare --help)
 """
+
+
+COMPARE_USAGE = """usage: lm-ce compare RUN_A RUN_B [--output-dir DIR]
+
+Compares two finished runs (their --output-dir) on the same data without loading a model: B minus A
+in mean loss and bits per byte with paired standard errors, by group, the documents that changed most,
+and token by token when both saved tokens. Writes comparison.json and comparison.md to DIR (default RUN_B).
+"""
+
+
+def compare_main(argv: list[str] | None = None) -> int:
+    """`lm-ce compare RUN_A RUN_B [--output-dir DIR]` (also scripts/compare.py)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(COMPARE_USAGE)
+        return 0
+    from . import paired
+    from .config import UsageError
+
+    try:
+        runs, output_dir = _compare_args(argv)
+        comparison = paired.compare_runs(*runs)
+    except UsageError as e:
+        print(f"lm_ce: error: {e}", file=sys.stderr)
+        return 2
+    where = paired.write(comparison, output_dir or runs[1])
+    print(paired.markdown(comparison))
+    print(f"wrote {where}/ (comparison.json, comparison.md)")
+    return 0
+
+
+def _compare_args(argv: list[str]) -> tuple[list[str], str | None]:
+    from .config import UsageError
+
+    runs, output_dir, rest = [], None, list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--output-dir" or arg.startswith("--output-dir="):
+            value = arg.split("=", 1)[1] if "=" in arg else (rest.pop(0) if rest else None)
+            if not value:
+                raise UsageError("--output-dir needs a directory")
+            output_dir = value
+        elif arg.startswith("-"):
+            raise UsageError(f"compare: unknown option {arg}; usage: lm-ce compare RUN_A RUN_B [--output-dir DIR]")
+        else:
+            runs.append(arg)
+    if len(runs) != 2:
+        raise UsageError("compare needs two run directories: lm-ce compare RUN_A RUN_B [--output-dir DIR]")
+    return runs, output_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:
+        return compare_main(argv[1:])
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0

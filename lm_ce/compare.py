@@ -3,10 +3,15 @@ scored on the same tokens; otherwise scored on their own and compared by bits pe
 from __future__ import annotations
 
 import dataclasses
+import math
+
+import numpy as np
 
 from . import model as model_lib
 from .config import Config, UsageError
 from .loss import Head, head_of
+from .paired import paired
+from .records import Results
 from .scoring import ComparedModel
 from .setup import Setup
 
@@ -42,16 +47,40 @@ def same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and a.all_special_ids == b.all_special_ids
 
 
-def compare_by_bytes(cfg: Config, name: str, summary: dict) -> dict:
-    """A model with another tokenizer: scored on its own, compared by bits per byte only."""
+def compare_by_bytes(cfg: Config, name: str, results: Results) -> dict:
+    """A model with another tokenizer: scored on its own, compared by bits per byte over the documents
+    both models scored (paired by document). A stopped run is not compared: stopping means stop."""
     from .runner import evaluate
 
+    summary = results.summary
+    if not summary["complete"]:
+        return {"note": "not compared: the run stopped before the compared model was scored (its tokenizer differs); "
+                        "resume the run to compare"}
     other = evaluate(dataclasses.replace(cfg, model=name, compare_to=None, save_tokens=False, output_dir=None, resume=False))
-    bpb, first = other.summary["metrics"]["bits_per_byte"], summary["metrics"]["bits_per_byte"]
-    return {
+    out = {
         "note": "tokenizers differ: compared by bits per byte only (no per-token KL or agreement)",
+        "complete": other.summary["complete"],
         "tokens": other.summary["counts"]["tokens"],
-        "bits_per_byte": bpb,
-        "delta_bits_per_byte": bpb - first if bpb is not None and first is not None else None,
         "perplexity": other.summary["metrics"]["perplexity"],
     }
+    if cfg.mode == "stream":
+        if not other.summary["complete"]:
+            return {**out, "note": "not compared: scoring the compared model was stopped (its tokenizer differs)"}
+        bpb, first = other.summary["metrics"]["bits_per_byte"], summary["metrics"]["bits_per_byte"]
+        delta = bpb - first if bpb is not None and first is not None else None
+        return {**out, "bits_per_byte": bpb, "delta_bits_per_byte": delta}
+    # document mode: pair the documents both scored (a stopped compared run finished only the first ones)
+    theirs = {d.index: d for d in other.documents if not d.skipped and d.tokens}
+    pairs = [(d, theirs[d.index]) for d in results.documents if not d.skipped and d.tokens and d.index in theirs]
+    if not pairs:
+        return {**out, "note": "not compared: no document was scored by both models"}
+    mine_nll, their_nll = np.array([a.nll_sum for a, _ in pairs]), np.array([b.nll_sum for _, b in pairs])
+    n_bytes = np.array([a.bytes for a, _ in pairs])
+    delta = paired(mine_nll, their_nll, n_bytes, 1 / math.log(2))
+    ln2_bytes = n_bytes.sum() * math.log(2)
+    if not other.summary["complete"]:
+        out["note"] += f"; scoring it was stopped: compared on the {len(pairs)} documents both models scored"
+    return {**out, "documents": len(pairs), "tokens": int(sum(b.tokens for _, b in pairs)),
+            "bits_per_byte": their_nll.sum() / ln2_bytes, "base_bits_per_byte": mine_nll.sum() / ln2_bytes,
+            "delta_bits_per_byte": delta["value"], "delta_bits_per_byte_stderr": delta["stderr"],
+            "delta_bits_per_byte_ci95": delta["ci95"]}

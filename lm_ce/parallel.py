@@ -16,6 +16,7 @@ import torch
 
 from . import checkpoint, stats
 from .config import Config
+from .divergence import Divergence
 from .progress import Progress, StopRequest
 from .records import DocumentResult, Run, Tally
 from .scoring import Scorer
@@ -38,7 +39,7 @@ class Plan:
 
     def new_tally(self) -> Tally:
         return Tally(positions=stats.PositionLoss.zeros(self.setup.max_length),
-                     compares=[stats.Comparison() for _ in self.scorer.others])
+                     compares=[Divergence() for _ in self.scorer.others])
 
 
 def gather(obj, plan: Plan) -> list:

@@ -56,7 +56,7 @@ class Tally:
     docs: dict[int, DocSums] = field(default_factory=dict)
     windows: list[WindowSums] = field(default_factory=list)
     positions: stats.PositionLoss | None = None
-    compares: list = field(default_factory=list)  # stats.Comparison per --compare-to model
+    compares: list = field(default_factory=list)  # divergence.Divergence per --compare-to model
     token_blocks: list[dict] = field(default_factory=list)  # per batch: column -> tensor (with --save-tokens)
     padding: int = 0
     inputs: int = 0

@@ -143,18 +143,66 @@ def sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         out.append(("By group", ["group", "documents", "tokens", "mean loss", "perplexity", "bits/byte"], rows))
     if summary.get("compare"):
         first = summary["metrics"]
-        rows = [[summary["model"]["name"] + " (first)", fmt(first["perplexity"]), fmt(first["bits_per_byte"]), "-", "-", "-", "-"]]
-        for name, c in summary["compare"].items():
+        rows = [[summary["model"]["name"] + " (first)", fmt(first["perplexity"]), fmt(first["bits_per_byte"]), *"----"]]
+        for name, c in summary["compare"].items():  # kl_mean, kl_p99, top1_agreement: the first-version names
             rows.append([name, fmt(c.get("perplexity")), fmt(c.get("bits_per_byte")), fmt(c.get("delta_perplexity")),
                          fmt(c.get("kl_mean")), fmt(c.get("kl_p99")), fmt(c.get("top1_agreement"))])
             if c.get("note"):
                 rows[-1][3:] = [c["note"], "-", "-", "-"]
         out.append(("Model against model (same tokens)", ["model", "perplexity", "bits/byte", "delta ppl", "KL mean",
-                                                           "KL p99", "top-1 agreement"], rows))
+                                                           "KL p99", "same top-1"], rows))
     if summary.get("by_position"):
         rows = [[f"{b['positions'][0]}-{b['positions'][1]}", fmt(b["tokens"]), fmt(b["mean_loss"]), fmt(b["perplexity"])]
                 for b in summary["by_position"]]
         out.append(("Mean loss by position in the window", ["positions", "tokens", "mean loss", "perplexity"], rows))
+    return out
+
+
+KL_ROWS = [("Mean   ", "mean"), ("Maximum", "max"), ("99.9%  ", "p99_9"), ("99.0%  ", "p99"), ("95.0%  ", "p95"),
+           ("90.0%  ", "p90"), ("75.0%  ", "p75"), ("Median ", "median"), ("25.0%  ", "p25"), ("10.0%  ", "p10"),
+           (" 5.0%  ", "p5"), (" 1.0%  ", "p1"), (" 0.1%  ", "p0_1"), ("Minimum", "min")]
+
+
+def _pm(value, se, scale: float = 1.0, digits: int = 6) -> str:
+    """'value ± stderr' in llama.cpp's fixed-width style (no ± part without a standard error)."""
+    if value is None:
+        return "-"
+    text = f"{value * scale:{digits + 5}.{digits}f}"
+    return text + (f" ± {se * scale:{digits + 4}.{digits}f}" if se is not None else "")
+
+
+def divergence_blocks(summary: dict) -> list[tuple[str, list[str]]]:
+    """Per compared model, its statistics against the base in the layout of llama.cpp's --kl-divergence
+    (perplexity, KL divergence, token probability), so that users can read them side by side."""
+    out = []
+    base_se = summary.get("uncertainty", {}).get("mean_loss_stderr")
+    for name, c in (summary.get("compare") or {}).items():
+        if "kl_divergence" not in c:
+            continue
+        kl, dp, same, ratio = c["kl_divergence"], c["delta_p"], c["same_top1"], c["ln_ppl_ratio"]
+        ppl, base_ppl = c["perplexity"], c["base_perplexity"]
+        se_of = lambda x, se: x * se if se is not None and x is not None and math.isfinite(x) else None  # noqa: E731
+        rows = [("Mean PPL(Q)", _pm(ppl, se_of(ppl, c["mean_loss_stderr"]))),
+                ("Mean PPL(base)", _pm(base_ppl, se_of(base_ppl, base_se))),
+                ("Cor(ln(PPL(Q)), ln(PPL(base)))", f"{100 * c['corr_ln_p']:6.2f}%" if c["corr_ln_p"] is not None else "-"),
+                ("Mean ln(PPL(Q)/PPL(base))", _pm(ratio["mean"], ratio["stderr"])),
+                ("Mean PPL(Q)/PPL(base)", _pm(c["perplexity_ratio"], se_of(c["perplexity_ratio"], ratio["stderr"]))),
+                ("Mean PPL(Q)-PPL(base)", _pm(c["delta_perplexity"], c["delta_perplexity_stderr"]))]
+        width = max(len(label) for label, _ in rows)
+        lines = ["====== Perplexity statistics ======"] + [f"{label:<{width}}: {value}" for label, value in rows]
+        lines += ["", "====== KL divergence statistics ======"]
+        lines += [f"{label} KLD: {_pm(kl[key], kl['stderr'] if key == 'mean' else None)}"
+                  for label, key in KL_ROWS if key in kl]
+        lines += ["", "====== Token probability statistics ======"]
+        lines += [f"{label} Δp: {_pm(dp[key], dp['stderr'] if key == 'mean' else None, 100, 3)} %"
+                  for label, key in KL_ROWS]
+        lines += [f"RMS Δp    : {_pm(dp['rms'], dp['rms_stderr'], 100, 3)} %",
+                  f"Same top p: {_pm(same['mean'], same['stderr'], 100, 3)} %"]
+        notes = [f"Q = {name}, base = {summary['model']['name']}; {c['tokens']:,} tokens; ± is the standard error "
+                 f"clustered by {c['unit']} ({c['clusters']:,}); per-token (iid) errors are in results.json"]
+        if c.get("quantile_rank_error"):
+            notes.append(f"percentiles from a sketch: rank error at most {c['quantile_rank_error']:.2g} of the tokens")
+        out.append((f"{name} against the base (llama.cpp's --kl-divergence layout)", lines + [""] + notes))
     return out
 
 
@@ -174,6 +222,8 @@ def table(summary: dict) -> str:
     lines += [f"  {label:<{width}}  {value}" for label, value in rows]
     for name, header, body in sections(summary):
         lines += ["", name, *_grid(header, body)]
+    for name, block in divergence_blocks(summary):
+        lines += ["", name, *block]
     return "\n".join(lines)
 
 
@@ -194,6 +244,8 @@ def markdown(summary: dict) -> str:
     for name, header, body in sections(summary):
         out += ["", f"## {name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(r) + " |" for r in body]
+    for name, block in divergence_blocks(summary):
+        out += ["", f"## {name}", "", "```text", *block, "```"]
     out += ["", "## What was run", "", "| | |", "|---|---|"]
     out += [f"| {key} | {value} |" for key, value in what_was_run(summary)]
     return "\n".join(out) + "\n"

@@ -107,7 +107,7 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
     results = summarize(cfg, run=run, stopped=stopped, setup=setup, info=loaded.info, tokenizer=tokenizer,
                         durations=durations)
     for name in compared.by_bytes:
-        results.summary.setdefault("compare", {})[name] = compare_by_bytes(cfg, name, results.summary)
+        results.summary.setdefault("compare", {})[name] = compare_by_bytes(cfg, name, results)
     return results
 
 

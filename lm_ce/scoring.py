@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .divergence import TokenPairs
 from .loss import Head, TokenLosses, logits_losses, pair_losses, token_losses
 from .records import Tally, WindowSums
 from .windows import Window
@@ -84,8 +85,8 @@ class Scorer:
         nll = out.nll.cpu()
         sums = _add_windows(batch, nll, tally)
         tally.positions.add(in_window, nll)
-        for comparison, pair in zip(tally.compares, compared):
-            comparison.add(pair.other_nll.cpu(), pair.kl.cpu(), (pair.top1 == pair.other_top1).cpu())
+        if compared:
+            _add_divergences(batch, compared, tally)
         if self.want_top1:
             tally.token_blocks.append(_token_columns(batch, targets, nll, out.top1, in_window, compared))
         width = inputs["input_ids"].shape[1]
@@ -138,6 +139,15 @@ def _add_windows(batch: list[Window], nll: torch.Tensor, tally: Tally) -> BatchS
         tally.windows.append(WindowSums(w.doc, w.target_offset, total, w.n_scored))
         sums += BatchSums(w.n_scored, total)
     return sums
+
+
+def _add_divergences(batch: list[Window], compared: list, tally: Tally) -> None:
+    """Each compared model's per-token values into its accumulator, with the document and window of each token."""
+    doc = torch.cat([torch.full((w.n_scored,), w.doc) for w in batch])
+    window = torch.cat([torch.full((w.n_scored,), w.target_offset) for w in batch])
+    for divergence, pair in zip(tally.compares, compared):
+        divergence.add(TokenPairs(nll=pair.nll, other_nll=pair.other_nll, kl=pair.kl, same_top1=pair.top1 == pair.other_top1,
+                                  doc=doc, window=window))
 
 
 def _token_columns(batch: list[Window], targets, nll, top1, in_window, compared) -> dict[str, torch.Tensor]:

@@ -3,8 +3,8 @@
 - Uncertainty: the standard error of the mean loss over clusters (documents, or windows when there
   is a single stream), because tokens of one document are correlated and a per-token standard
   error would look tighter than the evidence allows.
-- Loss by position in the window, per group, and (with --compare-to) KL divergence and top-1
-  agreement between two models on the same tokens.
+- Loss by position in the window, and per group. (Model against model, with --compare-to, is in
+  lm_ce.divergence.)
 """
 from __future__ import annotations
 
@@ -104,46 +104,3 @@ def groups(documents, ln2: float = math.log(2)) -> dict:
         g["perplexity"] = exp_capped(g["mean_loss"])
         g["bits_per_byte"] = g["nll_sum"] / (g["bytes"] * ln2) if g["bytes"] else None
     return out
-
-
-@dataclass
-class Comparison:
-    """Second model against the first on the same tokens."""
-
-    nll: float = 0.0  # the second model's NLL sum (float64)
-    kl: float = 0.0
-    agree: int = 0
-    tokens: int = 0
-    kl_values: list = field(default_factory=list)  # float32 tensors, for percentiles
-
-    def add(self, other_nll: torch.Tensor, kl: torch.Tensor, agree: torch.Tensor) -> None:
-        self.nll += float(other_nll.double().sum())
-        self.kl += float(kl.double().sum())
-        self.agree += int(agree.sum())
-        self.tokens += int(kl.numel())
-        self.kl_values.append(kl.float().cpu())
-
-    def merge(self, other: "Comparison") -> None:
-        self.nll += other.nll
-        self.kl += other.kl
-        self.agree += other.agree
-        self.tokens += other.tokens
-        self.kl_values += other.kl_values
-
-    def summary(self, first_nll: float, n_bytes: int) -> dict:
-        n = self.tokens
-        kl = torch.cat(self.kl_values).double() if self.kl_values else torch.zeros(0, dtype=torch.float64)
-        first_ppl, second_ppl = exp_capped(first_nll / n), exp_capped(self.nll / n)
-        return {
-            "tokens": n,
-            "nll_sum": self.nll,
-            "mean_loss": self.nll / n,
-            "perplexity": second_ppl,
-            "bits_per_byte": self.nll / (n_bytes * math.log(2)) if n_bytes else None,
-            "delta_perplexity": second_ppl - first_ppl,
-            "perplexity_ratio": second_ppl / first_ppl,
-            "kl_mean": self.kl / n,
-            "kl_p99": float(torch.quantile(kl, 0.99)) if kl.numel() <= 2**24 else float(kl.kthvalue(int(0.99 * kl.numel())).values),
-            "kl_max": float(kl.max()) if kl.numel() else None,
-            "top1_agreement": self.agree / n,
-        }

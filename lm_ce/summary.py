@@ -129,7 +129,7 @@ def summarize(cfg: Config, *, run: Run, stopped: bool, setup: Setup, info: Model
     if cfg.group_field and cfg.mode == "document":
         summary["groups"] = stats.groups(scored)
     if tally.compares:
-        summary["compare"] = {name: c.summary(totals.nll_sum, totals.bytes) for name, c in zip(cfg.compare_to, tally.compares)}
+        summary["compare"] = {name: c.summary(n_bytes=totals.bytes) for name, c in zip(cfg.compare_to, tally.compares)}
     table = token_table(tally.token_blocks, documents, tokenizer) if cfg.save_tokens else None
     return Results(summary, documents if cfg.mode == "document" else [], tally.positions, table)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lm_ce.records import DocumentResult
-from lm_ce.stats import NULL_GROUP, Z95, Clustered, Comparison, PositionLoss, exp_capped, groups, uncertainty
+from lm_ce.stats import NULL_GROUP, Z95, Clustered, PositionLoss, exp_capped, groups, uncertainty
 
 
 def clustered_sample(seed: int, n_clusters: int):
@@ -106,31 +106,6 @@ def test_groups_by_hand():
     assert a["mean_loss"] == 1.2 and a["perplexity"] == math.exp(1.2)
     assert a["bits_per_byte"] == pytest.approx(12.0 / 40 / math.log(2), rel=1e-15)
     assert out["b"]["mean_loss"] == 0.5 and out["b"]["bits_per_byte"] is None  # no bytes: no bits per byte
-
-
-def test_comparison_against_numpy():
-    rng = np.random.default_rng(5)
-    first = rng.gamma(2.0, 1.0, 300)
-    second = first + rng.normal(0, 0.3, 300)
-    kl = rng.exponential(0.2, 300)
-    agree = rng.random(300) < 0.8
-    c, part = Comparison(), Comparison()
-    c.add(torch.tensor(second[:100]), torch.tensor(kl[:100], dtype=torch.float32), torch.tensor(agree[:100]))
-    part.add(torch.tensor(second[100:]), torch.tensor(kl[100:], dtype=torch.float32), torch.tensor(agree[100:]))
-    c.merge(part)
-    out = c.summary(float(first.sum()), 1000)
-    kl32 = kl.astype(np.float32).astype(np.float64)
-    assert out["tokens"] == 300
-    assert out["nll_sum"] == pytest.approx(second.sum(), rel=1e-12)
-    assert out["mean_loss"] == pytest.approx(second.mean(), rel=1e-12)
-    assert out["perplexity"] == pytest.approx(np.exp(second.mean()), rel=1e-12)
-    assert out["delta_perplexity"] == pytest.approx(np.exp(second.mean()) - np.exp(first.mean()), rel=1e-9)
-    assert out["perplexity_ratio"] == pytest.approx(np.exp(second.mean() - first.mean()), rel=1e-9)
-    assert out["bits_per_byte"] == pytest.approx(second.sum() / 1000 / np.log(2), rel=1e-12)
-    assert out["kl_mean"] == pytest.approx(kl32.mean(), rel=1e-12)
-    assert out["kl_p99"] == pytest.approx(np.quantile(kl32, 0.99), rel=1e-12)
-    assert out["kl_max"] == kl32.max()
-    assert out["top1_agreement"] == agree.mean()
 
 
 def test_exp_capped():
