@@ -15,7 +15,7 @@ import logging
 from transformers import TrainerCallback
 
 from . import api
-from .config import from_settings
+from .overrides import from_settings
 from .records import Results
 
 log = logging.getLogger("lm_ce")

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
-    from .config import UsageError, build_config
+    from .config import UsageError
+    from .overrides import build_config
 
     results = None
     try:

@@ -15,7 +15,8 @@ import tempfile
 
 import torch
 
-from .config import Config, UsageError, first_line, parse_device_map, parse_max_memory
+from .config import Config, UsageError, first_line
+from .overrides import parse_device_map, parse_max_memory
 
 log = logging.getLogger("lm_ce")
 

@@ -10,7 +10,8 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import FIELDS, Config, UsageError, _coerce, _unknown
+from .config import FIELDS, Config, UsageError
+from .overrides import _coerce, _unknown
 from .protocols import protocol_values
 from .records import Results
 from .summary import metrics

@@ -6,7 +6,8 @@ import dataclasses
 import pytest
 import yaml
 
-from lm_ce.config import Config, UsageError, build_config, check, load_yaml, parse_overrides
+from lm_ce.config import Config, UsageError, check
+from lm_ce.overrides import build_config, load_yaml, parse_overrides
 
 
 def write_yaml(tmp_path, text: str, name: str = "run.yaml") -> str:

@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from lm_ce import placement
-from lm_ce.config import Config, UsageError, build_config
+from lm_ce.config import Config, UsageError
+from lm_ce.overrides import build_config
 from lm_ce.loss import head_of, probe_head
 from lm_ce.model import load
 from lm_ce.runner import evaluate

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from lm_ce import report
-from lm_ce.config import UsageError, build_config
+from lm_ce.config import UsageError
+from lm_ce.overrides import build_config
 from lm_ce.runner import evaluate
 from lm_ce.suite import entry_config
 
