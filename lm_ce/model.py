@@ -242,11 +242,17 @@ def gguf_source(spec: str, cfg: Config, dtype: torch.dtype) -> tuple[str, dict, 
             raise UsageError(f"{spec} is not a GGUF file (no GGUF magic bytes); give a valid .gguf file")
     kwargs = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.gguf_cache:
-        cached = cache_root() / "gguf" / f"{file_sha256(spec)[:32]}-{str(dtype).replace('torch.', '')}"
+        name = f"{file_sha256(spec)[:32]}-{str(dtype).replace('torch.', '')}-{GGUF_CACHE_FORMAT}"
+        cached = cache_root() / "gguf" / name
         if (cached / "config.json").is_file():
             return str(cached), kwargs, None
         return str(Path(spec).parent), {**kwargs, "gguf_file": Path(spec).name}, str(cached)
     return str(Path(spec).parent), {**kwargs, "gguf_file": Path(spec).name}, None
+
+
+# v2: a tied head is stored under its embedding's name (disk offload needs it) and the config names its class;
+# caches of the first format (no suffix) are not read, so they are written anew once.
+GGUF_CACHE_FORMAT = "v2"
 
 
 def save_gguf_cache(model, tokenizer, target: str) -> None:
@@ -261,6 +267,7 @@ def save_gguf_cache(model, tokenizer, target: str) -> None:
             # save_pretrained refuses GGUF-loaded models; the dequantized tensors are plain, so save them as such
             config = model.config.to_dict()
             config.pop("quantization_config", None)
+            config["architectures"] = [type(model).__name__]  # what other tools (and converters) read the class from
             (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
             save_file(unshared_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
             tokenizer.save_pretrained(tmp)
