@@ -68,7 +68,7 @@ def gguf_cache(spec: dict) -> tuple[str, str]:
 
 
 def tiny_model(spec: dict) -> tuple[str, str]:
-    """A small random Llama (2 layers, hidden 64, 2048-token vocabulary) and a BPE tokenizer trained on the KJV."""
+    """A small random Llama (1 layer, hidden 32, 2048-token vocabulary) and a BPE tokenizer trained on the KJV."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -84,8 +84,8 @@ def tiny_model(spec: dict) -> tuple[str, str]:
     tok.train_from_iterator((row["text"] for row in kjv_rows()), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=spec["max_length"],
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=spec["max_length"],
                          bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(out)
     fast.save_pretrained(out)

@@ -55,7 +55,7 @@ CASES = {
 }
 
 SCALING = CaseSpec(name="scaling", title="tiny random model, KJV chapters, 10^3..10^6 tokens", model="tiny",
-                   docs="chapters", max_length=1024, batch_size=8, tokens=10**6, paths=("lm_ce",))
+                   docs="chapters", max_length=256, batch_size=16, tokens=10**6, paths=("lm_ce",))
 SCALING_SIZES = (10**3, 10**4, 10**5, 10**6)
 
 
