@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -36,8 +37,12 @@ class Config:
     gguf_cache: bool = True  # cache dequantized GGUF weights, keyed by the file's content hash
     compile: bool = False  # torch.compile the model body (pays on long runs, see README)
     threads: int | None = None  # torch intra-op threads per process (default: cores / processes)
+    # placement of a model larger than one device (README: "A model that does not fit")
+    device_map: str | dict | None = None  # auto | balanced | balanced_low_0 | sequential | {module: 0 | cpu | disk}
+    max_memory: dict | None = None  # {0: 20GiB, cpu: 64GiB}; on the command line 0=20GiB,cpu=64GiB
+    offload_folder: str | None = None  # where weights mapped to disk are kept (default: a temporary folder)
     # data
-    dataset: str = "wikitext"  # Hub dataset name, or a datasets builder (json, csv, text, parquet)
+    dataset: str = "wikitext"  # Hub dataset, or a datasets builder (json, csv, text, parquet); <memory>: rows in memory
     dataset_config: str | None = "wikitext-2-raw-v1"
     split: str = "test"
     data_files: list[str] | None = None  # local files; the builder follows their extension
@@ -47,6 +52,7 @@ class Config:
     id_field: str | None = None  # names each document in documents.jsonl
     join_by: list[str] | None = None  # consecutive rows with equal values of these fields form one document
     streaming: bool = False
+    data_cache: str = "default"  # default | output | off: where datasets keeps its Arrow copy of the data (README)
     limit: int | None = None  # the first N documents
     # windows
     mode: str = "document"  # document | stream
@@ -65,7 +71,7 @@ class Config:
     output_dir: str | None = None
     resume: bool = False  # continue the run saved in output_dir (same model, data and settings)
     checkpoint_seconds: int = 300  # save progress to output_dir this often (and on Ctrl-C / SIGTERM)
-    plot: bool = True  # loss by position in the window as a PNG (needs matplotlib)
+    plot: bool = True  # loss by position in the window as a PNG (position_loss.png)
     progress: bool = True
     seed: int = 0
 
@@ -79,6 +85,7 @@ CHOICES = {
     "mode": ("document", "stream"),
     "prefix_token": ("auto", "bos", "eos", "none"),
     "padding_side": ("right", "left"),
+    "data_cache": ("default", "output", "off"),
 }
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
@@ -98,6 +105,8 @@ def _base_type(annotation) -> tuple[type, bool, bool]:
 
 def _coerce(name: str, value, source: str):
     """The value converted to the field's type, or a UsageError naming the field and the source."""
+    if name in MAPPINGS:
+        return MAPPINGS[name](value, _label(name, source), source)
     kind, optional, is_list = _base_type(name)
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
         if optional:
@@ -146,13 +155,83 @@ def _coerce_scalar(name: str, kind: type, value, source: str):
 
 def _unknown(name: str, source: str) -> UsageError:
     """The error for a key or flag that is no field, with the closest field suggested."""
-    if name.startswith("--"):  # a flag: suggest the flag as it would be typed
-        close = difflib.get_close_matches(name[2:].replace("-", "_"), list(FIELDS), n=1)
-        hint = f"; did you mean --{close[0].replace('_', '-')}?" if close else "; see --help for the flags"
+    if name.startswith("--"):  # a flag: suggest the flag as it would be typed (--no-X for a true/false X)
+        wanted = name[2:].replace("-", "_")
+        negated = wanted.startswith("no_")
+        fields = [f for f in FIELDS if _base_type(f)[0] is bool] if negated else list(FIELDS)
+        close = difflib.get_close_matches(wanted[3:] if negated else wanted, fields, n=1)
+        no = "no-" if negated else ""
+        hint = f"; did you mean --{no}{close[0].replace('_', '-')}?" if close else "; see --help for the flags"
         return UsageError(f"{source}: unknown flag '{name}'{hint}")
     close = difflib.get_close_matches(name, list(FIELDS), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid fields: {', '.join(FIELDS)}"
     return UsageError(f"{source}: unknown field '{name}'{hint}")
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+SIZE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B|B)?$", re.IGNORECASE)
+
+
+def _pairs(value, label: str, source: str, example: str) -> dict:
+    """A mapping from YAML, or from `key=value,key=value` on the command line."""
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, str) and "=" in value:
+        out = {}
+        for item in (i.strip() for i in value.split(",") if i.strip()):
+            key, eq, val = item.partition("=")
+            if not eq or not key.strip() or not val.strip():
+                raise UsageError(f"{source}: {label} item '{item}' is not key=value; write it as {example}")
+            out[key.strip()] = val.strip()
+        return out
+    raise UsageError(f"{source}: {label} must be a mapping, got {value!r}; write it as {example}")
+
+
+def _device(value, label: str, source: str, allowed: tuple[str, ...]):
+    """A device of a device map or memory budget: a GPU number (an int) or one of `allowed`."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    text = str(value).strip().lower()
+    if text.isdigit():
+        return int(text)
+    if text in allowed:
+        return text
+    raise UsageError(f"{source}: {label} has device {value!r}; use a GPU number (0, 1, ...) or {' or '.join(allowed)}")
+
+
+def parse_device_map(value, label: str, source: str) -> str | dict | None:
+    """None, one of DEVICE_MAPS, or {module name: GPU number | 'cpu' | 'disk'}."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+        return None
+    example = "module: device pairs (YAML: {model.embed_tokens: disk, model.layers: 0}; command line: model.embed_tokens=disk,model.layers=0)"
+    if isinstance(value, str) and "=" not in value:
+        if value not in DEVICE_MAPS:
+            raise UsageError(f"{source}: {label} is '{value}'; choose one of {', '.join(DEVICE_MAPS)}, or give {example}")
+        return value
+    pairs = _pairs(value, label, source, example)
+    if not pairs:
+        raise UsageError(f"{source}: {label} is an empty mapping; give {example}")
+    return {str(module): _device(device, label, source, ("cpu", "disk")) for module, device in pairs.items()}
+
+
+def parse_max_memory(value, label: str, source: str) -> dict | None:
+    """None, or {GPU number | 'cpu': size such as '20GiB'} (a mapping in YAML, 0=20GiB,cpu=64GiB on the command line)."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+        return None
+    pairs = _pairs(value, label, source, "0=20GiB,1=20GiB,cpu=64GiB (YAML: {0: 20GiB, cpu: 64GiB})")
+    out = {}
+    for device, size in pairs.items():
+        key = _device(device, label, source, ("cpu",))
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            out[key] = size
+        elif isinstance(size, str) and SIZE.match(size.strip()):
+            out[key] = int(size) if size.strip().isdigit() else size.strip()
+        else:
+            raise UsageError(f"{source}: {label} gives {device} the size {size!r}; write a size such as 20GiB or 512MB")
+    return out
+
+
+MAPPINGS = {"device_map": parse_device_map, "max_memory": parse_max_memory}
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -191,17 +270,26 @@ def parse_overrides(args: list[str]) -> dict:
         key, eq, value = arg[2:].partition("=")
         name = key.replace("-", "_")
         negate = name.startswith("no_") and name[3:] in FIELDS and name not in FIELDS
+        if negate and _base_type(name[3:])[0] is not bool:
+            raise UsageError(f"command line: --{key} is not a flag: --{name[3:].replace('_', '-')} takes a value, "
+                             "not a no- form")
         if negate:
             name = name[3:]
         if name not in FIELDS:
             raise _unknown("--" + key, "command line")
-        kind, _, _ = _base_type(name)
+        kind, _, is_list = _base_type(name)
         if negate:
             out[name] = False
         elif eq:
             out[name] = _coerce(name, value, "command line")
         elif kind is bool and (i + 1 == len(args) or args[i + 1].startswith("--")):
             out[name] = True
+        elif is_list and i + 1 < len(args):  # --data-files a.jsonl b.jsonl (or a.jsonl,b.jsonl)
+            values = []
+            while i + 1 < len(args) and not args[i + 1].startswith("--"):
+                i += 1
+                values += [v for v in args[i].split(",") if v]
+            out[name] = _coerce(name, values, "command line")
         elif i + 1 < len(args):
             i += 1
             out[name] = _coerce(name, args[i], "command line")
@@ -236,6 +324,18 @@ def build_config(args: list[str]) -> Config:
     return cfg
 
 
+def from_settings(settings: dict, source: str) -> Config:
+    """Config from keyword settings (the Python API), each checked by name and type as a config file's keys are."""
+    values = {}
+    for key, value in settings.items():
+        if key not in FIELDS:
+            raise _unknown(key, source)
+        values[key] = _coerce(key, value, source)
+    cfg = Config(**values)
+    check(cfg)
+    return cfg
+
+
 def check(cfg: Config) -> None:
     """Refuse settings that cannot work together, before anything is loaded."""
     for name in ("max_length", "stride", "batch_size", "token_budget", "limit", "chunk_documents", "threads", "checkpoint_seconds"):
@@ -249,6 +349,12 @@ def check(cfg: Config) -> None:
         )
     if cfg.resume and not cfg.output_dir:
         raise UsageError("--resume needs --output-dir: the directory of the run to continue")
+    if cfg.data_cache == "output" and not cfg.output_dir:
+        raise UsageError("--data-cache output keeps the data's Arrow copy in --output-dir: give --output-dir, or use off")
+    for name, parse in MAPPINGS.items():
+        parse(getattr(cfg, name), f"field '{name}'", "config")
+    if cfg.max_memory and not cfg.device_map:
+        raise UsageError("--max-memory needs --device-map (auto, balanced, balanced_low_0 or sequential) to place the model")
     if cfg.prompt_field and cfg.mode == "stream":
         raise UsageError("--prompt-field needs --mode document: a joined stream has no per-document prompt")
     for name in FIELDS:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .config import Config, UsageError, first_line, resolve_path
 
+MEMORY = "<memory>"  # Config.dataset when the rows were given in memory (lm_ce.evaluate, PerplexityCallback)
 BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -132,10 +133,25 @@ def read_error(cfg: Config, e: Exception) -> UsageError:
     return UsageError(f"cannot read {', '.join(paths)} as {builder}: {first_line(cause).rstrip('.')}; fix the file or check --dataset")
 
 
+def cache_options(cfg: Config) -> dict:
+    """load_dataset's arguments for --data-cache: datasets' own cache (default), a cache inside --output-dir,
+    or none (off: the data is read as a stream, so no Arrow copy is written)."""
+    if cfg.data_cache == "off":
+        return {"streaming": True}
+    if cfg.data_cache == "output":
+        return {"streaming": cfg.streaming, "cache_dir": str(Path(cfg.output_dir) / "datasets_cache")}
+    return {"streaming": cfg.streaming}
+
+
 def load_rows(cfg: Config):
     """The `datasets` Dataset (or IterableDataset when streaming) the config names."""
     import datasets
 
+    if cfg.dataset == MEMORY and not cfg.data_files:
+        raise UsageError(
+            f"dataset '{MEMORY}': the rows of this run were given in memory to lm_ce.evaluate; to run it from a "
+            "config, give --data-files FILE or --dataset NAME"
+        )
     if cfg.data_files:
         builder, paths = local_files(cfg)
         for p in paths if builder in ("text", "json", "csv") else []:
@@ -144,12 +160,12 @@ def load_rows(cfg: Config):
                 raise UsageError(bad)
         try:
             with quiet_datasets():
-                return datasets.load_dataset(builder, data_files=paths, split="train", streaming=cfg.streaming)
+                return datasets.load_dataset(builder, data_files=paths, split="train", **cache_options(cfg))
         except Exception as e:  # datasets raises many kinds; turn them into one clear line
             raise read_error(cfg, e) from None
     try:
         return datasets.load_dataset(
-            cfg.dataset, cfg.dataset_config, split=cfg.split, streaming=cfg.streaming, revision=None
+            cfg.dataset, cfg.dataset_config, split=cfg.split, revision=None, **cache_options(cfg)
         )
     except ValueError as e:
         if "split" in str(e).lower():
@@ -163,10 +179,14 @@ def load_rows(cfg: Config):
         ) from None
 
 
-def iter_documents(cfg: Config) -> Iterator[Document]:
-    """The documents of the run, in order: rows joined by --join-by, at most --limit of them."""
-    rows = load_rows(cfg)
-    source = ", ".join(cfg.data_files) if cfg.data_files else f"dataset '{cfg.dataset}'"
+def iter_documents(cfg: Config, rows=None) -> Iterator[Document]:
+    """The documents of the run, in order: rows joined by --join-by, at most --limit of them. `rows` (dicts, a
+    Dataset or an IterableDataset) are read instead of what the config names (the Python API's data in memory)."""
+    if rows is None:
+        rows = load_rows(cfg)
+        source = ", ".join(cfg.data_files) if cfg.data_files else f"dataset '{cfg.dataset}'"
+    else:
+        source = "the data given in memory"
     columns = getattr(rows, "column_names", None)
     if columns is not None:
         for name in [cfg.text_field, cfg.prompt_field, cfg.group_field, cfg.id_field, *(cfg.join_by or [])]:

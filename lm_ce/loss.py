@@ -1,44 +1,92 @@
 """Token-level cross-entropy from final hidden states.
 
-The head (hidden -> vocabulary logits) and the log-sum-exp are computed in float32 one tile of
-(rows x vocabulary slice) at a time, the log-sum-exp combined across slices, so the logits never
-take more than one tile of memory whatever the batch, length or vocabulary, and the head's weight
-is read once per block of rows (not once per small chunk, which makes large vocabularies slow).
-The definitions are the ones of the cross-entropy tutorial this project grew from:
-nll(token) = -log softmax(logits)[target] = logsumexp(logits) - logits[target].
+The head (hidden -> vocabulary logits) and the log-sum-exp are computed one tile of (rows x vocabulary
+slice) at a time, the log-sum-exp combined across slices, so the logits never take more than one tile
+of memory whatever the batch, length or vocabulary, and the head's weight is read once per block of rows
+(not once per small chunk, which makes large vocabularies slow). Logits and log-sum-exps are float32 in
+every dtype: a half-precision head multiplies half-precision numbers and accumulates in float32, tile by
+tile, with no float32 copy of the whole head. A head offloaded by accelerate (weights on the meta device)
+is brought in for the batch. The definitions are the ones of the cross-entropy tutorial this project
+grew from: nll(token) = -log softmax(logits)[target] = logsumexp(logits) - logits[target].
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+from .placement import input_device
+
+log = logging.getLogger("lm_ce")
 
 # Bytes of float32 logits one tile may hold, and rows per block: large enough for an efficient
 # matrix multiply, small enough to stay near the cache.
 CHUNK_BYTES = 8 * 2**20  # measured on a 2-core CPU: at the matmul's own time for 49k and 262k vocabularies
 ROW_BLOCK = 2048
+# Devices whose matmul can take half-precision inputs and write float32 (torch.mm(..., out_dtype=)); any
+# other device, or one that refuses, takes the portable path.
+OUT_DTYPE_DEVICES = {"cuda"}
+_refused: set[str] = set()
+
+
+def float32_product(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden @ weight.T in float32. Half-precision inputs are multiplied as they are and accumulated in float32:
+    natively where the matmul can write float32, else by widening this tile (the products of two bfloat16 or
+    float16 numbers are exact in float32, so the result is the same up to summation order)."""
+    if hidden.dtype == weight.dtype == torch.float32:
+        return hidden @ weight.t()
+    kind = hidden.device.type
+    if hidden.dtype == weight.dtype and kind in OUT_DTYPE_DEVICES and kind not in _refused:
+        try:
+            return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+        except (RuntimeError, TypeError) as e:  # an older torch, or a device without the kernel
+            _refused.add(kind)
+            log.info("half-precision matmul with float32 output unavailable on %s (%s): widening tiles instead", kind,
+                     str(e).splitlines()[0][:120])
+    return hidden.float() @ weight.float().t()
 
 
 @dataclass
 class Head:
     """What a causal LM applies between its final hidden states and its logits."""
 
-    weight: torch.Tensor  # [vocab, hidden]
+    weight: torch.Tensor  # [vocab, hidden]; on the meta device while accelerate keeps it offloaded
     bias: torch.Tensor | None = None
     scale: float = 1.0  # logits *= scale (Cohere's logit_scale, Granite's 1 / logits_scaling)
     softcap: float | None = None  # logits = softcap * tanh(logits / softcap) (Gemma 2 and 3)
+    module: torch.nn.Module | None = None  # the output layer, whose weights accelerate may offload
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def offloaded(self) -> bool:
+        return self.weight.device.type == "meta"
+
+    @contextlib.contextmanager
+    def loaded(self) -> Iterator["Head"]:
+        """This head with its weights on its execution device while inside (accelerate brings in offloaded ones);
+        hidden states go to the device its weights are then on."""
+        if not self.offloaded or self.module is None:
+            yield self
+            return
+        from accelerate.utils import align_module_device
+
+        with align_module_device(self.module):
+            yield dataclasses.replace(self, weight=self.module.weight, bias=self.module.bias, module=None)
 
     def logits(self, hidden: torch.Tensor, vocab: slice = slice(None)) -> torch.Tensor:
         """Float32 logits of a block of hidden states over a slice of the vocabulary, with every
         transform the model applies (all of them act on each logit alone, so slices are exact)."""
-        weight = self.weight[vocab]
-        if hidden.dtype != torch.float32:
-            if hidden.is_cuda:  # float32 accumulation and output, no bf16 rounding of logits
-                out = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
-            else:
-                out = hidden.float() @ self.float_weight()[vocab].t()
-        else:
-            out = hidden @ weight.t()
+        if self.offloaded:  # one call on its own; token_losses brings the weights in once per batch instead
+            with self.loaded() as head:
+                return head.logits(hidden, vocab)
+        out = float32_product(hidden.to(self.weight.device), self.weight[vocab])
         if self.bias is not None:
             out += self.bias[vocab].float()
         if self.scale != 1.0:
@@ -46,12 +94,6 @@ class Head:
         if self.softcap is not None:
             out.div_(self.softcap).tanh_().mul_(self.softcap)
         return out
-
-    def float_weight(self) -> torch.Tensor:
-        """The weight in float32, converted once (CPU path for half-precision models)."""
-        if getattr(self, "_float_weight", None) is None:
-            self._float_weight = self.weight.float()
-        return self._float_weight
 
 
 def head_of(model: torch.nn.Module) -> Head | None:
@@ -66,7 +108,7 @@ def head_of(model: torch.nn.Module) -> Head | None:
     if getattr(config, "logits_scaling", None):  # Granite divides
         scale /= float(config.logits_scaling)
     softcap = getattr(config, "final_logit_softcapping", None)
-    return Head(out.weight, out.bias, scale, float(softcap) if softcap else None)
+    return Head(out.weight, out.bias, scale, float(softcap) if softcap else None, module=out)
 
 
 def chunk_rows(vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
@@ -94,7 +136,13 @@ def token_losses(
 
     Blocks of `rows` rows; within a block, slices of `vocab_block` logits whose log-sum-exps are
     combined with logaddexp (and whose maxima give the top-1)."""
-    n, vocab = hidden.shape[0], head.weight.shape[0]
+    with head.loaded() as head:  # an offloaded head is brought in once for the whole batch
+        return _token_losses(hidden.to(head.weight.device), targets.to(head.weight.device), head, rows, want_top1,
+                             vocab_block)
+
+
+def _token_losses(hidden, targets, head: Head, rows, want_top1, vocab_block) -> TokenLosses:
+    n, vocab = hidden.shape[0], head.vocab_size
     rows = rows or min(max(n, 1), ROW_BLOCK)
     cols = min(vocab, vocab_block or max(1024, CHUNK_BYTES // (4 * rows)))
     nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -144,14 +192,21 @@ def pair_losses(
     hidden: torch.Tensor, head: Head, other_hidden: torch.Tensor, other_head: Head, targets: torch.Tensor, rows: int | None = None
 ) -> PairLosses:
     """Per-token NLL of both models and KL(P_first || P_second) = sum_v p(v) (log p(v) - log q(v)), chunked."""
+    with head.loaded() as head, other_head.loaded() as other_head:
+        device = head.weight.device
+        return _pair_losses(hidden.to(device), head, other_hidden.to(other_head.weight.device), other_head,
+                            targets.to(device), rows)
+
+
+def _pair_losses(hidden, head: Head, other_hidden, other_head: Head, targets, rows) -> PairLosses:
     n = hidden.shape[0]
-    rows = rows or max(8, chunk_rows(head.weight.shape[0]) // 3)  # three vocab-wide blocks live at once
+    rows = rows or max(8, chunk_rows(head.vocab_size) // 3)  # three vocab-wide blocks live at once
     out = PairLosses(*(torch.empty(n, dtype=dt, device=hidden.device) for dt in (torch.float32, torch.long, torch.float32, torch.long, torch.float32)))
     for start in range(0, n, rows):
         s = slice(start, min(start + rows, n))
         t = targets[s, None]
         logp = torch.log_softmax(head.logits(hidden[s]), dim=-1)
-        logq = torch.log_softmax(other_head.logits(other_hidden[s]), dim=-1)
+        logq = torch.log_softmax(other_head.logits(other_hidden[s]), dim=-1).to(logp.device)
         out.nll[s] = -logp.gather(1, t).squeeze(1)
         out.other_nll[s] = -logq.gather(1, t).squeeze(1)
         out.top1[s] = logp.argmax(dim=-1)
@@ -159,3 +214,61 @@ def pair_losses(
         logq.sub_(logp).neg_()  # log p - log q, in place
         out.kl[s] = (logp.exp_() * logq).sum(dim=-1).clamp_min_(0.0)
     return out
+
+
+@dataclass
+class HeadChoice:
+    """Which head scores the tokens, and the probe's evidence for it."""
+
+    head: Head | None  # the chunked head, or None: the model's own full logits
+    note: str  # what results.json records as model.head
+    error: float | None = None  # largest NLL difference (nats) of the chunked head from a float64 head
+    transform_error: float | None = None  # largest difference of the model's own logits from the float64 head / largest logit
+
+
+PROBE_TOKENS = 16
+
+
+def float64_logits(head: Head, hidden: torch.Tensor) -> torch.Tensor:
+    """The reference: the head and its transforms in float64 on the same hidden states (vocabulary in slices
+    of about 32 MB of float64 weight, so that no float64 copy of the whole head is made)."""
+    hidden = hidden.to(head.weight.device).double()
+    slice_rows = max(256, 2**22 // hidden.shape[-1])
+    parts = []
+    for v0 in range(0, head.vocab_size, slice_rows):
+        part = hidden @ head.weight[v0 : v0 + slice_rows].double().t()
+        if head.bias is not None:
+            part += head.bias[v0 : v0 + slice_rows].double()
+        parts.append(part)
+    out = torch.cat(parts, dim=1) * head.scale
+    return head.softcap * torch.tanh(out / head.softcap) if head.softcap is not None else out
+
+
+def probe_head(model: torch.nn.Module, head: Head | None) -> HeadChoice:
+    """The chunked head when (1) it applies what the model applies, checked against the model's own logits to
+    their dtype's precision, and (2) its NLLs match a float64 head on the same hidden states to 1e-3 nats."""
+    if head is None:
+        return HeadChoice(None, "full logits (the output layer is not a plain linear layer)")
+    ids = (torch.arange(PROBE_TOKENS, device=input_device(model)) * 7919 % head.vocab_size)[None]
+    with torch.inference_mode(), head.loaded() as loaded:
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]
+        own = model(input_ids=ids, use_cache=False).logits[0]
+        reference = float64_logits(loaded, hidden)
+        if not bool(torch.isfinite(reference).all()):  # a broken model: the NaN guard will name where it shows
+            return HeadChoice(head, "chunked (probe inconclusive: the float64 head's logits are not finite)")
+        spread = torch.arange(PROBE_TOKENS, device=reference.device) * 104729 % head.vocab_size
+        targets = torch.cat([reference.argmax(-1), reference.argmin(-1), ids[0].roll(-1).to(spread.device), spread])
+        expected = (torch.logsumexp(reference, -1).repeat(4) - reference.repeat(4, 1).gather(1, targets[:, None])[:, 0])
+        ours = token_losses(hidden.repeat(4, 1), targets, loaded).nll.double().to(expected.device)
+    error = (ours - expected).abs().max().item()
+    transform_error = (own.double().to(reference.device) - reference).abs().max().item() / max(1.0, reference.abs().max().item())
+    coarsest = max((own.dtype, hidden.dtype, loaded.weight.dtype), key=lambda d: torch.finfo(d).eps)
+    if not transform_error <= max(1e-4, 4 * torch.finfo(coarsest).eps):  # the model's logits carry its dtype's rounding
+        log.warning("the chunked head differs from the model's own logits by %.3g of the largest logit (more than "
+                    "%s rounding): using full logits instead", transform_error, str(coarsest).replace("torch.", ""))
+        return HeadChoice(None, f"full logits (the chunked head differs from the model's logits by {transform_error:.3g})",
+                          error, transform_error)
+    if not error <= 1e-3:
+        log.warning("the chunked head differs from a float64 head by %.3g nats: using full logits instead", error)
+        return HeadChoice(None, f"full logits (chunked head probe differed by {error:.3g} nats)", error, transform_error)
+    return HeadChoice(head, "chunked", error, transform_error)

@@ -5,16 +5,19 @@ cached under ~/.cache/lm_ce/gguf/<content hash> so that later runs load them in 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import placement
 from .config import Config, UsageError, first_line, resolve_path
 
 log = logging.getLogger("lm_ce")
@@ -31,6 +34,7 @@ class ModelInfo:
     dtype: str
     max_positions: int | None
     parameters: int
+    device_map: dict | None = None  # module -> GPU number, "cpu" or "disk", as loaded (None: one device)
 
 
 def torch_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -71,10 +75,13 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
     dtype = torch_dtype(cfg, device)
     spec = resolve_path(cfg.model)
     kwargs: dict = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    place = placement.from_pretrained_kwargs(cfg, gpus=torch.cuda.device_count(), **placement.local_process())
     cache_to = None
     if spec.lower().endswith(".gguf"):
         source = "gguf"
         path, kwargs, cache_to = gguf_source(spec, cfg, dtype)
+        if place and not cfg.gguf_cache:
+            raise UsageError("--device-map with a GGUF file places its dequantized cache: drop --no-gguf-cache")
     elif Path(spec).exists():
         source, path = "directory", spec
         if Path(spec).is_file():
@@ -90,17 +97,34 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
         )
     else:
         source, path = "hub", spec
+        unreachable = hub_unreachable(spec, cfg)
+        if unreachable:
+            raise unreachable
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **kwargs)
+        # a GGUF file is dequantized in memory; with a device map its cache is then placed (transformers
+        # cannot offload GGUF weights to disk)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation="sdpa", **kwargs, **({} if cache_to else place))
     except Exception as e:  # transformers raises many kinds; turn the ones bad input causes into one line
-        error = load_error(cfg, source, path, e)
+        error = placement.placement_error(cfg, e) or load_error(cfg, source, path, e)
         if error is None:
             raise
         raise error from None
     if cache_to and main_process:
         save_gguf_cache(model, tokenizer, cache_to)
-    model.to(device).eval()
+    if cache_to and place:
+        del model
+        if not (Path(cache_to) / "config.json").is_file():
+            raise UsageError(f"--device-map with a GGUF file places its dequantized cache, which could not be written to "
+                             f"{cache_to}: make that folder writable or set LM_CE_CACHE")
+        path = cache_to
+        model = placement.load_placed(path, dtype=dtype, place=place, cfg=cfg)
+    if place:
+        placement.check_tied_head(model)
+    else:
+        model.to(device)
+    model.eval()
     info = ModelInfo(
         name=cfg.model,
         source=source,
@@ -109,6 +133,7 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
         dtype=str(dtype).replace("torch.", ""),
         max_positions=max_positions(model.config),
         parameters=sum(p.numel() for p in model.parameters()),
+        device_map=placement.used_map(model) if place else None,
     )
     return model, tokenizer, info
 
@@ -135,6 +160,30 @@ def load_error(cfg: Config, source: str, path: str, e: Exception) -> UsageError 
     return None
 
 
+def hub_unreachable(repo_id: str, cfg: Config, timeout: float = 3.0) -> UsageError | None:
+    """For a Hub id not in the local cache: the error to give at once when the Hub cannot be reached, instead of
+    transformers' retries (about a minute without network); None when it is cached, reachable, or offline mode is on."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:  # transformers looks in the cache only, and says so at once
+        return None
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json", revision=cfg.revision), str):
+            return None
+    except ValueError:  # not a valid repo id: transformers says what is wrong with it
+        return None
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)  # any answer, even an error status, is reachable
+    except Exception as e:  # the HTTP client raises its own kinds (connect, DNS, timeout, proxy)
+        return UsageError(
+            f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({type(e).__name__}) and model '{repo_id}' "
+            "is not in the local cache. Offline? Give a local directory or a .gguf file with --model "
+            "(HF_HUB_OFFLINE=1 uses only the cache)"
+        )
+    return None
+
+
 def gguf_source(spec: str, cfg: Config, dtype: torch.dtype) -> tuple[str, dict, str | None]:
     """(path to load, kwargs, cache directory to fill) for a GGUF file: its cache when there, else the file."""
     if not Path(spec).is_file():
@@ -154,19 +203,51 @@ def gguf_source(spec: str, cfg: Config, dtype: torch.dtype) -> tuple[str, dict, 
 def save_gguf_cache(model, tokenizer, target: str) -> None:
     """Write the dequantized weights where gguf_source will find them next time (write, then rename)."""
     Path(target).parent.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     tmp = Path(f"{target}.tmp{os.getpid()}")
     try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        # save_pretrained refuses GGUF-loaded models; the dequantized tensors are plain, so save them as such
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save_pretrained(tmp)
+        with quiet_progress():  # one progress display at a time: no library bar while the weights are written
+            tmp.mkdir(parents=True, exist_ok=True)
+            # save_pretrained refuses GGUF-loaded models; the dequantized tensors are plain, so save them as such
+            config = model.config.to_dict()
+            config.pop("quantization_config", None)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+            save_file(unshared_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
         log.info("cached the dequantized GGUF weights in %s (--no-gguf-cache to turn off)", target)
     except (OSError, ValueError, RuntimeError) as e:
         log.warning("could not cache the dequantized GGUF weights in %s: %s", target, e)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """transformers' and huggingface_hub's progress bars off (as they were before, afterwards)."""
+    import transformers
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    hub_was_off = are_progress_bars_disabled()
+    transformers_was_on = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if transformers_was_on:
+            transformers.utils.logging.enable_progress_bar()
+        if not hub_was_off:
+            enable_progress_bars()
+
+
+def unshared_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor once, under its first name in module order: a tied head is stored
+    as the input embedding, as save_pretrained stores it (accelerate's disk offload looks weights up by that name)."""
+    out, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = tensor.contiguous()
+    return out

@@ -33,6 +33,7 @@ class Plan:
     accelerator: object  # accelerate.Accelerator
     progress: Progress
     stop: StopRequest
+    rows: object = None  # rows given in memory (lm_ce.evaluate), read instead of what cfg names
     last_save: float = field(default_factory=time.monotonic)
 
     def new_tally(self) -> Tally:

@@ -17,7 +17,7 @@ from .windows import document_sequence, document_spans, stream_spans, windows_of
 def run_documents(plan: Plan, run: Run, tokenizer) -> bool:
     """Chunks of documents: tokenize the next chunk while this one is scored. True when stopped early."""
     rank, world = plan.accelerator.process_index, plan.accelerator.num_processes
-    source = data.iter_documents(plan.cfg)
+    source = data.iter_documents(plan.cfg, plan.rows)
     with ThreadPoolExecutor(1) as pool:
         pending = None
         for index, docs in enumerate(chunks(source, plan.cfg.chunk_documents)):
@@ -34,7 +34,7 @@ def run_documents(plan: Plan, run: Run, tokenizer) -> bool:
 
 def run_stream(plan: Plan, run: Run, tokenizer) -> bool:
     """One token stream of all documents joined by the separator, windows every `stride` tokens."""
-    docs = list(data.iter_documents(plan.cfg))
+    docs = list(data.iter_documents(plan.cfg, plan.rows))
     texts = [d.text for d in docs if d.text is not None]  # empty rows still add a separator, as in the recipe
     joined = plan.cfg.separator.join(texts)
     run.stream_bytes = len(joined.encode("utf-8"))

@@ -55,12 +55,32 @@ def fmt(value) -> str:
 
 def title(summary: dict) -> str:
     s, m = summary["settings"], summary["model"]
-    data = summary["data"]
-    source = ", ".join(data["data_files"]) if data["data_files"] else f"{data['dataset']} {data['dataset_config'] or ''} {data['split']}"
     return (
-        f"{m['name']} ({m['dtype']}) on {source.strip()}: {s['mode']} mode, max_length {s['max_length']}, "
+        f"{m['name']} ({m['dtype']}) on {data_source(summary['data'])}: {s['mode']} mode, max_length {s['max_length']}, "
         f"stride {s['stride']}"
     )
+
+
+def data_source(data: dict) -> str:
+    """The data in a few words: the files, the Hub dataset, or the rows given in memory."""
+    if data.get("data_files"):
+        return ", ".join(data["data_files"])
+    if data.get("source") == "memory":
+        return "rows given in memory"
+    return " ".join(str(data[k]) for k in ("dataset", "dataset_config", "split") if data.get(k))
+
+
+def what_was_run(summary: dict) -> list[tuple[str, str]]:
+    """(key, value) rows of the "What was run" table: model, data (one row per file), settings, environment."""
+    rows = []
+    for section in ("model", "data", "settings", "environment"):
+        for key, value in summary[section].items():
+            if key == "files":
+                rows += [(f"data.files[{i}]", f"{f['path']} ({fmt(f['bytes'])} bytes, sha256 {f['sha256']})")
+                         for i, f in enumerate(value)]
+            elif value is not None:
+                rows.append((f"{section}.{key}", fmt(value)))
+    return rows
 
 
 def interval(summary: dict) -> str:
@@ -123,10 +143,7 @@ def markdown(summary: dict) -> str:
         out += ["", f"## {name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(r) + " |" for r in body]
     out += ["", "## What was run", "", "| | |", "|---|---|"]
-    for section in ("model", "data", "settings", "environment"):
-        for key, value in summary[section].items():
-            if value is not None:
-                out.append(f"| {section}.{key} | {fmt(value)} |")
+    out += [f"| {key} | {value} |" for key, value in what_was_run(summary)]
     return "\n".join(out) + "\n"
 
 

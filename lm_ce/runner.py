@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import checkpoint, model as model_lib
+from . import checkpoint, model as model_lib, placement
 from .compare import compare_by_bytes, load_compared
 from .config import Config, UsageError, check
 from .parallel import Plan
@@ -31,9 +31,10 @@ log = logging.getLogger("lm_ce")
 EVENTS = ("loaded", "scoring", "scored")  # what on_event is called with, in this order
 
 
-def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=None,
+def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=None, rows=None, accelerator=None,
              on_event: Callable[[str], None] | None = None) -> Results:
-    """Score the configured data with the configured model (or the one given); the summary is results.json.
+    """Score the configured data (or the `rows` given) with the configured model (or the one given); the
+    summary is results.json. `accelerator`: the processes to share the work with (a Trainer's), else a new one.
 
     on_event(name) is called as each of EVENTS happens: after the model loads, when the scoring clock
     starts (after the head probe and the compared models), and when scoring ends (for benchmarks)."""
@@ -42,7 +43,7 @@ def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=Non
     emit = on_event or (lambda name: None)
     check(cfg)
     started = time.perf_counter()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available() and not _other_accelerator())
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available() and not _other_accelerator())
     threads = set_threads(cfg, accelerator.num_processes, accelerator.device)
     torch.manual_seed(cfg.seed)
     state = _saved_state(cfg, accelerator.num_processes)
@@ -59,7 +60,7 @@ def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=Non
     emit("scoring")
     loaded = time.perf_counter()
     with StopRequest() as stop:
-        plan = Plan(cfg, setup, scorer, accelerator, Progress(accelerator.is_main_process and cfg.progress), stop)
+        plan = Plan(cfg, setup, scorer, accelerator, Progress(accelerator.is_main_process and cfg.progress), stop, rows)
         run = state["run"] if state else Run(tally=plan.new_tally())
         stopped = _passes(plan, run, tokenizer, done=bool(state and state.get("complete")))
     finished = time.perf_counter()
@@ -103,7 +104,8 @@ def _saved_state(cfg: Config, processes: int) -> dict | None:
 
 
 def _model(cfg: Config, model, tokenizer, accelerator) -> tuple[torch.nn.Module, object, model_lib.ModelInfo]:
-    """(model, tokenizer, info): loaded as configured, or the objects given (put in eval mode)."""
+    """(model, tokenizer, info): loaded as configured, or the objects given (put in eval mode; lm_ce.evaluate
+    puts them back in the modes it found)."""
     if model is None:
         # A download or a GGUF cache is made once, by the main process; a local directory is read by all at once.
         first = contextlib.nullcontext() if os.path.isdir(cfg.model) else accelerator.main_process_first()
@@ -113,12 +115,14 @@ def _model(cfg: Config, model, tokenizer, accelerator) -> tuple[torch.nn.Module,
     info = model_lib.ModelInfo(
         cfg.model, "object", cfg.model, cfg.revision, str(next(model.parameters()).dtype).replace("torch.", ""),
         model_lib.max_positions(model.config), sum(p.numel() for p in model.parameters()),
+        device_map=placement.device_map_of(model),
     )
     return model, tokenizer, info
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where a batch's inputs go: the input embedding's device (with a device map, its execution device)."""
+    return placement.input_device(model)
 
 
 def _other_accelerator() -> bool:

@@ -79,7 +79,8 @@ class Scorer:
             out = token_losses(final_hidden(self.model, inputs, rows), targets, self.head, want_top1=self.want_top1)
         else:
             logits = self.model(**inputs, use_cache=False).logits
-            out = logits_losses(logits.reshape(-1, logits.shape[-1]).index_select(0, rows), targets, self.want_top1)
+            logits = logits.reshape(-1, logits.shape[-1]).index_select(0, rows.to(logits.device))
+            out = logits_losses(logits, targets.to(logits.device), self.want_top1)
         nll = out.nll.cpu()
         sums = _add_windows(batch, nll, tally)
         tally.positions.add(in_window, nll)
@@ -158,8 +159,8 @@ def _token_columns(batch: list[Window], targets, nll, top1, in_window, compared)
 
 def final_hidden(model: torch.nn.Module, inputs: dict, rows: torch.Tensor) -> torch.Tensor:
     """Final hidden states of the scored positions only (the head is applied to these alone)."""
-    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
-    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # on the last layer's device
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device))
 
 
 def out_of_memory(e: BaseException) -> bool:

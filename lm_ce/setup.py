@@ -1,7 +1,7 @@
 """What the config resolves to once the model is known: one frozen record that the rest of the run reads.
 
 Lengths, the prefix token, the batch token budget, threads and the head (chunked, or full logits when
-the chunked head cannot reproduce the model) are each decided here, once.
+the chunked head cannot reproduce the model: loss.probe_head) are each decided here, once.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import Config, UsageError
-from .loss import Head, head_of
+from .loss import Head, head_of, probe_head
 from .model import ModelInfo
 
 log = logging.getLogger("lm_ce")
@@ -39,7 +39,9 @@ def resolve(cfg: Config, *, model: torch.nn.Module, tokenizer, info: ModelInfo, 
             processes: int, threads: int) -> Setup:
     """The run's settings: checked against the model (lengths, prefix) and probed (head)."""
     max_length, stride = resolve_lengths(cfg, info.max_positions)
-    head, head_note = probe_head(model, head_of(model), device)
+    choice = probe_head(model, head_of(model))
+    if device.type == "cpu":
+        note_cpu_half_precision(next(model.parameters()).dtype)
     return Setup(
         device=device,
         processes=processes,
@@ -48,8 +50,8 @@ def resolve(cfg: Config, *, model: torch.nn.Module, tokenizer, info: ModelInfo, 
         stride=stride,
         prefix=prefix_id(cfg, tokenizer),
         budget=cfg.token_budget or default_budget(cfg.batch_size, max_length, device),
-        head=head,
-        head_note=head_note,
+        head=choice.head,
+        head_note=choice.note,
     )
 
 
@@ -102,21 +104,28 @@ def set_threads(cfg: Config, world: int, device: torch.device) -> int:
     return torch.get_num_threads()
 
 
-def probe_head(model: torch.nn.Module, head: Head | None, device: torch.device) -> tuple[Head | None, str]:
-    """The head to use and why: the chunked head only if it reproduces the model's own logits."""
-    if head is None:
-        return None, "full logits (the output layer is not a plain linear layer)"
-    vocab = head.weight.shape[0]
-    ids = (torch.arange(12, device=device) * 7919 % vocab)[None]
-    with torch.inference_mode():
-        reference = torch.log_softmax(model(ids, use_cache=False).logits[0].float(), -1)
-        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]
-        ours = torch.log_softmax(head.logits(hidden), -1)
-    if not bool(torch.isfinite(reference).all()):  # a broken model: the NaN guard will name where it shows
-        return head, "chunked (probe inconclusive: the model's own logits are not finite)"
-    tolerance = 1e-3 if head.weight.dtype == torch.float32 else 5e-2
-    error = (reference - ours).abs().max().item()
-    if not error <= tolerance:
-        log.warning("the chunked head differs from the model's logits by %.3g: using full logits instead", error)
-        return None, f"full logits (chunked head probe differed by {error:.3g})"
-    return head, "chunked"
+_said_half_precision = False
+
+
+def cpu_has_native(dtype: torch.dtype) -> bool | None:
+    """Whether oneDNN has fast kernels for a half-precision dtype on this CPU (x86: AVX-512 or AMX; Arm: its
+    BF16/FP16 extensions), or None when torch cannot tell. A cheap check: no arithmetic is timed."""
+    try:
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if dtype == torch.float16:
+            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return None
+    return True
+
+
+def note_cpu_half_precision(dtype: torch.dtype) -> None:
+    """Say once when a model computes in a half precision this CPU has no native arithmetic for."""
+    global _said_half_precision
+    if _said_half_precision or dtype not in (torch.bfloat16, torch.float16) or cpu_has_native(dtype) is not False:
+        return
+    _said_half_precision = True
+    name = str(dtype).replace("torch.", "")
+    log.warning("this CPU has no native %s arithmetic: the model runs emulated, slower than --dtype float32 (about "
+                "2x on an AVX2 CPU here), which is also the more exact: use --dtype float32", name)

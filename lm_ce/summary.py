@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass
 from typing import TypedDict
 
@@ -13,7 +14,8 @@ import torch
 
 from . import stats
 from .config import Config, UsageError
-from .model import ModelInfo
+from .data import MEMORY, local_files
+from .model import ModelInfo, file_sha256
 from .records import DocumentResult, Results, Run, Tally
 from .setup import Setup
 
@@ -84,8 +86,7 @@ class Totals:
     words: int
 
 
-DATA_FIELDS = ("dataset", "dataset_config", "split", "data_files", "text_field", "prompt_field", "group_field",
-               "id_field", "join_by", "streaming", "limit")
+READ_FIELDS = ("text_field", "prompt_field", "group_field", "id_field", "join_by", "streaming", "limit")
 
 
 def summarize(cfg: Config, *, run: Run, stopped: bool, setup: Setup, info: ModelInfo, durations: Durations,
@@ -117,7 +118,7 @@ def summarize(cfg: Config, *, run: Run, stopped: bool, setup: Setup, info: Model
         "complete": not stopped,
         "by_position": tally.positions.buckets() if tally.positions is not None else [],
         "model": {**info.__dict__, "head": setup.head_note},
-        "data": {k: getattr(cfg, k) for k in DATA_FIELDS},
+        "data": data_summary(cfg),
         "settings": _settings(cfg, setup),
         "environment": environment(setup),
         "config": cfg.resolved(),
@@ -156,6 +157,19 @@ def _uncertainty(cfg: Config, tally: Tally, scored: list[DocumentResult]) -> dic
         clusters = stats.Clustered([w.nll for w in tally.windows], [w.tokens for w in tally.windows])
         unit = "windows"
     return stats.uncertainty(clusters, math.fsum(d.sum_sq for d in tally.docs.values()), unit)
+
+
+def data_summary(cfg: Config) -> dict:
+    """What was read: the local files (paths, sizes, content hashes), the Hub dataset, or rows given in memory;
+    then how the rows were read. Only what was actually read: no Hub dataset for local files."""
+    read = {k: getattr(cfg, k) for k in READ_FIELDS}
+    if cfg.data_files:
+        builder, paths = local_files(cfg)
+        files = [{"path": p, "bytes": os.path.getsize(p), "sha256": file_sha256(p)} for p in paths]
+        return {"source": "files", "format": builder, "data_files": cfg.data_files, "files": files, **read}
+    if cfg.dataset == MEMORY:
+        return {"source": "memory", **read}
+    return {"source": "hub", "dataset": cfg.dataset, "dataset_config": cfg.dataset_config, "split": cfg.split, **read}
 
 
 def _settings(cfg: Config, setup: Setup) -> dict:
@@ -213,10 +227,33 @@ def environment(setup: Setup) -> dict:
         "accelerate": accelerate.__version__,
         "python": platform.python_version(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "processes": setup.processes,
         "threads_per_process": setup.threads,
     }
+
+
+def cpu_name() -> str:
+    """The CPU model ("AMD EPYC 7B13", "Apple M2"), from /proc/cpuinfo or the platform; the architecture at worst."""
+    import platform
+    import subprocess
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "Hardware", "cpu model") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    if platform.system() == "Darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5)
+            if out.stdout.strip():
+                return out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine()
 
 
 def token_table(blocks: list[dict], documents: list[DocumentResult], tokenizer) -> dict[str, list] | None:

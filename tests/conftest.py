@@ -138,7 +138,27 @@ def gpt2_tokenizer(gpt2_tokenizer_dir):
     return AutoTokenizer.from_pretrained(gpt2_tokenizer_dir)
 
 
-def _save_model(model, tokenizer, path: Path) -> str:
+SMALL = dict(  # the shape every tiny model shares (GPT-2 names its sizes n_embd, n_layer, n_head)
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=256,
+)
+
+
+def tiny_model_dir(path: Path, architecture: str, tokenizer, *, seed: int, init, **config) -> str:
+    """A tiny random transformers `architecture` with this tokenizer's vocabulary and special tokens, built with
+    `seed`, then `init(model)` (under no_grad) to set its weights; saved with the tokenizer. Returns the path.
+
+    All start from initializer_range 0.3: peaked attention, so that losses depend on the context a window gives."""
+    import transformers
+
+    model_class = getattr(transformers, architecture)
+    specials = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if tokenizer.pad_token_id is not None:
+        specials["pad_token_id"] = tokenizer.pad_token_id
+    model_config = model_class.config_class(vocab_size=len(tokenizer), initializer_range=0.3, **specials, **config)
+    torch.manual_seed(seed)
+    model = model_class(model_config)
+    with torch.no_grad():
+        init(model)
     model.eval()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -148,84 +168,41 @@ def _save_model(model, tokenizer, path: Path) -> str:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, llama_tokenizer) -> str:
     """LlamaForCausalLM (hidden 32, 2 layers, 4 heads / 2 kv heads, untied head) with tokenizer (a)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = llama_tokenizer
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        initializer_range=0.3,  # peaked attention: losses depend on the context a window gives
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
+    def init(model):
         model.lm_head.weight.normal_(0.0, 0.5)  # far from uniform next-token distributions
         model.model.embed_tokens.weight.normal_(0.0, 1.0)
-    return _save_model(model, tok, tmp_path_factory.mktemp("tiny_llama"))
+
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny_llama"), "LlamaForCausalLM", llama_tokenizer, seed=0,
+                          init=init, num_key_value_heads=2, tie_word_embeddings=False, **SMALL)
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory, gpt2_tokenizer) -> str:
     """GPT2LMHeadModel (n_embd 32, 2 layers, 4 heads, n_positions 128, tied head) with tokenizer (b)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
 
-    tok = gpt2_tokenizer
-    config = GPT2Config(
-        vocab_size=len(tok),
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_positions=128,
-        initializer_range=0.3,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(1)
-    model = GPT2LMHeadModel(config)
-    with torch.no_grad():
+    def init(model):
         model.transformer.wte.weight.normal_(0.0, 0.5)  # tied: also the head
-    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
-    return _save_model(model, tok, tmp_path_factory.mktemp("tiny_gpt2"))
+        assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny_gpt2"), "GPT2LMHeadModel", gpt2_tokenizer, seed=1, init=init,
+                          n_embd=32, n_layer=2, n_head=4, n_positions=128)
 
 
 @pytest.fixture(scope="session")
 def tiny_gemma_softcap_dir(tmp_path_factory, llama_tokenizer) -> str:
     """Gemma2ForCausalLM with final_logit_softcapping=5.0 (the cap matters), tokenizer (a)."""
-    try:
-        from transformers import Gemma2Config, Gemma2ForCausalLM
-    except ImportError:
+    import transformers
+
+    if not hasattr(transformers, "Gemma2ForCausalLM"):
         pytest.skip("transformers has no Gemma2ForCausalLM")
-    tok = llama_tokenizer
-    config = Gemma2Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        query_pre_attn_scalar=8,
-        max_position_embeddings=256,
-        final_logit_softcapping=5.0,
-        initializer_range=0.3,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(2)
-    model = Gemma2ForCausalLM(config)
-    with torch.no_grad():
+
+    def init(model):
         model.model.embed_tokens.weight.normal_(0.0, 1.0)  # tied head: raw logits reach well past the cap
-    return _save_model(model, tok, tmp_path_factory.mktemp("tiny_gemma_softcap"))
+
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny_gemma_softcap"), "Gemma2ForCausalLM", llama_tokenizer, seed=2,
+                          init=init, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                          final_logit_softcapping=5.0, **SMALL)
 
 
 def _load(path: str):
