@@ -8,10 +8,15 @@ from __future__ import annotations
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import torch
+
 from . import data
 from .parallel import Plan, gather, score_windows
 from .records import DocumentResult, Run
 from .windows import document_sequence, document_spans, stream_spans, windows_of
+
+
+TOKENIZE_BATCH = 64  # documents per tokenizer call in the background tokenization
 
 
 def run_documents(plan: Plan, run: Run, tokenizer) -> bool:
@@ -50,18 +55,20 @@ def run_stream(plan: Plan, run: Run, tokenizer) -> bool:
 
 
 def tokenize_share(docs: list[data.Document], tokenizer, prefix: int | None, rank: int, world: int) -> dict:
-    """{document index: (S, first_target)} for this process's share (every world-th) of a chunk."""
+    """{document index: (S, first_target)} for this process's share (every world-th) of a chunk; S an int64
+    tensor (8 bytes a token, where a list of Python ints takes about 36: a chunk's memory is its tokens)."""
     mine = [d for i, d in enumerate(docs) if i % world == rank and d.text]
     plain = [d for d in mine if d.prompt is None]
     out = {}
-    if plain:
-        encoded = tokenizer([d.text for d in plain], add_special_tokens=False)["input_ids"]
-        head = [prefix] if prefix is not None else []
-        for d, ids in zip(plain, encoded):
-            out[d.index] = (head + ids, len(head))
+    head = [prefix] if prefix is not None else []
+    for part in range(0, len(plain), TOKENIZE_BATCH):  # the tokenizer's own output never holds the whole chunk
+        batch = plain[part : part + TOKENIZE_BATCH]
+        for d, ids in zip(batch, tokenizer([d.text for d in batch], add_special_tokens=False)["input_ids"]):
+            out[d.index] = (torch.tensor(head + ids, dtype=torch.long), len(head))
     for d in mine:
         if d.prompt is not None:
-            out[d.index] = document_sequence(tokenizer, d.text, prefix, d.prompt)
+            seq, first = document_sequence(tokenizer, d.text, prefix, d.prompt)
+            out[d.index] = (torch.tensor(seq, dtype=torch.long), first)
     return out
 
 

@@ -89,9 +89,9 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def windows_of(doc: int, seq: list[int], spans: list[tuple[int, int, int]]) -> list[Window]:
-    """Window records for the spans of one sequence."""
-    tensor = torch.tensor(seq, dtype=torch.long)
+def windows_of(doc: int, seq: list[int] | torch.Tensor, spans: list[tuple[int, int, int]]) -> list[Window]:
+    """Window records for the spans of one sequence (a list of ids, or an int64 tensor, shared, not copied)."""
+    tensor = torch.as_tensor(seq, dtype=torch.long)
     out, offset = [], 0
     for start, a, b in spans:
         out.append(Window(doc, tensor, start, a, b, offset))

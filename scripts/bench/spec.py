@@ -43,14 +43,14 @@ CASES = {
     c.name: c
     for c in (
         CaseSpec(name="smollm2-short", title="SmolLM2-135M, short documents (psalms)", model="smollm2", docs="psalms",
-                 max_length=1024, batch_size=8, tokens=12000, paths=("file-order", "labels", "body", "lm_ce"),
+                 max_length=1024, batch_size=8, tokens=8000, paths=("file-order", "labels", "body", "lm_ce"),
                  peer=True),
         CaseSpec(name="smollm2-1024", title="SmolLM2-135M, long documents, L=1024", model="smollm2", docs="long",
-                 max_length=1024, batch_size=2, tokens=12288),
+                 max_length=1024, batch_size=2, tokens=4096),
         CaseSpec(name="smollm2-2048", title="SmolLM2-135M, long documents, L=2048", model="smollm2", docs="long",
-                 max_length=2048, batch_size=2, tokens=12288, peer=True),
+                 max_length=2048, batch_size=2, tokens=4096),
         CaseSpec(name="gemma-2048", title="Gemma-3-270M (262k vocabulary), long documents", model="gemma", docs="long",
-                 max_length=2048, batch_size=1, tokens=6144, peer=True),
+                 max_length=2048, batch_size=1, tokens=4096, peer=True),
     )
 }
 
