@@ -27,6 +27,7 @@ log = logging.getLogger("lm_ce")
 # matrix multiply, small enough to stay near the cache.
 CHUNK_BYTES = 8 * 2**20  # measured on a 2-core CPU: at the matmul's own time for 49k and 262k vocabularies
 ROW_BLOCK = 2048
+TILE_BYTES = 32 * 2**20  # token_losses' tiles: on 2 CPU threads 8 MB tiles took 1.3x the time of 32 MB ones
 # Devices whose matmul can take half-precision inputs and write float32 (torch.mm(..., out_dtype=)); any
 # other device, or one that refuses, takes the portable path.
 OUT_DTYPE_DEVICES = {"cuda"}
@@ -144,7 +145,7 @@ def token_losses(
 def _token_losses(hidden, targets, head: Head, rows, want_top1, vocab_block) -> TokenLosses:
     n, vocab = hidden.shape[0], head.vocab_size
     rows = rows or min(max(n, 1), ROW_BLOCK)
-    cols = min(vocab, vocab_block or max(1024, CHUNK_BYTES // (4 * rows)))
+    cols = min(vocab, vocab_block or max(1024, TILE_BYTES // (4 * rows)))
     nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
     top1 = torch.empty(n, dtype=torch.long, device=hidden.device) if want_top1 else None
     for start in range(0, n, rows):
@@ -164,10 +165,19 @@ def _token_losses(hidden, targets, head: Head, rows, want_top1, vocab_block) -> 
                     better = value > best
                     best = torch.where(better, value, best)
                     top1[block] = torch.where(better, index + v0, top1[block])
-            part = torch.logsumexp(logits, dim=-1)
+            else:
+                value = logits.amax(dim=-1)
+            part = _logsumexp_(logits, value)
             lse = part if lse is None else torch.logaddexp(lse, part)
         nll[block] = lse - target
     return TokenLosses(nll, top1)
+
+
+def _logsumexp_(logits: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    """log(sum(exp(logits), -1)) given each row's maximum, overwriting `logits`: no second tile is allocated
+    (torch.logsumexp's temporary tile made the loss about 1.4x the head's matmul on 2 CPU threads)."""
+    shift = row_max.masked_fill(~torch.isfinite(row_max), 0.0)  # a row all -inf: lse -inf, not NaN
+    return logits.sub_(shift[:, None]).exp_().sum(dim=-1).log_().add_(shift)
 
 
 def logits_losses(logits: torch.Tensor, targets: torch.Tensor, want_top1: bool = False) -> TokenLosses:

@@ -11,6 +11,8 @@ import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
+
 from . import data
 from .config import UsageError
 from .parallel import Plan, gather, score_windows
@@ -31,6 +33,9 @@ class Sequence:
     ids: list[int]
     first_target: int
     doubled: bool = False  # the text's own leading prefix token was removed
+
+
+TOKENIZE_BATCH = 64  # documents per tokenizer call in the background tokenization
 
 
 def run_documents(plan: Plan, run: Run, tokenizer) -> bool:
@@ -125,20 +130,22 @@ def _say_doubled(run: Run, n: int) -> None:
 
 def tokenize_share(docs: list[data.Document], tokenizer, prefix: int | None, rank: int, world: int,
                    detokenizer: str = "none") -> dict[int, Sequence]:
-    """{document index: Sequence} for this process's share (every world-th) of a chunk."""
+    """{document index: Sequence} for this process's share (every world-th) of a chunk; each S an int64 tensor
+    (8 bytes a token, where a list of Python ints takes about 36: a chunk's memory is its tokens)."""
     mine = [d for i, d in enumerate(docs) if i % world == rank and d.text]
     plain = [d for d in mine if d.prompt is None]
     out = {}
-    if plain:
-        encoded = tokenizer([detokenized(detokenizer, d.text) for d in plain], add_special_tokens=False)["input_ids"]
-        head = [prefix] if prefix is not None else []
-        for d, ids in zip(plain, encoded):
+    head = [prefix] if prefix is not None else []
+    for part in range(0, len(plain), TOKENIZE_BATCH):  # the tokenizer's own output never holds the whole chunk
+        batch = plain[part : part + TOKENIZE_BATCH]
+        encoded = tokenizer([detokenized(detokenizer, d.text) for d in batch], add_special_tokens=False)["input_ids"]
+        for d, ids in zip(batch, encoded):
             ids, doubled = without_double_prefix(ids, prefix)
-            out[d.index] = Sequence(head + ids, len(head), doubled)
+            out[d.index] = Sequence(torch.tensor(head + ids, dtype=torch.long), len(head), doubled)
     for d in mine:
         if d.prompt is not None:
             seq, first = document_sequence(tokenizer, detokenized(detokenizer, d.text), prefix, d.prompt)
-            out[d.index] = Sequence(seq, first)
+            out[d.index] = Sequence(torch.tensor(seq, dtype=torch.long), first)
     return out
 
 

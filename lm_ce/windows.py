@@ -140,9 +140,11 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def windows_of(doc: int, seq: list[int], spans: list[tuple[int, int, int]], first_id: int | None = None) -> list[Window]:
-    """Window records for the spans of one sequence; `first_id` goes at every window's first input position."""
-    tensor = torch.tensor(seq, dtype=torch.long)
+def windows_of(doc: int, seq: list[int] | torch.Tensor, spans: list[tuple[int, int, int]],
+               first_id: int | None = None) -> list[Window]:
+    """Window records for the spans of one sequence (a list of ids, or an int64 tensor, shared, not copied);
+    `first_id` goes at every window's first input position."""
+    tensor = torch.as_tensor(seq, dtype=torch.long)
     out, offset = [], 0
     for start, a, b in spans:
         out.append(Window(doc, tensor, start, a, b, offset, first_id))

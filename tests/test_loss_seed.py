@@ -196,6 +196,21 @@ def test_chunking_invariance():
     torch.testing.assert_close(logits_losses(hidden @ weight.t(), targets).nll, results[None].nll, rtol=1e-6, atol=1e-6)
 
 
+def test_slice_of_masked_vocabulary():
+    """A vocabulary slice whose logits are all -inf (a bias masking tokens) adds nothing, and is no NaN."""
+    hidden, weight, targets = random_problem(seed=6)
+    bias = torch.zeros(weight.shape[0])
+    bias[:40] = float("-inf")  # the first slices of 13 and 20 logits are masked whole
+    targets = targets.clamp(min=40)
+    head = Head(weight, bias=bias)
+    ref = head_reference_logits(hidden, weight, bias)
+    expected = torch.logsumexp(ref, -1) - ref.gather(1, targets[:, None]).squeeze(1)
+    for cols in (13, 20, None):
+        out = token_losses(hidden, targets, head, rows=5, want_top1=cols == 13, vocab_block=cols)
+        assert torch.isfinite(out.nll).all(), cols
+        torch.testing.assert_close(out.nll.double(), expected, rtol=1e-5, atol=1e-5, msg=f"cols={cols}")
+
+
 def test_empty_input():
     hidden, weight, targets = random_problem(n=0)
     out = token_losses(hidden, targets, Head(weight), rows=4, want_top1=True)

@@ -1,0 +1,1 @@
+"""The benchmark's parts: cases and targets (spec), processes, the children of each path, tables."""
