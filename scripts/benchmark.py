@@ -76,6 +76,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the 10^3..10^6 scaling case")
     ap.add_argument("--lm-ce", default=None, metavar="JSON", help='extra lm_ce Config fields, e.g. \'{"token_budget": 2048}\'')
     ap.add_argument("--rtol", type=float, default=None, help="NLL agreement with lm_ce (default 1e-4 for float32)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU (default: known cards)")
     ap.add_argument("--output", default=str(ROOT / "runs" / "benchmark" / "benchmark.json"), help="JSON results")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per child process")
     ap.add_argument("--no-warmup", action="store_true", help="diagnostics: skip the warm-up window")
@@ -104,7 +105,8 @@ def settings(args) -> dict:
 
 def child_settings(args) -> dict:
     """What every child of a run shares."""
-    return {"dtype": args.dtype, "threads": args.threads, "warmup": not args.no_warmup, "lm_ce_options": args.lm_ce}
+    return {"dtype": args.dtype, "threads": args.threads, "warmup": not args.no_warmup, "lm_ce_options": args.lm_ce,
+            "peak_tflops": args.peak_tflops}
 
 
 def run_case(case: CaseSpec, args, work: Path, failures: list[str]) -> dict | None:
@@ -147,6 +149,10 @@ def report_run(name: str, path: str, out: dict, failures: list[str]) -> None:
     res = out["result"]
     util = res["cpu_seconds"] / (res["seconds"] * res["threads"]) if res.get("cpu_seconds") else None
     extra = f"  + head matmul {res['head_matmul']['seconds']:.2f} s" if res.get("head_matmul") else ""
+    if res.get("gpu"):  # lm_ce on a GPU: the card, its peak memory and the model FLOPs utilisation
+        g = res["gpu"]
+        mfu = f"{100 * g['mfu']:.1f}%" if g["mfu"] is not None else "n/a (give --peak-tflops)"
+        extra += f"  {g['card']}: MFU {mfu}, GPU peak {g['peak_memory_mb']:.0f} MB"
     print(f"   {PATH_NAMES[path]:<42} {res['tokens']:>7} tok  {res['seconds']:7.2f} s  "
           f"{res['tokens'] / res['seconds']:7.1f} tok/s  peak {out['ru_maxrss_mb']:6.0f} MB  "
           f"CPU util {util or 0:.2f}  load {out['load_average'][0] if out['load_average'] else '?'}{extra}", flush=True)

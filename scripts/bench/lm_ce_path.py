@@ -66,10 +66,33 @@ def run_lm_ce(spec: dict, mode: str) -> dict:
     if s["model"].get("path") != spec["model_dir"]:
         print(f"warning: lm_ce loaded {s['model'].get('path')}, not its cache {spec['model_dir']}", flush=True)
     return {
+        "gpu": gpu_figures(spec, s),
         "path": mode, "tokens": s["counts"]["tokens"], "nll_sum": s["nll_sum"], "seconds": s["timing"]["seconds"],
         "load_seconds": s["timing"]["load_seconds"], "windows": s["counts"]["windows"],
         "cpu_seconds": marks["cpu_end"] - marks["cpu"], "observed_seconds": marks["wall_end"] - marks["wall"],
         "input_tokens": s["counts"].get("input_tokens"), "padding_tokens": s["counts"].get("padding_tokens"),
-        "head": s["model"].get("head"), "model_path": s["model"].get("path"), "settings": s.get("settings"),
+        "head": s["model"].get("head"), "model_path": s["model"].get("path"), "device_map": s["model"].get("device_map"), "settings": s.get("settings"),
         "environment": s.get("environment"), "memory": memory, "profile": save_profile(prof, spec, mode),
     }
+
+
+def gpu_figures(spec: dict, summary: dict) -> dict | None:
+    """On a GPU: the card, its peak memory and the model FLOPs utilisation of the scoring (None on CPU)."""
+    import torch
+    from transformers import AutoConfig
+
+    from .mfu import flops_per_token, peak_tflops, utilisation
+
+    if not summary["environment"]["device"].startswith("cuda"):
+        return None
+    config = AutoConfig.from_pretrained(spec["model_dir"]).get_text_config()
+    embedding = config.vocab_size * config.hidden_size  # a lookup, not a matmul (the head is counted once)
+    flops = flops_per_token(matmul_parameters=summary["model"]["parameters"] - embedding,
+                            layers=config.num_hidden_layers, hidden=config.hidden_size, context=spec["max_length"])
+    if getattr(config, "tie_word_embeddings", False):
+        flops += 2.0 * embedding  # the tied head's matmul, its weight counted once among the parameters
+    card = torch.cuda.get_device_name()
+    peak = spec.get("peak_tflops") or peak_tflops(card)
+    rate = summary["timing"]["tokens_per_second"]
+    return {"card": card, "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20, "flops_per_token": flops,
+            "peak_tflops": peak, "mfu": utilisation(rate, flops, peak)}
