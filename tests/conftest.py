@@ -268,3 +268,18 @@ def write_jsonl(tmp_path):
         return make_jsonl(tmp_path / name, rows)
 
     return write
+
+
+def perturbed_copy(source_dir: str, path, *, seed: int, scale: float):
+    """A copy of the model in source_dir with Gaussian noise (scale, seed) added to every weight, saved to path
+    with the same tokenizer: a second model that shares the first one's tokenizer. Returns (path, model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source_dir)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(source_dir).save_pretrained(path)
+    return str(path), model

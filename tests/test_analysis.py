@@ -8,13 +8,12 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from lm_ce import report
 from lm_ce.config import Config
 from lm_ce.runner import evaluate
 
-from .conftest import make_jsonl
+from .conftest import make_jsonl, perturbed_copy
 from .reference import document_sequence, document_windows, reference_tokens
 
 MAX_LEN, STRIDE = 32, 16
@@ -124,17 +123,7 @@ def test_loss_by_position(run, reference):
 
 @pytest.fixture(scope="module")
 def perturbed_dir(tiny_llama_dir, tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("perturbed")
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(path)
-    return str(path), model
+    return perturbed_copy(tiny_llama_dir, tmp_path_factory.mktemp("perturbed"), seed=1, scale=0.05)
 
 
 def test_compare_with_itself_is_zero(corpus, tiny_llama_dir):

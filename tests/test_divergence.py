@@ -267,17 +267,9 @@ def check_against_reference(c: dict, ref: dict, *, mean_rel=1e-3, pct_rel=2e-3, 
 
 @pytest.fixture(scope="module")
 def perturbed_dir(tiny_llama_dir, tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .conftest import perturbed_copy
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.03 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("perturbed")
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(path)
-    return str(path), model
+    return perturbed_copy(tiny_llama_dir, tmp_path_factory.mktemp("perturbed"), seed=5, scale=0.03)
 
 
 @pytest.fixture(scope="module")

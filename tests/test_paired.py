@@ -8,13 +8,12 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from lm_ce import cli, paired, report
 from lm_ce.config import Config, UsageError
 from lm_ce.runner import evaluate
 
-from .conftest import make_jsonl
+from .conftest import make_jsonl, perturbed_copy
 
 Z = 1.959963984540054
 MAX_LEN, STRIDE = 32, 16
@@ -29,17 +28,7 @@ def corpus(tmp_path_factory, texts):
 
 @pytest.fixture(scope="module")
 def perturbed_dir(tiny_llama_dir, tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("perturbed")
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(path)
-    return str(path)
+    return perturbed_copy(tiny_llama_dir, tmp_path_factory.mktemp("perturbed"), seed=3, scale=0.05)[0]
 
 
 @pytest.fixture(scope="module")
