@@ -284,19 +284,11 @@ def test_compare_run_matches_the_float64_reference(run_corpus, tiny_llama, tiny_
     from lm_ce.config import Config
     from lm_ce.runner import evaluate
 
-    from .reference import document_sequence, document_windows, reference_tokens
-
     rows, path = run_corpus
     other_dir, other = perturbed_dir
     res = evaluate(Config(model=tiny_llama_dir, data_files=[path], compare_to=[other_dir], max_length=32, stride=16,
                           batch_size=3, progress=False))
-    tokens = []
-    for i, row in enumerate(rows):
-        seq, first = document_sequence(llama_tokenizer, row["text"], llama_tokenizer.bos_token_id)
-        windows = document_windows(len(seq), first, 32, 16)
-        for p, q in zip(reference_tokens(tiny_llama, seq, windows), reference_tokens(other, seq, windows)):
-            tokens.append({"kl": float((p["logprobs"].exp() * (p["logprobs"] - q["logprobs"])).sum()), "nll": p["nll"],
-                           "other_nll": q["nll"], "same_top1": p["top1"] == q["top1"], "doc": i})
+    tokens = reference_pairs(tiny_llama, other, llama_tokenizer, rows, max_length=32, stride=16)
     c = res.summary["compare"][other_dir]
     assert c["unit"] == "documents" and c["quantile_rank_error"] == 0
     check_against_reference(c, reference_table(tokens))
@@ -435,7 +427,6 @@ def test_real_model_against_its_4bit_copy(tmp_path):
     from lm_ce.runner import evaluate
 
     from .conftest import make_jsonl
-    from .reference import document_sequence, document_windows, reference_tokens
 
     base, tokenizer, _ = model_lib.load(Config(model=SMOLLM2, dtype="float32"), torch.device("cpu"), True)
     quant = copy.deepcopy(base)
@@ -452,13 +443,7 @@ def test_real_model_against_its_4bit_copy(tmp_path):
     data = make_jsonl(tmp_path / "held_out.jsonl", rows)
     res = evaluate(Config(model=dirs["base"], compare_to=[dirs["q4"]], data_files=[data], id_field="id", max_length=512,
                           dtype="float32", batch_size=4, progress=False))
-    tokens = []
-    for i, row in enumerate(rows):
-        seq, first = document_sequence(tokenizer, row["text"], tokenizer.bos_token_id)
-        windows = document_windows(len(seq), first, 512, 512)
-        for p, q in zip(reference_tokens(base, seq, windows), reference_tokens(quant, seq, windows)):
-            tokens.append({"kl": float((p["logprobs"].exp() * (p["logprobs"] - q["logprobs"])).sum()), "nll": p["nll"],
-                           "other_nll": q["nll"], "same_top1": p["top1"] == q["top1"], "doc": i})
+    tokens = reference_pairs(base, quant, tokenizer, rows, max_length=512, stride=512)
     c = res.summary["compare"][dirs["q4"]]
     print(report.table(res.summary))
     seen = check_against_reference(c, reference_table(tokens), pct_abs=1e-6)
@@ -484,3 +469,17 @@ def test_compare_run_on_two_processes_equals_one(tiny_llama_dir, perturbed_dir, 
         for name, value in one[key].items():  # float rounding only (batches differ with two processes)
             assert many[key][name] == pytest.approx(value, rel=1e-5, abs=1e-9), (key, name)
     assert many["same_top1"]["mean"] * many["tokens"] == pytest.approx(one["same_top1"]["mean"] * one["tokens"], abs=2.5)
+
+
+def reference_pairs(base, other, tokenizer, rows: list[dict], *, max_length: int, stride: int) -> list[dict]:
+    """Per scored token, from float64 full logits: KL(base || other), both NLLs, same top-1, and the document."""
+    from .reference import document_sequence, document_windows, reference_tokens
+
+    tokens = []
+    for i, row in enumerate(rows):
+        seq, first = document_sequence(tokenizer, row["text"], tokenizer.bos_token_id)
+        windows = document_windows(len(seq), first, max_length, stride)
+        for p, q in zip(reference_tokens(base, seq, windows), reference_tokens(other, seq, windows)):
+            tokens.append({"kl": float((p["logprobs"].exp() * (p["logprobs"] - q["logprobs"])).sum()), "nll": p["nll"],
+                           "other_nll": q["nll"], "same_top1": p["top1"] == q["top1"], "doc": i})
+    return tokens
