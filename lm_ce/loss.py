@@ -25,9 +25,11 @@ log = logging.getLogger("lm_ce")
 
 # Bytes of float32 logits one tile may hold, and rows per block: large enough for an efficient
 # matrix multiply, small enough to stay near the cache.
-CHUNK_BYTES = 8 * 2**20  # measured on a 2-core CPU: at the matmul's own time for 49k and 262k vocabularies
+# Measured on a quiet 2-core CPU (2,048 rows, float32): 2 to 8 MB tiles cost the same, within 2%, at 49k
+# and 262k vocabularies; 32 MB tiles took 1.15x (262k) to 1.27x (49k) as long (a matmul into a new 32 MB
+# tensor alone took 1.19x one into a reused buffer; at 8 MB the two are equal).
+CHUNK_BYTES = 8 * 2**20
 ROW_BLOCK = 2048
-TILE_BYTES = 32 * 2**20  # token_losses' tiles: on 2 CPU threads 8 MB tiles took 1.3x the time of 32 MB ones
 # Devices whose matmul can take half-precision inputs and write float32 (torch.mm(..., out_dtype=)); any
 # other device, or one that refuses, takes the portable path.
 OUT_DTYPE_DEVICES = {"cuda"}
@@ -145,7 +147,7 @@ def token_losses(
 def _token_losses(hidden, targets, head: Head, rows, want_top1, vocab_block) -> TokenLosses:
     n, vocab = hidden.shape[0], head.vocab_size
     rows = rows or min(max(n, 1), ROW_BLOCK)
-    cols = min(vocab, vocab_block or max(1024, TILE_BYTES // (4 * rows)))
+    cols = min(vocab, vocab_block or max(1024, CHUNK_BYTES // (4 * rows)))
     nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
     top1 = torch.empty(n, dtype=torch.long, device=hidden.device) if want_top1 else None
     for start in range(0, n, rows):
@@ -175,7 +177,7 @@ def _token_losses(hidden, targets, head: Head, rows, want_top1, vocab_block) -> 
 
 def _logsumexp_(logits: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
     """log(sum(exp(logits), -1)) given each row's maximum, overwriting `logits`: no second tile is allocated
-    (torch.logsumexp's temporary tile made the loss about 1.4x the head's matmul on 2 CPU threads)."""
+    (torch.logsumexp allocates a temporary tile the size of the logits)."""
     shift = row_max.masked_fill(~torch.isfinite(row_max), 0.0)  # a row all -inf: lse -inf, not NaN
     return logits.sub_(shift[:, None]).exp_().sum(dim=-1).log_().add_(shift)
 
@@ -239,39 +241,91 @@ class HeadChoice:
 PROBE_TOKENS = 16
 
 
-def float64_logits(head: Head, hidden: torch.Tensor) -> torch.Tensor:
-    """The reference: the head and its transforms in float64 on the same hidden states (vocabulary in slices
-    of about 32 MB of float64 weight, so that no float64 copy of the whole head is made)."""
+def float64_slices(head: Head, hidden: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """The reference: the head and its transforms in float64 on the same hidden states, one vocabulary slice
+    at a time, (first id, logits of the slice), each slice from about 8 MB of float64 weight, so that neither
+    the head nor all the logits are ever held in float64."""
     hidden = hidden.to(head.weight.device).double()
-    slice_rows = max(256, 2**22 // hidden.shape[-1])
-    parts = []
-    for v0 in range(0, head.vocab_size, slice_rows):
-        part = hidden @ head.weight[v0 : v0 + slice_rows].double().t()
+    step = max(256, 2**20 // hidden.shape[-1])
+    for v0 in range(0, head.vocab_size, step):
+        part = hidden @ head.weight[v0 : v0 + step].double().t()
         if head.bias is not None:
-            part += head.bias[v0 : v0 + slice_rows].double()
-        parts.append(part)
-    out = torch.cat(parts, dim=1) * head.scale
-    return head.softcap * torch.tanh(out / head.softcap) if head.softcap is not None else out
+            part += head.bias[v0 : v0 + step].double()
+        part *= head.scale
+        yield v0, head.softcap * torch.tanh(part / head.softcap) if head.softcap is not None else part
+
+
+def float64_logits(head: Head, hidden: torch.Tensor) -> torch.Tensor:
+    """All the float64 reference logits at once (for tests and small vocabularies)."""
+    return torch.cat([part for _, part in float64_slices(head, hidden)], dim=1)
+
+
+@dataclass
+class Float64Figures:
+    """What the probe needs of the float64 head on its hidden states, gathered slice by slice: per row the
+    log-sum-exp, the largest and smallest logit and their ids, the logits at given targets; over all rows the
+    largest |logit| and the model's own logits' largest difference from these."""
+
+    lse: torch.Tensor
+    top: torch.Tensor
+    top_id: torch.Tensor
+    bottom: torch.Tensor
+    bottom_id: torch.Tensor
+    picked: torch.Tensor  # [rows, targets per row]
+    largest: float
+    own_error: float
+    finite: bool
+
+
+def float64_figures(head: Head, hidden: torch.Tensor, own: torch.Tensor, targets: torch.Tensor) -> Float64Figures:
+    """The float64 head's figures (Float64Figures) in one pass over the vocabulary: memory of one slice, not of
+    the probe's rows x vocabulary in float64 (which at a 262k vocabulary raised the run's peak by 200 MB)."""
+    n, device = hidden.shape[0], head.weight.device
+    f = Float64Figures(lse=torch.full((n,), -torch.inf, dtype=torch.float64, device=device),
+                       top=torch.full((n,), -torch.inf, dtype=torch.float64, device=device),
+                       top_id=torch.zeros(n, dtype=torch.long, device=device),
+                       bottom=torch.full((n,), torch.inf, dtype=torch.float64, device=device),
+                       bottom_id=torch.zeros(n, dtype=torch.long, device=device),
+                       picked=torch.zeros(targets.shape, dtype=torch.float64, device=device),
+                       largest=0.0, own_error=0.0, finite=True)
+    targets = targets.to(device)
+    for v0, part in float64_slices(head, hidden):
+        v1 = v0 + part.shape[1]
+        f.finite = f.finite and bool(torch.isfinite(part).all())
+        f.own_error = max(f.own_error, (own[:, v0:v1].to(device).double() - part).abs().max().item())
+        f.largest = max(f.largest, part.abs().max().item())
+        f.lse = torch.logaddexp(f.lse, torch.logsumexp(part, -1))
+        value, index = part.max(-1)
+        better = value > f.top
+        f.top, f.top_id = torch.where(better, value, f.top), torch.where(better, index + v0, f.top_id)
+        value, index = part.min(-1)
+        lower = value < f.bottom
+        f.bottom, f.bottom_id = torch.where(lower, value, f.bottom), torch.where(lower, index + v0, f.bottom_id)
+        inside = (targets >= v0) & (targets < v1)
+        f.picked = torch.where(inside, part.gather(1, (targets - v0).clamp(0, part.shape[1] - 1)), f.picked)
+    return f
 
 
 def probe_head(model: torch.nn.Module, head: Head | None) -> HeadChoice:
     """The chunked head when (1) it applies what the model applies, checked against the model's own logits to
-    their dtype's precision, and (2) its NLLs match a float64 head on the same hidden states to 1e-3 nats."""
+    their dtype's precision, and (2) its NLLs match a float64 head on the same hidden states to 1e-3 nats
+    (at each row's most and least likely token, the next token and a spread of ids)."""
     if head is None:
         return HeadChoice(None, "full logits (the output layer is not a plain linear layer)")
     ids = (torch.arange(PROBE_TOKENS, device=input_device(model)) * 7919 % head.vocab_size)[None]
     with torch.inference_mode(), head.loaded() as loaded:
         hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]
         own = model(input_ids=ids, use_cache=False).logits[0]
-        reference = float64_logits(loaded, hidden)
-        if not bool(torch.isfinite(reference).all()):  # a broken model: the NaN guard will name where it shows
+        spread = torch.arange(PROBE_TOKENS, device=ids.device) * 104729 % head.vocab_size
+        known = torch.stack([ids[0].roll(-1), spread], dim=1)
+        ref = float64_figures(loaded, hidden, own, known)
+        if not ref.finite:  # a broken model: the NaN guard will name where it shows
             return HeadChoice(head, "chunked (probe inconclusive: the float64 head's logits are not finite)")
-        spread = torch.arange(PROBE_TOKENS, device=reference.device) * 104729 % head.vocab_size
-        targets = torch.cat([reference.argmax(-1), reference.argmin(-1), ids[0].roll(-1).to(spread.device), spread])
-        expected = (torch.logsumexp(reference, -1).repeat(4) - reference.repeat(4, 1).gather(1, targets[:, None])[:, 0])
+        targets = torch.cat([ref.top_id, ref.bottom_id, known[:, 0].to(ref.lse.device), known[:, 1].to(ref.lse.device)])
+        expected = torch.cat([ref.lse - ref.top, ref.lse - ref.bottom, ref.lse - ref.picked[:, 0], ref.lse - ref.picked[:, 1]])
         ours = token_losses(hidden.repeat(4, 1), targets, loaded).nll.double().to(expected.device)
     error = (ours - expected).abs().max().item()
-    transform_error = (own.double().to(reference.device) - reference).abs().max().item() / max(1.0, reference.abs().max().item())
+    transform_error = ref.own_error / max(1.0, ref.largest)
     coarsest = max((own.dtype, hidden.dtype, loaded.weight.dtype), key=lambda d: torch.finfo(d).eps)
     if not transform_error <= max(1e-4, 4 * torch.finfo(coarsest).eps):  # the model's logits carry its dtype's rounding
         log.warning("the chunked head differs from the model's own logits by %.3g of the largest logit (more than "

@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench.processes import ROOT, load_average, run_child, run_cli  # noqa: E402
+from bench.processes import ROOT, baseline_checkout, load_average, run_child, run_cli  # noqa: E402
 from bench.scaling import plot, run_scaling, scaling_table  # noqa: E402
-from bench.spec import CASES, PATH_NAMES, CaseSpec  # noqa: E402
-from bench.tables import check_case, check_peer, ratios, summarize, tables, targets  # noqa: E402
+from bench.spec import BASELINE, CASES, PATH_NAMES, CaseSpec  # noqa: E402
+from bench.tables import check_case, check_peer, ratios, summarize, summarize_peer, tables, targets  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
                           "load_average_start": load_average()}}
     failures: list[str] = []
     started = time.perf_counter()
+    report["baseline"] = baseline(args, work)
     for name in args.cases:
-        entry = run_case(CASES[name], args, work, failures)
+        entry = run_case(CASES[name], args, work, report, failures)
         if entry:
             report["cases"][name] = entry
     if args.scaling:
@@ -72,7 +73,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=None, help="override the cases' batch size for every path")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each path, interleaved; median tok/s reported")
     ap.add_argument("--paths", default=None, help=f"subset of {','.join(PATH_NAMES)} (default: each case's own)")
-    ap.add_argument("--no-peer", dest="peer", action="store_false", help="skip the whole-process lm-eval peer")
+    ap.add_argument("--no-peer", dest="peer", action="store_false", help="skip the whole-process peers")
+    ap.add_argument("--baseline", default=BASELINE, metavar="REV",
+                    help=f"commit whose lm_ce CLI runs beside the peers (default {BASELINE}, the 'before' of issue 17; none: skip)")
     ap.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the 10^3..10^6 scaling case")
     ap.add_argument("--lm-ce", default=None, metavar="JSON", help='extra lm_ce Config fields, e.g. \'{"token_budget": 2048}\'')
     ap.add_argument("--rtol", type=float, default=None, help="NLL agreement with lm_ce (default 1e-4 for float32)")
@@ -99,7 +102,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def settings(args) -> dict:
     return {"cases": args.cases, "paths": args.paths, "tokens": args.tokens, "dtype": args.dtype,
             "threads": args.threads, "repeat": args.repeat, "batch_size": args.batch_size, "rtol": args.rtol,
-            "peer": args.peer, "scaling": args.scaling, "lm_ce_options": args.lm_ce, "warmup": not args.no_warmup,
+            "peer": args.peer, "baseline": args.baseline, "scaling": args.scaling, "lm_ce_options": args.lm_ce, "warmup": not args.no_warmup,
             "profile": args.profile}
 
 
@@ -109,7 +112,7 @@ def child_settings(args) -> dict:
             "peak_tflops": args.peak_tflops}
 
 
-def run_case(case: CaseSpec, args, work: Path, failures: list[str]) -> dict | None:
+def run_case(case: CaseSpec, args, work: Path, report: dict, failures: list[str]) -> dict | None:
     """Prepare the case, run each of its paths (interleaved when repeated) and the whole-process peers."""
     spec = {**case.to_dict(), "case": case.name, **child_settings(args), "tokens": args.tokens or case.tokens,
             "batch_size": args.batch_size or case.batch_size, "data": str(work / f"{case.name}.jsonl"),
@@ -135,7 +138,7 @@ def run_case(case: CaseSpec, args, work: Path, failures: list[str]) -> dict | No
     entry = {"meta": meta, "case": spec, "runs": runs, "summary": {p: summarize(rs) for p, rs in runs.items()}}
     entry["checks"] = check_case(case.name, entry["summary"], args.rtol, failures)
     if case.peer and args.peer:
-        entry["peer"] = run_peer(spec, work, args, failures)
+        entry["peer"] = run_peer(spec, work, args, report, failures)
     entry["ratios"] = ratios(entry)
     print("   " + "  ".join(f"{k} {v:.2f}" for k, v in entry["ratios"].items()), flush=True)
     return entry
@@ -158,20 +161,45 @@ def report_run(name: str, path: str, out: dict, failures: list[str]) -> None:
           f"CPU util {util or 0:.2f}  load {out['load_average'][0] if out['load_average'] else '?'}{extra}", flush=True)
 
 
-def run_peer(spec: dict, work: Path, args, failures: list[str]) -> dict:
-    """Whole processes on the same texts: the lm_ce CLI and an lm-eval loglikelihood_rolling script."""
-    print("   peer: lm_ce CLI and lm-eval, whole processes ...", flush=True)
-    peer = {"lm_ce_cli": run_cli(spec, work, args.timeout), "lm_eval": run_child("lmeval", spec, work,
-                                                                                  f"{spec['case']}.lmeval", args.timeout)}
-    le = peer["lm_eval"]
-    if le["ok"]:
-        le.update({k: le["result"][k] for k in ("tokens", "nll_sum", "load_seconds")}, scoring_seconds=le["result"]["seconds"])
-    for label, r in (("lm_ce CLI", peer["lm_ce_cli"]), ("lm-eval", le)):
+def baseline(args, work: Path) -> dict | None:
+    """The baseline commit's files, for its CLI to run beside the peers; None with --baseline none."""
+    if args.baseline.lower() == "none":
+        return None
+    try:
+        root = baseline_checkout(args.baseline, work)
+    except (RuntimeError, OSError) as e:
+        print(f"baseline {args.baseline}: {e}; its targets are not measured", flush=True)
+        return {"rev": args.baseline, "error": str(e)}
+    return {"rev": args.baseline, "root": str(root)}
+
+
+PEERS = {"lm_ce_cli": "lm_ce CLI", "baseline": "baseline CLI", "lm_eval": "lm-eval"}
+
+
+def run_peer(spec: dict, work: Path, args, report: dict, failures: list[str]) -> dict:
+    """Whole processes on the same texts, interleaved when repeated: the lm_ce CLI, the baseline commit's CLI
+    and an lm-eval loglikelihood_rolling script (median wall and scoring time, largest peak memory)."""
+    base = report["baseline"] if report["baseline"] and "root" in report["baseline"] else None
+    print(f"   peer: {', '.join(PEERS[k] for k in PEERS if k != 'baseline' or base)}, whole processes ...", flush=True)
+    if base:  # the baseline's own first-time work (its GGUF cache) off the clock
+        run_cli(spec, work, args.timeout, root=Path(base["root"]), tag="baseline", limit=1)
+    runs: dict[str, list[dict]] = {k: [] for k in PEERS if k != "baseline" or base}
+    for r in range(args.repeat):
+        tag = f".{r}" if args.repeat > 1 else ""
+        runs["lm_ce_cli"].append(run_cli(spec, work, args.timeout, tag=f"cli{tag}"))
+        if base:
+            runs["baseline"].append(run_cli(spec, work, args.timeout, root=Path(base["root"]), tag=f"baseline{tag}"))
+        le = run_child("lmeval", spec, work, f"{spec['case']}.lmeval{tag}", args.timeout)
+        if le["ok"]:
+            le.update({k: le["result"][k] for k in ("tokens", "nll_sum", "load_seconds")}, scoring_seconds=le["result"]["seconds"])
+        runs["lm_eval"].append(le)
+    peer = {k: summarize_peer(rs) for k, rs in runs.items()}
+    for key, r in peer.items():
         if r["ok"]:
-            print(f"   peer: {label:<10} wall {r['wall_seconds']:7.1f} s (scoring {r['scoring_seconds']:.1f} s)  "
+            print(f"   peer: {PEERS[key]:<12} wall {r['wall_seconds']:7.1f} s (scoring {r['scoring_seconds']:.1f} s)  "
                   f"peak {r['ru_maxrss_mb']:7.0f} MB  {r['tokens']} tok  load {r['load_average'][0]}", flush=True)
         else:
-            failures.append(f"{spec['case']} peer {label}: {r['error']}")
+            failures.append(f"{spec['case']} peer {PEERS[key]}: {r['error']}")
     check_peer(spec["case"], peer, args.rtol, failures)
     return peer
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .processes import ROOT
+from .spec import HF_PATHS
 
 
 def child_main(mode: str, spec_file: str) -> int:
@@ -22,7 +23,7 @@ def child_main(mode: str, spec_file: str) -> int:
     torch.set_num_threads(spec["threads"])
     if mode == "prepare":
         from .prepare import prepare as run
-    elif mode in ("file-order", "labels", "body"):
+    elif mode in HF_PATHS:
         from .hf_paths import run_hf as run
     elif mode == "lm_ce":
         from .lm_ce_path import run_lm_ce as run

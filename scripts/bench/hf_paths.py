@@ -2,9 +2,12 @@
 
   file-order  model(input_ids, labels=...) with a fixed batch size, windows in file order, right padding.
   labels      the same, on windows sorted by length (longest first), right padding with an attention mask.
-  body        the model body alone on the sorted batches (no head, no loss): the floor any exact evaluator
-              pays. Afterwards, untimed in the body's figure, the head's matrix multiply alone over every
-              scored position's final hidden state is timed: body + that matmul is the measured limit.
+  body        the model body alone on the sorted batches, with the mask (no head, no loss).
+  plan-body   the model body alone on lm_ce's own batches (its plan, right padding, no mask): what lm_ce's
+              forward passes cost without its head and loss.
+In both body paths, afterwards and untimed in the body's figure, the head's matrix multiply alone over every
+scored position's final hidden state is timed, in lm_ce's blocks of rows and tiles: the faster body plus that
+matmul is the measured limit of an exact evaluator.
 
 A window (start, a, b) scores S[a+1..b]. transformers shifts labels inside the model, so the labels paths
 feed S[start:b+1] (one token more than lm_ce); the body is fed lm_ce's exact input S[start:b].
@@ -16,13 +19,14 @@ from dataclasses import dataclass
 
 from .child import profiler, read_texts, save_profile, status_mb
 
-HEAD_TILE_BYTES = 64 * 2**20  # float32 logits per head-matmul tile of the limit measurement
+BODIES = ("body", "plan-body")
 
 
 @dataclass
 class Span:
     """One window of one document's sequence: feed seq[start:b] (+1 for labels), score seq[a+1..b]."""
 
+    doc: int
     seq: list[int]
     start: int
     a: int
@@ -41,7 +45,7 @@ def run_hf(spec: dict, mode: str) -> dict:
     load_seconds = time.perf_counter() - t0
     after_load = status_mb("VmRSS")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    step = Stepper(model, mode, pad, spec["batch_size"])
+    step = Stepper(model, mode, pad, spec["batch_size"], token_budget(spec))
     if spec["warmup"]:
         step.run(spans_of(tokenizer, read_texts(spec["warmup_data"]), spec["max_length"]))
     step.hidden.clear()
@@ -53,7 +57,7 @@ def run_hf(spec: dict, mode: str) -> dict:
         nll, tokens, padded = step.run(spans)
         end, cpu_end = time.perf_counter(), time.process_time()
     result = {
-        "path": mode, "tokens": tokens, "nll_sum": nll if mode != "body" else None, "seconds": end - start,
+        "path": mode, "tokens": tokens, "nll_sum": nll if mode not in BODIES else None, "seconds": end - start,
         "loop_seconds": end - prepared, "prep_seconds": prepared - start, "load_seconds": load_seconds,
         "cpu_seconds": cpu_end - cpu_start, "windows": len(spans), "padded_tokens": padded,
         "input_tokens": sum(s.b - s.start for s in spans),
@@ -61,7 +65,7 @@ def run_hf(spec: dict, mode: str) -> dict:
                    "peak_before_head_mb": status_mb("VmHWM")},
         "parameters": parameter_counts(model), "profile": save_profile(prof, spec, mode),
     }
-    if mode == "body":
+    if mode in BODIES:
         result["head_matmul"] = head_matmul(model, step.hidden)
     return result
 
@@ -75,41 +79,62 @@ def spans_of(tokenizer, texts: list[str], max_length: int) -> list[Span]:
     prefix = prefix_id(Config(mode="document", prefix_token="auto"), tokenizer)
     head = [prefix] if prefix is not None else []
     out = []
-    for text in texts:
+    for doc, text in enumerate(texts):
         seq = head + encode(tokenizer, text)
-        out += [Span(seq, s, a, b) for s, a, b in document_spans(len(seq), len(head), max_length, max_length)]
+        out += [Span(doc, seq, s, a, b) for s, a, b in document_spans(len(seq), len(head), max_length, max_length)]
     return out
+
+
+def token_budget(spec: dict) -> int:
+    """lm_ce's token budget for the case (its CPU default, or the one given to lm_ce with --lm-ce)."""
+    import torch
+
+    from lm_ce.setup import default_budget
+
+    given = spec.get("lm_ce_options", {}).get("token_budget")
+    return given or default_budget(spec["batch_size"], spec["max_length"], torch.device("cpu"))
+
+
+def batches_of(spans: list[Span], mode: str, batch_size: int, budget: int) -> list[list[Span]]:
+    """file-order: fixed batches in file order; labels and body: fixed batches of the windows sorted by length
+    (longest first); plan-body: lm_ce's own batches (lm_ce.windows.plan_batches)."""
+    if mode == "plan-body":
+        from lm_ce.windows import Window, plan_batches
+
+        windows = [Window(s.doc, s.seq, s.start, s.a, s.b, 0) for s in spans]  # the fields plan_batches reads
+        return plan_batches(windows, batch_size, budget)
+    if mode != "file-order":
+        spans = sorted(spans, key=lambda s: -(s.b - s.start))
+    return [spans[i : i + batch_size] for i in range(0, len(spans), batch_size)]
 
 
 class Stepper:
     """One path's loop: batches (file order, or sorted by length) through the model, NLL summed in float64."""
 
-    def __init__(self, model, mode: str, pad: int, batch_size: int):
-        self.model, self.mode, self.pad, self.batch_size = model, mode, pad, batch_size
+    def __init__(self, model, mode: str, pad: int, batch_size: int, budget: int):
+        self.model, self.mode, self.pad, self.batch_size, self.budget = model, mode, pad, batch_size, budget
         self.body = getattr(model, "model", None) or model.base_model
         self.hidden: list = []  # the body path's scored final hidden states, for the head-matmul timing
 
     def run(self, spans: list[Span]) -> tuple[float, int, int]:
         """(NLL sum, scored tokens, padded input positions) over all spans."""
-        if self.mode != "file-order":
-            spans = sorted(spans, key=lambda s: -(s.b - s.start))
         nll, tokens, padded = 0.0, 0, 0
-        for i in range(0, len(spans), self.batch_size):
-            s, n, p = self.batch(spans[i : i + self.batch_size])
+        for batch in batches_of(spans, self.mode, self.batch_size, self.budget):
+            s, n, p = self.batch(batch)
             nll, tokens, padded = nll + s, tokens + n, padded + p
         return nll, tokens, padded
 
     def batch(self, batch: list[Span]) -> tuple[float, int, int]:
         import torch
 
-        extra = 0 if self.mode == "body" else 1  # the labels paths feed the last target too
+        extra = 0 if self.mode in BODIES else 1  # the labels paths feed the last target too
         width = max(s.b + extra - s.start for s in batch)
         ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         labels = torch.full((len(batch), width), -100, dtype=torch.long)
         for r, s in enumerate(batch):
             n = s.b + extra - s.start
-            ids[r, :n] = torch.tensor(s.seq[s.start : s.b + extra])
+            ids[r, :n] = torch.as_tensor(s.seq[s.start : s.b + extra])
             mask[r, :n] = 1
             labels[r, s.a + 1 - s.start : n] = ids[r, s.a + 1 - s.start : n]
         scored = sum(s.b - s.a for s in batch)
@@ -118,28 +143,39 @@ class Stepper:
                 return float(self.model(ids, labels=labels).loss) * scored, scored, ids.numel()
             if self.mode == "labels":
                 return float(self.model(ids, attention_mask=mask, labels=labels).loss) * scored, scored, ids.numel()
-            hidden = self.body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            # lm_ce's batches are right-padded and need no mask (a real token never attends to a later pad)
+            hidden = self.body(input_ids=ids, attention_mask=None if self.mode == "plan-body" else mask,
+                               use_cache=False).last_hidden_state
         rows = [hidden[r, s.a - s.start : s.b - s.start] for r, s in enumerate(batch)]
         self.hidden.append(torch.cat(rows))
         return 0.0, scored, ids.numel()
 
 
 def head_matmul(model, hidden: list) -> dict:
-    """Seconds of the head's matrix multiply alone over the scored hidden states (tiles into one buffer)."""
+    """Seconds of the head's matrix multiply alone over the scored hidden states: lm_ce's blocks of rows and
+    tiles of the vocabulary (lm_ce.loss.ROW_BLOCK, CHUNK_BYTES), each written into one reused buffer."""
     import torch
+
+    from lm_ce.loss import CHUNK_BYTES, ROW_BLOCK
 
     weight = model.get_output_embeddings().weight
     states = torch.cat(hidden).to(weight.dtype)
-    rows = max(16, HEAD_TILE_BYTES // (4 * weight.shape[0]))
-    out = torch.empty(rows, weight.shape[0], dtype=weight.dtype)
+    rows = min(len(states), ROW_BLOCK)
+    cols = min(weight.shape[0], max(1024, CHUNK_BYTES // (4 * rows)))
+    out = torch.empty(rows, cols, dtype=weight.dtype)
+
+    def matmul(block, v0):
+        w = weight[v0 : v0 + cols]
+        torch.mm(block, w.t(), out=out[: len(block), : len(w)])
+
     with torch.no_grad():
-        torch.mm(states[:rows], weight.t(), out=out[: min(rows, len(states))])  # warm
+        matmul(states[:rows], 0)  # warm
         start, cpu_start = time.perf_counter(), time.process_time()
         for i in range(0, len(states), rows):
-            block = states[i : i + rows]
-            torch.mm(block, weight.t(), out=out[: len(block)])
+            for v0 in range(0, weight.shape[0], cols):
+                matmul(states[i : i + rows], v0)
     return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start,
-            "rows": len(states), "tile_rows": rows}
+            "rows": len(states), "block_rows": rows, "tile_columns": cols}
 
 
 def parameter_counts(model) -> dict:

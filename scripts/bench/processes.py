@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -62,15 +63,17 @@ def run_child(mode: str, spec: dict, work: Path, tag: str, timeout: float) -> di
     return out
 
 
-def run_cli(spec: dict, work: Path, timeout: float) -> dict:
-    """The lm_ce command line as a whole process on the case's data, with the case's settings."""
-    out_dir = work / f"{spec['case']}.cli"
-    cmd = [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model", spec["gguf"], "--dtype", spec["dtype"],
+def run_cli(spec: dict, work: Path, timeout: float, *, root: Path = ROOT, tag: str = "cli", limit: int | None = None) -> dict:
+    """The lm_ce command line of the checkout at `root` (this one, or the baseline's) as a whole process on the
+    case's data, with the case's settings and only flags every version has."""
+    out_dir = work / f"{spec['case']}.{tag}"
+    shutil.rmtree(out_dir, ignore_errors=True)  # the benchmark's own folder: each run starts from none
+    cmd = [sys.executable, str(root / "scripts" / "evaluate.py"), "--model", spec["gguf"], "--dtype", spec["dtype"],
            "--data-files", spec["data"], "--text-field", "text", "--mode", "document",
            "--max-length", str(spec["max_length"]), "--stride", str(spec["max_length"]), "--prefix-token", "auto",
            "--batch-size", str(spec["batch_size"]), "--threads", str(spec["threads"]), "--no-progress",
-           "--output-dir", str(out_dir), "--overwrite"]  # --repeat reuses the directory
-    out = spawn(cmd, child_env(spec["threads"]), work / "logs" / f"{spec['case']}.cli.log", timeout)
+           "--output-dir", str(out_dir)] + (["--limit", str(limit)] if limit else [])
+    out = spawn(cmd, child_env(spec["threads"]), work / "logs" / f"{spec['case']}.{tag}.log", timeout)
     out["ok"] = out["rc"] == 0 and (out_dir / "results.json").is_file()
     if out["ok"]:
         s = json.loads((out_dir / "results.json").read_text())
@@ -95,3 +98,21 @@ def load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def baseline_checkout(rev: str, work: Path) -> Path:
+    """The files of commit `rev` of this repository (git archive), once, under the work folder."""
+    target = work / f"baseline-{rev}"
+    if (target / "scripts" / "evaluate.py").is_file():
+        return target
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                            capture_output=True, text=True)
+    if commit.returncode != 0:
+        raise RuntimeError(f"commit {rev} is not in this clone's history (a shallow clone?): fetch it, or pass "
+                           "--baseline none")
+    target.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.Popen(["git", "-C", str(ROOT), "archive", rev], stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-x", "-C", str(target)], stdin=archive.stdout, check=True)
+    if archive.wait() != 0:
+        raise RuntimeError(f"git archive {rev} failed")
+    return target

@@ -30,12 +30,24 @@ def summarize(runs: list[dict]) -> dict | None:
         "threads": max(x["threads"] for x in res), "padded_tokens": padded_positions(res[0]),
     }
     heads = [x["head_matmul"] for x in res if x.get("head_matmul")]
-    if heads:  # the limit: the body's time plus the head's matrix multiply alone
+    if heads:  # this body's time plus the head's matrix multiply alone
         head = statistics.median(h["seconds"] for h in heads)
         out["head_matmul_seconds"] = head
         out["limit_tokens_per_second"] = out["tokens"] / (out["seconds"] + head)
         out["peak_rss_mb"] = max(x["memory"]["peak_before_head_mb"] for x in res)  # the body's own peak
     return out
+
+
+def summarize_peer(runs: list[dict]) -> dict:
+    """One whole-process peer's runs: median wall and scoring seconds, largest peak, the runs themselves."""
+    ok = [r for r in runs if r["ok"]]
+    if not ok:
+        return {"ok": False, "error": runs[-1]["error"], "runs": runs}
+    return {"ok": True, "runs": runs, "tokens": ok[0]["tokens"], "nll_sum": ok[0]["nll_sum"],
+            "tokens_all_equal": len({r["tokens"] for r in ok}) == 1,
+            "wall_seconds": statistics.median(r["wall_seconds"] for r in ok),
+            "scoring_seconds": statistics.median(r["scoring_seconds"] for r in ok),
+            "ru_maxrss_mb": max(r["ru_maxrss_mb"] for r in ok), "load_average": ok[-1]["load_average"]}
 
 
 def padded_positions(result: dict) -> int | None:
@@ -71,23 +83,25 @@ def check_case(name: str, summary: dict, rtol: float, failures: list[str]) -> di
 
 
 def check_peer(name: str, peer: dict, rtol: float, failures: list[str]) -> None:
-    """The lm_ce CLI and lm-eval scored the same tokens with the same NLL."""
-    cli, le = peer["lm_ce_cli"], peer["lm_eval"]
-    if not (cli["ok"] and le["ok"]):
-        return
-    rel = abs(cli["nll_sum"] - le["nll_sum"]) / max(abs(cli["nll_sum"]), 1e-300)
-    peer.update(nll_rel_diff=rel, tokens_equal=cli["tokens"] == le["tokens"])
-    if cli["tokens"] != le["tokens"] or rel > rtol:
-        failures.append(f"{name} peer: lm_ce CLI ({cli['tokens']} tok, NLL {cli['nll_sum']:.6f}) and lm-eval "
-                        f"({le['tokens']} tok, NLL {le['nll_sum']:.6f}) disagree (rel {rel:.2e})")
+    """Each whole-process peer (lm-eval, the baseline's CLI) scored the lm_ce CLI's tokens with its NLL."""
+    cli = peer["lm_ce_cli"]
+    for key in ("lm_eval", "baseline"):
+        other = peer.get(key)
+        if not (cli["ok"] and other and other["ok"]):
+            continue
+        rel = abs(cli["nll_sum"] - other["nll_sum"]) / max(abs(cli["nll_sum"]), 1e-300)
+        other.update(nll_rel_diff=rel, tokens_equal=cli["tokens"] == other["tokens"])
+        if cli["tokens"] != other["tokens"] or rel > rtol or not (cli["tokens_all_equal"] and other["tokens_all_equal"]):
+            failures.append(f"{name} peer: lm_ce CLI ({cli['tokens']} tok, NLL {cli['nll_sum']:.6f}) and {key} "
+                            f"({other['tokens']} tok, NLL {other['nll_sum']:.6f}) disagree (rel {rel:.2e})")
 
 
 def ratios(entry: dict) -> dict[str, float]:
     """The case's ratios: lm_ce's tokens/s over each peer's, and the whole-process ones against lm-eval."""
     sm = entry["summary"]
     rate = {p: s["tokens_per_second"] for p, s in sm.items() if s}
-    if sm.get("body") and "limit_tokens_per_second" in sm["body"]:
-        rate["limit"] = sm["body"]["limit_tokens_per_second"]
+    if limit_rate(sm) is not None:
+        rate["limit"] = limit_rate(sm)
     out = {}
     if "lm_ce" in rate:
         out.update({f"lm_ce/{p}": rate["lm_ce"] / r for p, r in rate.items() if p != "lm_ce"})
@@ -98,11 +112,22 @@ def ratios(entry: dict) -> dict[str, float]:
     if sm.get("lm_ce") and sm.get("labels"):
         out["lm_ce MB/labels MB"] = sm["lm_ce"]["peak_rss_mb"] / sm["labels"]["peak_rss_mb"]
     peer = entry.get("peer") or {}
-    cli, le = peer.get("lm_ce_cli"), peer.get("lm_eval")
+    cli, le, base = peer.get("lm_ce_cli"), peer.get("lm_eval"), peer.get("baseline")
     if cli and le and cli["ok"] and le["ok"]:
         out["lm-eval wall/lm_ce wall"] = le["wall_seconds"] / cli["wall_seconds"]
         out["lm-eval MB/lm_ce MB"] = le["ru_maxrss_mb"] / cli["ru_maxrss_mb"]
+    if cli and base and cli["ok"] and base["ok"]:
+        out["baseline scoring s/lm_ce scoring s"] = base["scoring_seconds"] / cli["scoring_seconds"]
+        out["baseline wall/lm_ce wall"] = base["wall_seconds"] / cli["wall_seconds"]
+        out["baseline MB/lm_ce MB"] = base["ru_maxrss_mb"] / cli["ru_maxrss_mb"]
     return out
+
+
+def limit_rate(summary: dict) -> float | None:
+    """The measured limit of an exact evaluator: the faster of the two bodies plus the head's matmul alone."""
+    rates = [summary[p]["limit_tokens_per_second"] for p in ("body", "plan-body")
+             if summary.get(p) and "limit_tokens_per_second" in summary[p]]
+    return max(rates) if rates else None
 
 
 def targets(report: dict) -> list[dict]:
@@ -131,14 +156,14 @@ def tables(report: dict) -> str:
 
 
 def speed_table(report: dict) -> list[str]:
-    paths = ("file-order", "labels", "body", "limit", "lm_ce")
+    paths = ("file-order", "labels", "body", "plan-body", "limit", "lm_ce")
     lines = ["| case | tokens | head % | " + " | ".join(f"{p} tok/s" for p in paths)
              + " | lm_ce/body | lm_ce/labels | lm_ce/limit | lm_ce MB | labels MB | body MB | NLL check |",
              "|---|---:|---:|" + "---:|" * (len(paths) + 6) + "---|"]
     for name, e in report["cases"].items():
         sm, r = e["summary"], e["ratios"]
         rate = {p: sm[p]["tokens_per_second"] if sm.get(p) else None for p in paths if p != "limit"}
-        rate["limit"] = sm["body"].get("limit_tokens_per_second") if sm.get("body") else None
+        rate["limit"] = limit_rate(sm)
         star = {p: "*" if sm.get(p) and (sm[p]["cpu_utilization"] or 1) < BUSY else "" for p in paths}
         params = next((sm[p]["parameters"] for p in ("labels", "body", "file-order") if sm.get(p)), None)
         tokens = next((x["tokens"] for x in sm.values() if x), None)
@@ -155,7 +180,8 @@ def speed_table(report: dict) -> list[str]:
             + f" | {fmt(r.get('lm_ce/body'), '.2f')} | {fmt(r.get('lm_ce/labels'), '.2f')} "
             f"| {fmt(r.get('lm_ce/limit'), '.2f')} | {fmt(mb['lm_ce'], '.0f')} | {fmt(mb['labels'], '.0f')} "
             f"| {fmt(mb['body'], '.0f')} | {check} |")
-    lines += ["", "limit: the body's time plus the head's matrix multiply alone (measured in the body's process). "
+    lines += ["", "plan-body: the body alone on lm_ce's own batches (no mask). limit: the faster body's time plus "
+              "the head's matrix multiply alone (in lm_ce's blocks and tiles, measured in that body's process). "
               f"head %: the head's share of the weight-matmul FLOPs per token. * CPU utilization below {BUSY}: "
               "that path waited for the CPU (a busy machine) and its tok/s is low by about that factor."]
     return lines
@@ -183,7 +209,7 @@ def detail_table(report: dict) -> list[str]:
                 f"| {fmt(x['padded_tokens'], 'd')} | {fmt(x['rss_before_scoring_mb'], '.0f')} | {x['peak_rss_mb']:.0f} "
                 f"| {fmt(x['nll_sum'], '.4f')} |")
             if x.get("head_matmul_seconds") is not None:
-                lines.append(f"| {name} | head matmul alone (limit = body + this) | {x['head_matmul_seconds']:.2f} "
+                lines.append(f"| {name} | head matmul alone (body above + this) | {x['head_matmul_seconds']:.2f} "
                              f"| {x['limit_tokens_per_second']:.1f} | | | | | | | |")
     return lines
 
@@ -192,18 +218,25 @@ def peer_table(report: dict) -> list[str]:
     peers = {n: e["peer"] for n, e in report["cases"].items() if e.get("peer")}
     if not peers:
         return []
-    lines = ["Whole processes (Python start, imports, model load, scoring, writing), lm_ce CLI against lm-eval:", "",
+    base = (report.get("baseline") or {}).get("rev", "baseline")
+    labels = {"lm_ce_cli": "lm_ce CLI", "baseline": f"lm_ce CLI at {base}", "lm_eval": "lm-eval HFLM"}
+    lines = ["Whole processes (Python start, imports, model load, scoring, writing): the lm_ce CLI, the CLI at the "
+             "baseline commit, lm-eval (median wall and scoring seconds, largest peak):", "",
              "| case | process | wall s | scoring s | peak RSS MB | tokens | NLL sum |", "|---|---|---:|---:|---:|---:|---:|"]
     for name, pr in peers.items():
-        for label, key in (("lm_ce CLI", "lm_ce_cli"), ("lm-eval HFLM", "lm_eval")):
-            r = pr[key]
+        for key, label in labels.items():
+            r = pr.get(key)
+            if r is None:
+                continue
             lines.append(f"| {name} | {label} | {r['wall_seconds']:.1f} | {r['scoring_seconds']:.1f} "
                          f"| {r['ru_maxrss_mb']:.0f} | {r['tokens']} | {r['nll_sum']:.4f} |" if r["ok"]
                          else f"| {name} | {label} | failed | | | | |")
-        if "nll_rel_diff" in pr:
-            cl, le = pr["lm_ce_cli"], pr["lm_eval"]
-            lines.append(f"| {name} | lm-eval / lm_ce | {le['wall_seconds'] / cl['wall_seconds']:.2f}x "
-                         f"| {le['scoring_seconds'] / cl['scoring_seconds']:.2f}x "
-                         f"| {le['ru_maxrss_mb'] / cl['ru_maxrss_mb']:.2f}x "
-                         f"| {'equal' if pr['tokens_equal'] else 'DIFFER'} | rel {pr['nll_rel_diff']:.0e} |")
+        cl = pr["lm_ce_cli"]
+        for key in ("baseline", "lm_eval"):
+            r = pr.get(key)
+            if r and "nll_rel_diff" in r:
+                lines.append(f"| {name} | {labels[key]} / lm_ce | {r['wall_seconds'] / cl['wall_seconds']:.2f}x "
+                             f"| {r['scoring_seconds'] / cl['scoring_seconds']:.2f}x "
+                             f"| {r['ru_maxrss_mb'] / cl['ru_maxrss_mb']:.2f}x "
+                             f"| {'equal' if r['tokens_equal'] else 'DIFFER'} | rel {r['nll_rel_diff']:.0e} |")
     return lines
