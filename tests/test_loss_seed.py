@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lm_ce.loss import CHUNK_BYTES, Head, chunk_rows, head_of, logits_losses, token_losses
+from lm_ce.loss import CHUNK_BYTES, COLUMN_ALIGN, Head, chunk_rows, head_of, logits_losses, tile_columns, token_losses
 
 TUTORIAL_LOGITS = [[2.0, 0.5, 0.1], [0.1, 0.2, 0.9]]
 TUTORIAL_TARGETS = [0, 2]
@@ -357,3 +357,20 @@ def test_head_of_non_linear_output_is_none():
             return None
 
     assert head_of(NoLinearHead()) is None
+
+
+@pytest.mark.parametrize("rows", [1, 7, 600, 2041, 2048, 5000])
+def test_tile_columns_are_aligned_and_within_the_tile(rows):
+    cols = tile_columns(rows)
+    assert cols % COLUMN_ALIGN == 0 and cols >= 1024
+    assert rows * cols * 4 <= max(CHUNK_BYTES, rows * 1024 * 4)  # about one tile of float32 logits, never more
+    assert tile_columns(2041) == 1024  # 8 MB / (4 x 2041) is 1027: rounded down to an aligned width
+
+
+def test_losses_do_not_depend_on_the_tile_width():
+    hidden, weight, targets = random_problem(n=300, v=5000)  # several slices at each width
+    head = Head(weight)
+    base = token_losses(hidden, targets, head, want_top1=True)
+    for block in (1027, 4096):
+        out = token_losses(hidden, targets, head, want_top1=True, vocab_block=block)
+        assert torch.allclose(out.nll, base.nll, rtol=1e-5, atol=1e-5) and torch.equal(out.top1, base.top1)

@@ -153,15 +153,15 @@ class Stepper:
 
 def head_matmul(model, hidden: list) -> dict:
     """Seconds of the head's matrix multiply alone over the scored hidden states: lm_ce's blocks of rows and
-    tiles of the vocabulary (lm_ce.loss.ROW_BLOCK, CHUNK_BYTES), each written into one reused buffer."""
+    tiles of the vocabulary (lm_ce.loss.ROW_BLOCK, tile_columns), each written into one reused buffer."""
     import torch
 
-    from lm_ce.loss import CHUNK_BYTES, ROW_BLOCK
+    from lm_ce.loss import ROW_BLOCK, tile_columns
 
     weight = model.get_output_embeddings().weight
     states = torch.cat(hidden).to(weight.dtype)
     rows = min(len(states), ROW_BLOCK)
-    cols = min(weight.shape[0], max(1024, CHUNK_BYTES // (4 * rows)))
+    cols = min(weight.shape[0], tile_columns(rows))
     out = torch.empty(rows, cols, dtype=weight.dtype)
 
     def matmul(block, v0):
