@@ -212,7 +212,10 @@ def test_evaluate_claims_the_directory_and_releases_it_on_error(tiny_llama_dir, 
 
 
 INTERRUPTED_LOADING = """
-import sys, time
+import signal, sys, time
+# A terminal's Ctrl-C raises KeyboardInterrupt; a test runner started in the background (`cmd &`, nohup)
+# passes SIGINT on ignored, and Python then keeps it ignored: restore what a user at a terminal has.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from lm_ce import cli, model
 def slow_load(*a, **k):
     print("loading", flush=True)
