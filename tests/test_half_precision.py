@@ -29,6 +29,21 @@ def float64_nll(head: Head, hidden: torch.Tensor, targets: torch.Tensor) -> torc
     return torch.logsumexp(logits, -1) - logits.gather(1, targets[:, None])[:, 0]
 
 
+class Largest(TorchDispatchMode):
+    """The largest number of elements of any tensor of `dtype` that an operation makes while inside."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype, self.numel = dtype, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dtype == self.dtype:
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
 @pytest.mark.parametrize("dtype", HALF)
 def test_half_precision_head_equals_float64_on_the_same_numbers(dtype):
     """Inputs in half precision, every transform, several row blocks and vocabulary slices: float32 accumulation
@@ -54,19 +69,9 @@ def test_no_float32_copy_of_the_whole_head():
     head = Head(torch.randn(vocab, hidden_size).to(torch.bfloat16))
     hidden = torch.randn(64, hidden_size).to(torch.bfloat16)
 
-    class Largest(TorchDispatchMode):
-        numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
-                    Largest.numel = max(Largest.numel, t.numel())
-            return out
-
-    with Largest():
+    with Largest(torch.float32) as largest:
         token_losses(hidden, torch.arange(64), head, vocab_block=4096)
-    assert 0 < Largest.numel <= 64 * 4096 < vocab * hidden_size
+    assert 0 < largest.numel <= 64 * 4096 < vocab * hidden_size
 
 
 def test_probe_reference_is_taken_slice_by_slice():
@@ -80,19 +85,9 @@ def test_probe_reference_is_taken_slice_by_slice():
     full = float64_logits(head, hidden)
     own = (full + 1e-3 * torch.randn(full.shape, generator=g, dtype=torch.float64)).float()
 
-    class Largest(TorchDispatchMode):
-        numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
-                    Largest.numel = max(Largest.numel, t.numel())
-            return out
-
-    with Largest():
+    with Largest(torch.float64) as largest:
         f = float64_figures(head, hidden, own, targets)
-    assert 0 < Largest.numel <= 16384 * hidden_size < rows * vocab  # at most one slice of the weight
+    assert 0 < largest.numel <= 16384 * hidden_size < rows * vocab  # at most one slice of the weight
     assert f.finite
     assert torch.allclose(f.lse, torch.logsumexp(full, -1), rtol=1e-12, atol=0)
     assert torch.equal(f.top, full.max(-1).values) and torch.equal(f.top_id, full.argmax(-1))
