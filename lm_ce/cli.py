@@ -81,18 +81,24 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
-    from .config import UsageError
+    from . import outdir
+    from .config import SharedUsageError, UsageError
     from .overrides import build_config
 
     results = None
     try:
         cfg = build_config(argv)
-        from . import outdir
         from .runner import evaluate
 
         with outdir.claim(cfg):  # the output directory is checked and locked before the model loads
             results = evaluate(cfg)
             report_run(results, cfg)
+    except SharedUsageError as e:  # every process has it: the main one says it, then all end together
+        state = outdir.process_state()  # (a process that ended first would have torchrun kill the main one)
+        if state.is_main_process:
+            print(f"lm_ce: error: {e}", file=sys.stderr, flush=True)
+        state.wait_for_everyone()
+        return 2
     except (UsageError, FloatingPointError) as e:  # bad input, or a model that produced NaN/inf
         print(f"lm_ce: error: {e}", file=sys.stderr)
         return 2

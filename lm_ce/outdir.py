@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, UsageError
+from .config import Config, SharedUsageError, UsageError
 
 log = logging.getLogger("lm_ce")
 
@@ -77,6 +77,8 @@ def claim(cfg: Config) -> Claim:
         from accelerate.utils import broadcast_object_list
 
         error = broadcast_object_list([error])[0]
+        if error:
+            raise SharedUsageError(error)
     if error:
         raise UsageError(error)
     return Claim(directory, main=state.is_main_process)
