@@ -145,3 +145,30 @@ def test_writing_the_gguf_cache_shows_no_library_bar(tiny_llama, llama_tokenizer
     assert (target / "model.safetensors").is_file()
     assert seen == [(False, True)]  # both libraries' bars off while writing
     assert transformers.utils.logging.is_progress_bar_enabled()  # and as they were afterwards
+
+
+def test_loading_drops_the_tables_a_fast_tokenizer_was_built_from(tiny_llama_dir, tmp_path):
+    """transformers keeps the Python vocabulary and merge list it built a fast tokenizer from (125 MB at Gemma-3's
+    262k vocabulary) though nothing reads them again: model.load deletes them, and the tokenizer stays the same."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    pieces = ["▁", *"abcdefghijklmnopqrstuvwxyz.,", "▁t", "he", "▁the", "at", "▁c"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{p: i + 3 for i, p in enumerate(pieces)}}
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("a", "t"), ("▁", "c")]
+    target = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, target)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (target / name).unlink(missing_ok=True)
+    LlamaTokenizer(vocab=vocab, merges=merges).save_pretrained(target)
+    fresh = AutoTokenizer.from_pretrained(target)
+    if not all(hasattr(fresh, name) for name in ("_vocab", "_merges")):
+        pytest.skip(f"this transformers ({type(fresh).__name__}) keeps no build tables")
+    _, loaded, _ = model_lib.load(Config(model=str(target)), torch.device("cpu"))
+    assert not any(hasattr(loaded, name) for name in model_lib.BUILD_TABLES)
+    text = "the cat. the hat, a chat"
+    ids = fresh(text)["input_ids"]
+    assert loaded(text)["input_ids"] == ids and len(set(ids)) > 5  # merged pieces, not characters alone
+    assert loaded.get_vocab() == fresh.get_vocab() and loaded.decode(ids) == fresh.decode(ids)
