@@ -77,10 +77,8 @@ def claim(cfg: Config) -> Claim:
         from accelerate.utils import broadcast_object_list
 
         error = broadcast_object_list([error])[0]
-        if error:
-            raise SharedUsageError(error)
-    if error:
-        raise UsageError(error)
+    if error:  # with several processes every one has it: the CLI prints it once
+        raise (SharedUsageError if state.num_processes > 1 else UsageError)(error)
     return Claim(directory, main=state.is_main_process)
 
 
