@@ -22,7 +22,7 @@ def __getattr__(name: str):
 
         return Results
     if name == "UsageError":
-        from .config import UsageError
+        from .errors import UsageError
 
         return UsageError
     raise AttributeError(f"module 'lm_ce' has no attribute '{name}'")

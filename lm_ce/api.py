@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from . import outdir, report, runner
-from .config import Config, UsageError, resolve_path, with_protocol
+from .config import Config, resolve_path, with_protocol
+from .errors import UsageError
 from .overrides import from_settings
 from .data import MEMORY
 from .records import Results

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, UsageError, resolve_path
+from .config import Config, resolve_path
+from .errors import UsageError
 
 STATE = "state.pt"
 # Settings that change which tokens are scored, how batches are formed, or what is recorded.

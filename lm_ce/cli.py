@@ -37,7 +37,7 @@ def compare_main(argv: list[str] | None = None) -> int:
         print(COMPARE_USAGE)
         return 0
     from . import paired
-    from .config import UsageError
+    from .errors import UsageError
 
     try:
         runs, output_dir = _compare_args(argv)
@@ -52,7 +52,7 @@ def compare_main(argv: list[str] | None = None) -> int:
 
 
 def _compare_args(argv: list[str]) -> tuple[list[str], str | None]:
-    from .config import UsageError
+    from .errors import UsageError
 
     runs, output_dir, rest = [], None, list(argv)
     while rest:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
     from . import outdir
-    from .config import SharedUsageError, UsageError
+    from .errors import SharedUsageError, UsageError
     from .overrides import build_config
 
     results = None

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 
 from . import model as model_lib
-from .config import Config, UsageError
+from .config import Config
+from .errors import UsageError
 from .loss import Head, head_of
 from .paired import paired
 from .records import Results
@@ -47,16 +49,15 @@ def same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and a.all_special_ids == b.all_special_ids
 
 
-def compare_by_bytes(cfg: Config, name: str, results: Results) -> dict:
-    """A model with another tokenizer: scored on its own, compared by bits per byte over the documents
-    both models scored (paired by document). A stopped run is not compared: stopping means stop."""
-    from .runner import evaluate
-
+def compare_by_bytes(cfg: Config, name: str, results: Results, *, score: Callable[[Config], Results]) -> dict:
+    """A model with another tokenizer: scored on its own by `score` (the runner's evaluate), compared by bits per
+    byte over the documents both models scored (paired by document). A stopped run is not compared: stopping
+    means stop."""
     summary = results.summary
     if not summary["complete"]:
         return {"note": "not compared: the run stopped before the compared model was scored (its tokenizer differs); "
                         "resume the run to compare"}
-    other = evaluate(dataclasses.replace(cfg, model=name, compare_to=None, save_tokens=False, output_dir=None, resume=False))
+    other = score(dataclasses.replace(cfg, model=name, compare_to=None, save_tokens=False, output_dir=None, resume=False))
     out = {
         "note": "tokenizers differ: compared by bits per byte only (no per-token KL or agreement)",
         "complete": other.summary["complete"],

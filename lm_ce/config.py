@@ -1,7 +1,8 @@
-"""The experiment: one flat dataclass, and the checks that refuse settings which cannot work together.
+"""The experiment: one flat dataclass of fields, their choices, and the protocol defaults under them.
 
-A config file is a complete, reproducible experiment; overrides.py reads it from YAML, the command
-line or keyword settings.
+A config file is a complete, reproducible experiment. The config layer stacks one way: errors -> config
+(the fields) -> values (typed values of fields) -> checks (settings that cannot work together) -> overrides
+(YAML, flags, keyword settings and suite entries) -> suite (running a suite).
 """
 from __future__ import annotations
 
@@ -9,21 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import SharedUsageError, UsageError, first_line  # noqa: F401 (also importable from here, as before)
 from .protocols import DEFAULT, DETOKENIZERS, PROTOCOLS, protocol_values
-
-
-class UsageError(Exception):
-    """Bad input: the message says what is wrong and what to do. The CLI prints it and exits 2."""
-
-
-class SharedUsageError(UsageError):
-    """A UsageError the main process found and told every process of the run: the CLI prints it once."""
-
-
-def first_line(e: BaseException) -> str:
-    """An exception's message on one line (libraries spread theirs over several), short enough for a one-line error."""
-    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-    return text[:300] if text else type(e).__name__
 
 
 @dataclass
@@ -102,59 +90,6 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 def with_protocol(values: dict) -> dict:
     """The fields given explicitly, over those their protocol sets (lm-eval when none is named)."""
     return {**protocol_values(values.get("protocol", DEFAULT)), **values}
-
-
-def check(cfg: Config) -> None:
-    """Refuse settings that cannot work together, before anything is loaded."""
-    for name in CHOICES:
-        value = getattr(cfg, name)
-        if value not in CHOICES[name]:
-            raise UsageError(f"field '{name}' is '{value}'; choose one of {', '.join(CHOICES[name])}")
-    for name in ("max_length", "stride", "batch_size", "token_budget", "limit", "chunk_documents", "threads", "checkpoint_seconds", "chunks"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if cfg.max_length and cfg.stride and cfg.stride > cfg.max_length:
-        raise UsageError(
-            f"--stride {cfg.stride} is larger than --max-length {cfg.max_length}: tokens between windows "
-            "would never be scored; use a stride at most max_length"
-        )
-    if cfg.resume and not cfg.output_dir:
-        raise UsageError("--resume needs --output-dir: the directory of the run to continue")
-    if cfg.data_cache == "output" and not cfg.output_dir:
-        raise UsageError("--data-cache output keeps the data's Arrow copy in --output-dir: give --output-dir, or use off")
-    from .overrides import MAPPINGS  # overrides builds on this module
-
-    for name, parse in MAPPINGS.items():
-        parse(getattr(cfg, name), f"field '{name}'", "config")
-    if cfg.max_memory and not cfg.device_map:
-        raise UsageError("--max-memory needs --device-map (auto, balanced, balanced_low_0 or sequential) to place the model")
-    if cfg.overwrite and not cfg.output_dir:
-        raise UsageError("--overwrite needs --output-dir: the directory whose run is replaced")
-    if cfg.overwrite and cfg.resume:
-        raise UsageError("--overwrite and --resume contradict each other: --resume continues the saved run, "
-                         "--overwrite deletes it; choose one")
-    if cfg.data_files == []:  # `--data-files ""`: without this the default Hub dataset would be scored
-        raise UsageError("--data-files is empty: give one or more files (--data-files a.jsonl,b.jsonl), "
-                         "or leave it out to score --dataset")
-    if cfg.mode == "stream" and cfg.max_length == 1:
-        raise UsageError("--mode stream --max-length 1 scores nothing: a stream window's first token is only "
-                         "context, so a window needs 2 tokens or more; use --max-length 2 or more")
-    if cfg.prompt_field and cfg.mode != "document":
-        raise UsageError(f"--prompt-field needs --mode document: a joined text ({cfg.mode}) has no per-document prompt")
-    chunked = cfg.mode in ("llama-cpp", "gptq")
-    if cfg.chunks is not None and not chunked:
-        raise UsageError(f"--chunks counts llama-cpp or gptq chunks; --mode {cfg.mode} has none (drop --chunks)")
-    if chunked and cfg.stride is not None:
-        raise UsageError(f"--mode {cfg.mode} cuts non-overlapping chunks and takes no --stride; drop --stride")
-    if chunked and cfg.bos_policy != "first":
-        raise UsageError(f"--bos-policy applies to document and stream windows; --mode {cfg.mode} places BOS as "
-                         "the tokenizer does; drop --bos-policy")
-    if cfg.bos_policy == "none" and cfg.prefix_token in ("bos", "eos"):
-        raise UsageError(f"--bos-policy none and --prefix-token {cfg.prefix_token} contradict; give one of them")
-    if cfg.bos_policy == "every-window" and cfg.prefix_token == "none":
-        raise UsageError("--bos-policy every-window puts the prefix token in every window; it needs --prefix-token "
-                         "auto, bos or eos, not none")
 
 
 def resolve_path(spec: str) -> str:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .placement import input_device
 
 log = logging.getLogger("lm_ce")
 
@@ -315,13 +314,14 @@ def float64_figures(head: Head, hidden: torch.Tensor, own: torch.Tensor, targets
     return f
 
 
-def probe_head(model: torch.nn.Module, head: Head | None) -> HeadChoice:
+def probe_head(model: torch.nn.Module, head: Head | None, device: torch.device) -> HeadChoice:
     """The chunked head when (1) it applies what the model applies, checked against the model's own logits to
     their dtype's precision, and (2) its NLLs match a float64 head on the same hidden states to 1e-3 nats
-    (at each row's most and least likely token, the next token and a spread of ids)."""
+    (at each row's most and least likely token, the next token and a spread of ids). `device`: where the model's
+    input ids go (with a device map, the input embedding's execution device)."""
     if head is None:
         return HeadChoice(None, "full logits (the output layer is not a plain linear layer)")
-    ids = (torch.arange(PROBE_TOKENS, device=input_device(model)) * 7919 % head.vocab_size)[None]
+    ids = (torch.arange(PROBE_TOKENS, device=device) * 7919 % head.vocab_size)[None]
     with torch.inference_mode(), head.loaded() as loaded:
         hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]
         own = model(input_ids=ids, use_cache=False).logits[0]

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from . import placement
-from .config import Config, UsageError, first_line, resolve_path
+from .config import Config, resolve_path
+from .errors import UsageError, first_line
 
 log = logging.getLogger("lm_ce")
 

@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, SharedUsageError, UsageError
+from .config import Config
+from .errors import SharedUsageError, UsageError
 
 log = logging.getLogger("lm_ce")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import UsageError
+from .errors import UsageError
 from .stats import Z95, exp_capped
 
 DATA_KEYS = ("source", "dataset", "dataset_config", "split", "text_field", "prompt_field", "join_by", "streaming", "limit")

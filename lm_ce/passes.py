@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import data
-from .config import UsageError
+from .errors import UsageError
 from .parallel import Plan, gather, score_windows
 from .protocols import detokenized
 from .records import DocumentResult, Run

@@ -15,8 +15,9 @@ import tempfile
 
 import torch
 
-from .config import Config, UsageError, first_line
-from .overrides import parse_device_map, parse_max_memory
+from .config import Config
+from .errors import UsageError, first_line
+from .values import parse_device_map, parse_max_memory
 
 log = logging.getLogger("lm_ce")
 

@@ -19,7 +19,9 @@ import torch
 
 from . import checkpoint, model as model_lib, outdir, placement
 from .compare import compare_by_bytes, load_compared
-from .config import Config, UsageError, check
+from .checks import check
+from .config import Config
+from .errors import UsageError
 from .parallel import Plan
 from .passes import run_chunks, run_documents, run_stream
 from .progress import Progress, StopRequest
@@ -107,7 +109,7 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
     results = summarize(cfg, run=run, stopped=stopped, setup=setup, info=loaded.info, tokenizer=tokenizer,
                         durations=durations)
     for name in compared.by_bytes:
-        results.summary.setdefault("compare", {})[name] = compare_by_bytes(cfg, name, results)
+        results.summary.setdefault("compare", {})[name] = compare_by_bytes(cfg, name, results, score=evaluate)
     return results
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import Config, UsageError
+from .config import Config
+from .errors import UsageError
 from .loss import Head, head_of, probe_head
 from .model import ModelInfo
 from .protocols import PROTOCOLS
@@ -42,7 +43,7 @@ def resolve(cfg: Config, *, model: torch.nn.Module, tokenizer, info: ModelInfo, 
             processes: int, threads: int) -> Setup:
     """The run's settings: checked against the model (lengths, prefix) and probed (head)."""
     max_length, stride = resolve_lengths(cfg, info.max_positions)
-    choice = probe_head(model, head_of(model))
+    choice = probe_head(model, head_of(model), device)
     if device.type == "cpu":
         note_cpu_half_precision(next(model.parameters()).dtype)
     prefix = prefix_id(cfg, tokenizer)

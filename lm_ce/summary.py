@@ -13,7 +13,8 @@ from typing import TypedDict
 import torch
 
 from . import stats
-from .config import Config, UsageError
+from .config import Config
+from .errors import UsageError
 from .data import MEMORY, local_files
 from .model import ModelInfo, file_sha256
 from .protocols import PROTOCOLS

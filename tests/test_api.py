@@ -12,7 +12,7 @@ import torch
 
 import lm_ce
 from lm_ce.cli import main
-from lm_ce.config import UsageError
+from lm_ce.errors import UsageError
 
 from .conftest import make_jsonl
 

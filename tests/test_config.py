@@ -6,7 +6,9 @@ import dataclasses
 import pytest
 import yaml
 
-from lm_ce.config import Config, UsageError, check
+from lm_ce.checks import check
+from lm_ce.config import Config
+from lm_ce.errors import UsageError
 from lm_ce.overrides import build_config, load_yaml, parse_overrides
 
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from lm_ce.config import Config, UsageError
+from lm_ce.config import Config
+from lm_ce.errors import UsageError
 from lm_ce.data import Document, first_bad_json_line, first_bad_utf8, iter_documents, local_files
 
 from .conftest import make_jsonl

@@ -134,7 +134,7 @@ def test_chunked_head_of_a_half_precision_model_against_float64_full_logits(tiny
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2", "tiny_gemma_softcap"])
 def test_probe_accepts_the_chunked_head_in_half_precision(request, name, dtype):
     model = copy.deepcopy(request.getfixturevalue(name)).to(dtype)
-    choice = probe_head(model, head_of(model))
+    choice = probe_head(model, head_of(model), torch.device("cpu"))
     assert choice.note == "chunked" and choice.head is not None
     assert choice.error < 1e-4
 
@@ -143,7 +143,7 @@ def test_probe_rejects_a_head_that_misses_a_transform(tiny_gemma_softcap):
     model = copy.deepcopy(tiny_gemma_softcap).to(torch.bfloat16)
     head = head_of(model)
     head.softcap = None  # what the model applies, left out
-    choice = probe_head(model, head)
+    choice = probe_head(model, head, torch.device("cpu"))
     assert choice.head is None and choice.note.startswith("full logits")
     assert choice.transform_error > 0.1
 

@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from lm_ce import placement
-from lm_ce.config import Config, UsageError
+from lm_ce.config import Config
+from lm_ce.errors import UsageError
 from lm_ce.overrides import build_config
 from lm_ce.loss import head_of, probe_head
 from lm_ce.model import load
@@ -78,7 +79,7 @@ def test_disk_offload_equals_in_memory_run(tmp_path, tied_llama_dir, texts):
     model, _, info = load(cfg, torch.device("cpu"))
     head = head_of(model)
     assert head.offloaded and model.get_input_embeddings().weight.device.type == "meta"  # really on disk
-    assert probe_head(model, head).note == "chunked"
+    assert probe_head(model, head, placement.input_device(model)).note == "chunked"
     assert info.device_map == device_map
     del model
     offloaded = evaluate(cfg)

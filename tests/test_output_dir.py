@@ -143,7 +143,7 @@ def test_without_os_locks_the_lock_files_pid_decides(tmp_path, monkeypatch, capl
     import fcntl
     import socket
 
-    from lm_ce.config import UsageError
+    from lm_ce.errors import UsageError
 
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -199,7 +199,7 @@ def test_an_unwritable_output_dir_is_refused_before_the_model_loads(tiny_llama_d
 
 def test_evaluate_claims_the_directory_and_releases_it_on_error(tiny_llama_dir, data, tmp_path):
     """From Python too: evaluate refuses a directory holding a run, and an error inside leaves no lock behind."""
-    from lm_ce.config import UsageError
+    from lm_ce.errors import UsageError
 
     out = tmp_path / "run"
     cfg = Config(model=tiny_llama_dir, data_files=[data], max_length=32, progress=False, output_dir=str(out))
@@ -263,7 +263,7 @@ def test_the_python_api_holds_the_directory_and_a_callback_replaces_only_its_own
     import lm_ce
     from transformers import TrainerControl, TrainerState
 
-    from lm_ce.config import UsageError
+    from lm_ce.errors import UsageError
 
     texts = ["Hello world.", "Good morning!"]
     out = tmp_path / "api"

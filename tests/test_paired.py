@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from lm_ce import cli, paired, report
-from lm_ce.config import Config, UsageError
+from lm_ce.config import Config
+from lm_ce.errors import UsageError
 from lm_ce.runner import evaluate
 
 from .conftest import make_jsonl, perturbed_copy

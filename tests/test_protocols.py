@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lm_ce import data, report
-from lm_ce.config import Config, UsageError
+from lm_ce.config import Config
+from lm_ce.errors import UsageError
 from lm_ce.overrides import build_config, config_for
 from lm_ce.protocols import PROTOCOLS, WINDOW_FIELDS, wikitext_detokenized
 from lm_ce.runner import evaluate

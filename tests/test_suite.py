@@ -10,10 +10,9 @@ import pytest
 import yaml
 
 from lm_ce import report
-from lm_ce.config import UsageError
-from lm_ce.overrides import build_config
+from lm_ce.errors import UsageError
+from lm_ce.overrides import build_config, entry_config
 from lm_ce.runner import evaluate
-from lm_ce.suite import entry_config
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from lm_ce.config import Config, UsageError
+from lm_ce.config import Config
+from lm_ce.errors import UsageError
 from lm_ce.model import ModelInfo
 from lm_ce.records import DocSums, DocumentResult, Run, Tally, WindowSums
 from lm_ce.setup import Setup

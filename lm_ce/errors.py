@@ -1,0 +1,16 @@
+"""The errors every module may raise: bad input that the CLI prints as one line and ends with exit code 2."""
+from __future__ import annotations
+
+
+class UsageError(Exception):
+    """Bad input: the message says what is wrong and what to do. The CLI prints it and exits 2."""
+
+
+class SharedUsageError(UsageError):
+    """A UsageError the main process found and told every process of the run: the CLI prints it once."""
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message on one line (libraries spread theirs over several), short enough for a one-line error."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text[:300] if text else type(e).__name__
