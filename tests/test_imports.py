@@ -48,7 +48,20 @@ def graph_of(package: Path) -> tuple[dict[str, set[str]], list[str]]:
                 graph[me].add(target)
             private += [f"{path.name}:{line} imports {n} from {target}" for n in names
                         if n.startswith("_") and not n.startswith("__")]
+        private += private_attributes(path, modules)
     return graph, private
+
+
+def private_attributes(path: Path, modules: set[str]) -> list[str]:
+    """["a.py:12 reads b._x", ...]: private names read through a module imported as a name (`from . import b`)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level == 1 and node.module is None or node.module == "lm_ce"):
+            aliases.update({a.asname or a.name: a.name for a in node.names if a.name in modules})
+    return [f"{path.name}:{node.lineno} reads {aliases[node.value.id]}.{node.attr}" for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+            and node.attr.startswith("_") and not node.attr.startswith("__")]
 
 
 def cycle_in(graph: dict[str, set[str]]) -> list[str] | None:
@@ -93,9 +106,9 @@ def test_the_checks_find_a_cycle_through_a_function_and_a_private_import(tmp_pat
     (tmp_path / "a.py").write_text("from . import b\n_x = 1\n")
     (tmp_path / "b.py").write_text("def f():\n    import lm_ce.c\n")
     (tmp_path / "c.py").write_text("def g():\n    from .a import _x\n")
-    (tmp_path / "d.py").write_text("from lm_ce.a import b\n")
+    (tmp_path / "d.py").write_text("from lm_ce.a import b\nfrom . import a as first\nfirst._x\n")
     graph, private = graph_of(tmp_path)
     assert graph == {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycle_in(graph) == ["a", "b", "c", "a"]
-    assert private == ["c.py:2 imports _x from a"]
+    assert private == ["c.py:2 imports _x from a", "d.py:3 reads a._x"]
     assert cycle_in({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
