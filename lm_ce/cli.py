@@ -9,17 +9,48 @@ import os
 import sys
 from pathlib import Path
 
-USAGE = """usage: evaluate.py [--config FILE.yaml] [--FIELD VALUE ...]
+USAGE = """usage: lm-ce [--config FILE.yaml] [--FIELD VALUE ...]     (also: python scripts/evaluate.py ...)
+       lm-ce compare RUN_A RUN_B [--output-dir DIR]   (two finished runs; see lm-ce compare --help)
 
 Scores a text dataset with a causal LM: mean token cross-entropy, perplexity, bits per byte.
-Every field of the config (lm_ce/config.py; see README) is a flag, e.g.
-  --model gpt2 --dataset wikitext --dataset-config wikitext-2-raw-v1 --split test
-  --data-files a.jsonl --text-field text --limit 100 --mode document|stream|llama-cpp|gptq
-  --protocol lm-eval|lm-eval-wikitext|hf-docs|llama-cpp|gptq --bos-policy first|every-window|none
-  --max-length 1024 --stride 512 --batch-size 8 --dtype float32 --output-dir runs/x [--resume | --overwrite]
-
-Two finished runs: lm-ce compare RUN_A RUN_B [--output-dir DIR] (see lm-ce compare --help)
+Every field below is a flag (--max-length 1024; dashes or underscores) and a key of the --config file
+(max_length: 1024); flags win over the file. A list is a,b or separate words; true/false fields take
+--FIELD or --no-FIELD.
 """
+
+
+def help_text(width: int = 100) -> str:
+    """`--help`: the usage, then every config field by group with its one-line help (from the field's metadata)."""
+    import dataclasses
+    import textwrap
+
+    from .config import GROUPS, Config
+    from .values import MAPPINGS, field_type
+
+    fields = dataclasses.fields(Config)
+    lines = [USAGE]
+    for group in GROUPS:
+        lines.append(f"{group}:")
+        for f in (f for f in fields if f.metadata["group"] == group):
+            kind, _, is_list = field_type(f.name)
+            flag = "--" + f.name.replace("_", "-")
+            if f.name == "suite":
+                flag = "suite: [...]"
+            elif kind is bool:
+                flag = f"--[no-]{flag[2:]}"
+            elif f.name in MAPPINGS:
+                flag += " K=V,..."
+            else:
+                flag += " " + ("N" if kind is int else "VALUE") + (",..." if is_list else "")
+            text = f"  {flag:<30} " + f.metadata["help"]
+            if f.default is not None:  # kept on one line: \0 stands for its spaces while wrapping
+                shown = ("on" if f.default else "off") if isinstance(f.default, bool) else (
+                    repr(f.default)[1:-1] if isinstance(f.default, str) else f.default)
+                text += f" [default:\0{shown}]"
+            lines += [line.replace("\0", " ") for line in
+                      textwrap.wrap(text, width, subsequent_indent=" " * 33, break_on_hyphens=False)]
+        lines.append("")
+    return "\n".join(lines)
 
 
 COMPARE_USAGE = """usage: lm-ce compare RUN_A RUN_B [--output-dir DIR]
@@ -76,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["compare"]:
         return compare_main(argv[1:])
     if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
+        print(help_text())
         return 0
     quiet_libraries()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")

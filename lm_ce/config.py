@@ -14,60 +14,82 @@ from .errors import SharedUsageError, UsageError, first_line  # noqa: F401 (also
 from .protocols import DEFAULT, DETOKENIZERS, PROTOCOLS, protocol_values
 
 
+GROUPS = ("model", "data", "windows", "analysis", "output", "placement", "suite")  # --help's sections, in order
+
+
+def option(default, group: str, help: str):
+    """A config field with its group and one-line help: the source of `--help` and of the docs' field table."""
+    assert group in GROUPS, group
+    return dataclasses.field(default=default, metadata={"group": group, "help": help})
+
+
 @dataclass
 class Config:
-    # model
-    model: str = "gpt2"  # Hub id, local directory, local .gguf file, or pkg:<module>/<file>
-    revision: str | None = None
-    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
-    trust_remote_code: bool = False
-    gguf_cache: bool = True  # cache dequantized GGUF weights, keyed by the file's content hash
-    compile: bool = False  # torch.compile the model body (pays on long runs, see README)
-    threads: int | None = None  # torch intra-op threads per process (default: cores / processes)
-    # placement of a model larger than one device (README: "A model that does not fit")
-    device_map: str | dict | None = None  # auto | balanced | balanced_low_0 | sequential | {module: 0 | cpu | disk}
-    max_memory: dict | None = None  # {0: 20GiB, cpu: 64GiB}; on the command line 0=20GiB,cpu=64GiB
-    offload_folder: str | None = None  # where weights mapped to disk are kept (default: a temporary folder)
-    # data
-    dataset: str = "wikitext"  # Hub dataset, or a datasets builder (json, csv, text, parquet); <memory>: rows in memory
-    dataset_config: str | None = "wikitext-2-raw-v1"
-    split: str = "test"
-    data_files: list[str] | None = None  # local files; the builder follows their extension
-    text_field: str = "text"
-    prompt_field: str | None = None  # tokens of this field are context only (conditional scoring)
-    group_field: str | None = None  # report one row per value of this field
-    id_field: str | None = None  # names each document in documents.jsonl
-    join_by: list[str] | None = None  # consecutive rows with equal values of these fields form one document
-    streaming: bool = False
-    data_cache: str = "default"  # default | output | off: where datasets keeps its Arrow copy of the data (README)
-    limit: int | None = None  # the first N documents
-    # windows
-    protocol: str = "lm-eval"  # lm-eval | lm-eval-wikitext | hf-docs | llama-cpp | gptq: sets the fields below (see README)
-    mode: str = "document"  # document | stream | llama-cpp | gptq
-    max_length: int | None = None  # input tokens per window (default: the model's positions, at most 2048)
-    stride: int | None = None  # new tokens scored per later window (default: max_length)
-    prefix_token: str = "auto"  # auto | bos | eos | none (auto: bos, else eos, in document mode; none in stream mode)
-    separator: str = "\n\n"  # joins documents in stream, llama-cpp and gptq modes
-    bos_policy: str = "first"  # first | every-window | none: where the prefix token goes (document and stream modes)
-    chunks: int | None = None  # llama-cpp and gptq modes: score at most this many chunks
-    detokenizer: str = "none"  # none | wikitext: undo WikiText's tokenization before scoring (lm-eval's wikitext task)
-    batch_size: int = 8  # windows per batch at most
-    token_budget: int | None = None  # input tokens per batch at most (default: batch_size * max_length, at most 4096 on CPU)
-    padding_side: str = "right"  # right | left; must not change the result
-    chunk_documents: int = 1024  # documents tokenized and planned at a time (bounds memory)
-    # analysis
-    compare_to: list[str] | None = None  # models scored on the same tokens against the first (KL, top-1, delta ppl)
-    save_tokens: bool = False  # tokens.parquet-style files: every scored token's id, text, position, NLL, top-1
-    # output
-    output_dir: str | None = None
-    resume: bool = False  # continue the run saved in output_dir (same model, data and settings)
-    overwrite: bool = False  # replace the run in output_dir: its files are deleted first (files lm_ce did not write are kept)
-    checkpoint_seconds: int = 300  # save progress to output_dir this often (and on Ctrl-C / SIGTERM)
-    plot: bool = True  # loss by position in the window as a PNG (position_loss.png)
-    progress: bool = True
-    seed: int = 0
-    # suites: datasets scored one after the other with one model load (config files only; see README)
-    suite: list[dict] | None = None  # entries: {name: ..., any data or window field: ...}
+    model: str = option("gpt2", "model", "Hub id, local directory, local .gguf file, or pkg:<module>/<file>")
+    revision: str | None = option(None, "model", "Hub revision (branch, tag or commit) of the model")
+    dtype: str = option("auto", "model", "auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
+    trust_remote_code: bool = option(False, "model", "run the model's own code from the Hub (only for models you trust)")
+    gguf_cache: bool = option(True, "model", "cache dequantized GGUF weights, keyed by the file's content hash")
+    compile: bool = option(False, "model", "torch.compile the model body (pays on long runs)")
+    threads: int | None = option(None, "model", "torch intra-op threads per process (default: cores / processes)")
+    # placement of a model larger than one device
+    device_map: str | dict | None = option(None, "placement", "auto | balanced | balanced_low_0 | sequential | "
+                                                              "module=device pairs (device: 0, 1, ..., cpu or disk)")
+    max_memory: dict | None = option(None, "placement", "memory per device for --device-map, e.g. 0=20GiB,cpu=64GiB "
+                                                        "(YAML: {0: 20GiB, cpu: 64GiB})")
+    offload_folder: str | None = option(None, "placement", "where weights mapped to disk are kept "
+                                                           "(default: a temporary folder)")
+    dataset: str = option("wikitext", "data", "Hub dataset, or a datasets builder (json, csv, text, parquet) "
+                                              "for --data-files")
+    dataset_config: str | None = option("wikitext-2-raw-v1", "data", "the Hub dataset's configuration (subset)")
+    split: str = option("test", "data", "the dataset split scored")
+    data_files: list[str] | None = option(None, "data", "local files (a.jsonl,b.jsonl); the builder follows "
+                                                        "their extension")
+    text_field: str = option("text", "data", "the field holding each document's text")
+    prompt_field: str | None = option(None, "data", "tokens of this field are context only (conditional scoring)")
+    group_field: str | None = option(None, "data", "report one row per value of this field")
+    id_field: str | None = option(None, "data", "names each document in documents.jsonl")
+    join_by: list[str] | None = option(None, "data", "consecutive rows with equal values of these fields form "
+                                                     "one document")
+    streaming: bool = option(False, "data", "read the dataset as a stream instead of downloading it whole")
+    data_cache: str = option("default", "data", "default | output | off: where datasets keeps its Arrow copy "
+                                                "of the data")
+    limit: int | None = option(None, "data", "score only the first N documents")
+    protocol: str = option("lm-eval", "windows", "lm-eval | lm-eval-wikitext | hf-docs | llama-cpp | gptq: sets "
+                                                 "the window fields (fields given explicitly win)")
+    mode: str = option("document", "windows", "document | stream | llama-cpp | gptq")
+    max_length: int | None = option(None, "windows", "input tokens per window (default: the model's positions, "
+                                                     "at most 2048)")
+    stride: int | None = option(None, "windows", "new tokens scored per later window (default: max_length)")
+    prefix_token: str = option("auto", "windows", "auto | bos | eos | none (auto: bos, else eos, in document "
+                                                  "mode; none in stream mode)")
+    separator: str = option("\n\n", "windows", "joins documents in stream, llama-cpp and gptq modes")
+    bos_policy: str = option("first", "windows", "first | every-window | none: where the prefix token goes "
+                                                 "(document and stream modes)")
+    chunks: int | None = option(None, "windows", "llama-cpp and gptq modes: score at most this many chunks")
+    detokenizer: str = option("none", "windows", "none | wikitext: undo WikiText's tokenization before scoring "
+                                                 "(lm-eval's wikitext task)")
+    batch_size: int = option(8, "windows", "windows per batch at most")
+    token_budget: int | None = option(None, "windows", "input tokens per batch at most (default: batch_size * "
+                                                       "max_length, at most 4096 on CPU)")
+    padding_side: str = option("right", "windows", "right | left (must not change the result)")
+    chunk_documents: int = option(1024, "windows", "documents tokenized and planned at a time (bounds memory)")
+    compare_to: list[str] | None = option(None, "analysis", "other models scored against the first on the same "
+                                                            "data (KL, top-1, delta perplexity)")
+    save_tokens: bool = option(False, "analysis", "save every scored token's id, text, position, NLL and top-1 "
+                                                  "(tokens.parquet)")
+    output_dir: str | None = option(None, "output", "directory of the run's reports and saved progress")
+    resume: bool = option(False, "output", "continue the run saved in --output-dir (same model, data and settings)")
+    overwrite: bool = option(False, "output", "replace the run in --output-dir: its files are deleted first "
+                                              "(files lm_ce did not write are kept)")
+    checkpoint_seconds: int = option(300, "output", "save progress to --output-dir this often (and on Ctrl-C "
+                                                    "or SIGTERM)")
+    plot: bool = option(True, "output", "plot the loss by position in the window (position_loss.png)")
+    progress: bool = option(True, "output", "show a progress bar")
+    seed: int = option(0, "output", "torch's random seed, set before the model loads")
+    suite: list[dict] | None = option(None, "suite", "datasets scored one after the other with one model load: "
+                                                     "entries {name: ..., any data or window field} "
+                                                     "(config files only)")
 
     def resolved(self) -> dict:
         """The config as plain data, written next to the results so any run can be repeated."""

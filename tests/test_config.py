@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
+from lm_ce import cli
 from lm_ce.checks import check
-from lm_ce.config import Config
+from lm_ce.config import FIELDS, GROUPS, Config
 from lm_ce.errors import UsageError
 from lm_ce.overrides import build_config, load_yaml, parse_overrides
 
@@ -177,3 +181,35 @@ def test_no_form_only_for_boolean_fields(flag):
 def test_misspelt_no_flag_suggests_the_no_flag():
     with pytest.raises(UsageError, match="did you mean --no-plot[?]"):
         parse_overrides(["--no-plott"])
+
+
+def test_every_field_has_a_group_and_one_line_of_help():
+    """The docs' field table and --help are both built from these two metadata keys."""
+    for f in dataclasses.fields(Config):
+        assert f.metadata.get("group") in GROUPS, f.name
+        help_ = f.metadata.get("help")
+        assert isinstance(help_, str) and help_.strip() and "\n" not in help_, f.name
+    assert {f.metadata["group"] for f in dataclasses.fields(Config)} == set(GROUPS)
+
+
+def test_help_lists_every_field_under_its_group(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())
+    starts = [out.index(f"\n{group}:\n") for group in GROUPS]  # each heading, in order
+    assert starts == sorted(starts)
+    for f in dataclasses.fields(Config):
+        group = GROUPS.index(f.metadata["group"])
+        section = out[starts[group]: starts[group + 1] if group + 1 < len(GROUPS) else len(out)]
+        flag = "suite:" if f.name == "suite" else f.name.replace("_", "-")
+        assert flag in section, f.name
+        assert " ".join(f.metadata["help"].split()) in " ".join(section.split()), f.name
+    assert "--[no-]plot" in flat and "--max-length N" in flat and "[default: \\n\\n]" in flat
+
+
+def test_evaluate_script_prints_the_grouped_help():
+    script = Path(__file__).resolve().parent.parent / "scripts" / "evaluate.py"
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and not done.stderr
+    assert "\nplacement:\n  --device-map K=V,..." in done.stdout
+    assert dict(FIELDS["offload_folder"].metadata)["help"] in " ".join(done.stdout.split())
