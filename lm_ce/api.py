@@ -19,6 +19,7 @@ from .errors import UsageError
 from .overrides import from_settings
 from .data import MEMORY
 from .records import Results
+from .suite import check_suite
 
 SOURCE = "lm_ce.evaluate"
 
@@ -40,6 +41,7 @@ def evaluate_with(model: torch.nn.Module, tokenizer, data, settings: dict, *, ac
     cfg = from_settings({"model": name_of(model), **settings}, SOURCE)
     if rows is not None and cfg.resume:
         raise UsageError(f"{SOURCE}: resume=True needs data read from files or the Hub, not rows in memory")
+    check_suite(cfg)
     with outdir.claim(cfg):  # held until the reports are written, as the command line holds it
         with kept_state(model):
             results = runner.evaluate(cfg, model=model, tokenizer=tokenizer, rows=rows, accelerator=accelerator)

@@ -5,6 +5,8 @@ from .config import CHOICES, Config
 from .errors import UsageError
 from .values import MAPPINGS
 
+CHUNK_TOKENS = {"llama-cpp": 3, "gptq": 2}  # the shortest chunk that scores a token (windows.llama_cpp_spans, gptq_spans)
+
 
 def check(cfg: Config) -> None:
     """Refuse settings that cannot work together, before anything is loaded."""
@@ -34,12 +36,26 @@ def check(cfg: Config) -> None:
     if cfg.overwrite and cfg.resume:
         raise UsageError("--overwrite and --resume contradict each other: --resume continues the saved run, "
                          "--overwrite deletes it; choose one")
+    if not (cfg.model or "").strip():
+        raise UsageError("--model is empty: give a Hub id, a local directory, a .gguf file or pkg:<module>/<file>")
+    if cfg.output_dir == "":  # `--output-dir ""`: without this nothing would be written, silently
+        raise UsageError("--output-dir is empty: give a directory (created if missing), or leave it out to write "
+                         "no files")
+    twice = sorted({name for name in cfg.compare_to or [] if cfg.compare_to.count(name) > 1})
+    if twice:
+        raise UsageError(f"--compare-to names {', '.join(twice)} more than once; give each model once")
     if cfg.data_files == []:  # `--data-files ""`: without this the default Hub dataset would be scored
         raise UsageError("--data-files is empty: give one or more files (--data-files a.jsonl,b.jsonl), "
                          "or leave it out to score --dataset")
     if cfg.mode == "stream" and cfg.max_length == 1:
         raise UsageError("--mode stream --max-length 1 scores nothing: a stream window's first token is only "
                          "context, so a window needs 2 tokens or more; use --max-length 2 or more")
+    if cfg.mode in CHUNK_TOKENS and cfg.max_length is not None and cfg.max_length < CHUNK_TOKENS[cfg.mode]:
+        least = CHUNK_TOKENS[cfg.mode]
+        why = ("llama-cpp scores only the tokens after the middle of each chunk" if cfg.mode == "llama-cpp"
+               else "a chunk's first token is only context")
+        raise UsageError(f"--mode {cfg.mode} --max-length {cfg.max_length} scores nothing: {why}, so a chunk needs "
+                         f"{least} tokens or more; use --max-length {least} or more")
     if cfg.prompt_field and cfg.mode != "document":
         raise UsageError(f"--prompt-field needs --mode document: a joined text ({cfg.mode}) has no per-document prompt")
     chunked = cfg.mode in ("llama-cpp", "gptq")

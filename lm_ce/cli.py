@@ -115,10 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     from . import outdir
     from .errors import SharedUsageError, UsageError
     from .overrides import build_config
+    from .suite import check_suite
 
     results = None
     try:
         cfg = build_config(argv)
+        check_suite(cfg)  # before the output directory is claimed: its advice names the suite's entry
         from .runner import evaluate
 
         with outdir.claim(cfg):  # the output directory is checked and locked before the model loads

@@ -28,7 +28,7 @@ from .progress import Progress, StopRequest
 from .records import Results, Run
 from .scoring import Scorer
 from .setup import resolve, set_threads
-from .suite import run_suite
+from .suite import check_suite, run_suite
 from .summary import Durations, summarize
 
 log = logging.getLogger("lm_ce")
@@ -48,6 +48,7 @@ def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=Non
 
     emit = on_event or (lambda name: None)
     check(cfg)
+    check_suite(cfg)
     started = time.perf_counter()
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available() and not _other_accelerator())
     with outdir.claim(cfg):  # checked and locked before anything loads; released at the end, also on error

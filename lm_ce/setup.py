@@ -121,13 +121,34 @@ def default_budget(batch_size: int, max_length: int, device: torch.device) -> in
 def set_threads(cfg: Config, world: int, device: torch.device) -> int:
     """Intra-op threads: as asked, else (on CPU, unless OMP_NUM_THREADS is set) the cores available to this
     process divided among the processes on this machine, so that they do not oversubscribe the cores."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+        note_too_many_threads(cfg.threads, local, cpu_cores())
     elif device.type == "cpu" and (world > 1 or "OMP_NUM_THREADS" not in os.environ):
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # taskset/Slurm
-        torch.set_num_threads(max(1, (cores or 1) // local))
+        torch.set_num_threads(max(1, cpu_cores() // local))
     return torch.get_num_threads()
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (taskset and Slurm limit them), else the machine's."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1
+
+
+_said_threads = False
+
+
+def note_too_many_threads(threads: int, processes: int, cores: int) -> None:
+    """Say once (from the first process on this machine) when --threads asks for more threads than there are
+    cores: the threads then compete for them, which is slower; the figures are the same."""
+    global _said_threads
+    if _said_threads or threads * processes <= cores or int(os.environ.get("LOCAL_RANK", 0)) != 0:
+        return
+    _said_threads = True
+    each = f" for each of {processes} processes" if processes > 1 else ""
+    log.warning("--threads %d%s is more than the %d CPU cores available: the threads compete for the cores (slower, "
+                "same figures); use --threads %d or less", threads, each, cores, max(1, cores // processes))
 
 
 _said_half_precision = False

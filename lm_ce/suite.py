@@ -10,12 +10,40 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import Config
+from .data import local_files
+from .errors import UsageError
+from .outdir import previous_run
 from .overrides import entry_config
 from .records import Results
 from .summary import metrics
 
 AVERAGED = ("mean_loss", "perplexity", "bits_per_token", "bits_per_byte", "byte_perplexity", "word_perplexity")
 PER_DATASET = ("nll_sum", "counts", "metrics", "uncertainty", "settings", "data", "complete")
+
+
+def check_suite(cfg: Config) -> None:
+    """Before the model loads: every entry's data files exist and can be read, and no output directory holds a
+    previous run unless --resume or --overwrite says what to do with it (advice naming the entry)."""
+    for entry in cfg.suite or []:
+        entry_cfg = entry_config(cfg, entry)
+        try:
+            for path in local_files(entry_cfg)[1] if entry_cfg.data_files else []:
+                with open(path, "rb") as f:
+                    f.read(1)
+        except UsageError as e:
+            raise UsageError(f"suite entry '{entry['name']}': {e}") from None
+        except OSError as e:
+            raise UsageError(f"suite entry '{entry['name']}': data file {e.filename} cannot be read ({e.strerror}); "
+                             "check --data-files") from None
+    if not cfg.suite or not cfg.output_dir or cfg.resume or cfg.overwrite:
+        return
+    for entry in cfg.suite:
+        directory = Path(cfg.output_dir).absolute() / entry["name"]
+        found = previous_run(directory) if directory.is_dir() else None
+        if found:
+            raise UsageError(f"suite entry '{entry['name']}': {directory} holds {found.words}: continue the suite "
+                             "with --resume, replace it with --overwrite (deletes the suite's files), or use another "
+                             "--output-dir")
 
 
 def run_suite(cfg: Config, score: Callable[[Config], Results]) -> Results:
