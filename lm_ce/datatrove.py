@@ -11,7 +11,7 @@ import math
 import torch
 
 try:
-    from datatrove.data import Document, DocumentsPipeline
+    from datatrove.data import DocumentsPipeline
     from datatrove.pipeline.base import PipelineStep
     from datatrove.utils.batching import batched
 except ImportError as e:  # the optional extra is not installed
@@ -52,15 +52,20 @@ class PerplexityStats(PipelineStep):
     every key, so a filter or a parquet writer never meets a missing or None value; a scored document's perplexity
     is at least 1, so 0.0 marks these. Documents are yielded in the order they came, `documents_per_call` at a time.
 
+documents_per_call: documents per lm_ce.evaluate call (held in memory meanwhile; memory does not grow with the
+corpus). The default, 1024, is lm_ce's chunk_documents: a call plans its batches as the CLI plans a chunk, and
+the fixed cost of a call (the head probe: about 1 s for SmolLM2-135M on one CPU thread) is spread thin.
+
     model: a Hub id, local directory, .gguf file or pkg:<module>/<file>, as the CLI's --model. settings: Config
     fields (max_length, stride, dtype, batch_size, token_budget, prefix_token, detokenizer, threads, ...), checked
-    here, when the pipeline is built. Task `rank` uses GPU rank % (GPUs) when there are any, else the CPU.
+    here, when the pipeline is built. Task `rank` uses GPU rank % (GPUs) when there are any, else the CPU; with
+several local workers on a CPU give threads=cores/workers (each task would take every core otherwise).
     """
 
     type = "📊 - STATS"
     name = "🎯 lm_ce perplexity"
 
-    def __init__(self, model: str, *, documents_per_call: int = 256, **settings) -> None:
+    def __init__(self, model: str, *, documents_per_call: int = 1024, **settings) -> None:
         super().__init__()
         if not isinstance(model, str):
             raise UsageError(f"{SOURCE}: model must be a model spec (Hub id, directory or .gguf path), so that each "
@@ -73,8 +78,8 @@ class PerplexityStats(PipelineStep):
         self.settings = {**settings, "progress": False}
         self.cfg = from_settings({"model": model, **self.settings}, SOURCE)  # bad settings fail before any task runs
         if self.cfg.mode != "document":
-            raise UsageError(f"{SOURCE}: mode is '{self.cfg.mode}' (from protocol '{self.cfg.protocol}'); only "
-                             "document mode gives each document its own figures: use mode='document'")
+            raise UsageError(f"{SOURCE}: mode is '{self.cfg.mode}' (protocol '{self.cfg.protocol}'); only document "
+                             "mode gives each document its own figures: use mode='document' or another protocol")
         self.documents_per_call = documents_per_call
         self._loaded: tuple[torch.nn.Module, object] | None = None  # (model, tokenizer), loaded in run()
 
@@ -85,8 +90,7 @@ class PerplexityStats(PipelineStep):
     def loaded(self, rank: int) -> tuple[torch.nn.Module, object]:
         """(model, tokenizer), loaded through lm_ce on this task's first call."""
         if self._loaded is None:
-            with self.track_time(unit="load"):
-                model, tokenizer, _ = model_lib.load(self.cfg, device_of(rank))
+            model, tokenizer, _ = model_lib.load(self.cfg, device_of(rank))
             self._loaded = (model, tokenizer)
             self.stat_update("lm_ce_model_loads")
         return self._loaded
@@ -95,8 +99,8 @@ class PerplexityStats(PipelineStep):
         if data is None:
             return
         for docs in batched(data, self.documents_per_call):
-            model, tokenizer = self.loaded(rank)
-            with self.track_time(unit="call"):
+            with self.track_time(unit="call"):  # the first call's time includes loading the model
+                model, tokenizer = self.loaded(rank)
                 figures = figures_of(model, tokenizer, [doc.text for doc in docs], self.settings)
             for doc, values in zip(docs, figures, strict=True):
                 doc.metadata.update(values)
