@@ -19,7 +19,7 @@ except ImportError as e:  # the optional extra is not installed
 
 from . import model as model_lib
 from .api import evaluate
-from .config import UsageError
+from .errors import UsageError
 from .overrides import from_settings
 
 SOURCE = "lm_ce.datatrove.PerplexityStats"

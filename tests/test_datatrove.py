@@ -18,7 +18,7 @@ from datatrove.pipeline.readers import JsonlReader  # noqa: E402
 from datatrove.pipeline.writers import JsonlWriter  # noqa: E402
 
 from lm_ce.cli import main  # noqa: E402
-from lm_ce.config import UsageError  # noqa: E402
+from lm_ce.errors import UsageError  # noqa: E402
 from lm_ce.datatrove import PerplexityStats  # noqa: E402
 
 from .conftest import SENTENCES, make_jsonl  # noqa: E402
