@@ -75,7 +75,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--paths", default=None, help=f"subset of {','.join(PATH_NAMES)} (default: each case's own)")
     ap.add_argument("--no-peer", dest="peer", action="store_false", help="skip the whole-process peers")
     ap.add_argument("--baseline", default=BASELINE, metavar="REV",
-                    help=f"commit whose lm_ce CLI runs beside the peers (default {BASELINE}, the 'before' of issue 17; none: skip)")
+                    help=f"commit whose lm_ce CLI runs beside the peers (default {BASELINE}, the version before the speed work; none: skip)")
     ap.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the 10^3..10^6 scaling case")
     ap.add_argument("--lm-ce", default=None, metavar="JSON", help='extra lm_ce Config fields, e.g. \'{"token_budget": 2048}\'')
     ap.add_argument("--rtol", type=float, default=None, help="NLL agreement with lm_ce (default 1e-4 for float32)")
