@@ -19,6 +19,16 @@ Every field of the config (lm_ce/config.py; see README) is a flag, e.g.
   --max-length 1024 --stride 512 --batch-size 8 --dtype float32 --output-dir runs/x [--resume | --overwrite]
 
 Two finished runs: lm-ce compare RUN_A RUN_B [--output-dir DIR] (see lm-ce compare --help)
+The shards of one run (--shard K/N): lm-ce merge DIR... --output-dir OUT (see lm-ce merge --help)
+"""
+
+
+MERGE_USAGE = """usage: lm-ce merge SHARD_DIR... --output-dir OUT
+
+Writes the report of a whole run from its finished shards (each run with --shard K/N, or --shard auto in a
+Slurm array, into its own --output-dir), without loading a model: the same tokens, NLL sum, clustered
+standard error and groups as one run over all documents; documents.jsonl (and tokens.parquet) in document
+order. Shards of different runs, missing or given twice, are refused.
 """
 
 
@@ -54,6 +64,16 @@ def compare_main(argv: list[str] | None = None) -> int:
 def _compare_args(argv: list[str]) -> tuple[list[str], str | None]:
     from .config import UsageError
 
+    runs, output_dir = _run_dirs_args("compare", argv, "lm-ce compare RUN_A RUN_B [--output-dir DIR]")
+    if len(runs) != 2:
+        raise UsageError("compare needs two run directories: lm-ce compare RUN_A RUN_B [--output-dir DIR]")
+    return runs, output_dir
+
+
+def _run_dirs_args(command: str, argv: list[str], usage: str) -> tuple[list[str], str | None]:
+    """(run directories, --output-dir or None) of a subcommand's arguments."""
+    from .config import UsageError
+
     runs, output_dir, rest = [], None, list(argv)
     while rest:
         arg = rest.pop(0)
@@ -63,18 +83,39 @@ def _compare_args(argv: list[str]) -> tuple[list[str], str | None]:
                 raise UsageError("--output-dir needs a directory")
             output_dir = value
         elif arg.startswith("-"):
-            raise UsageError(f"compare: unknown option {arg}; usage: lm-ce compare RUN_A RUN_B [--output-dir DIR]")
+            raise UsageError(f"{command}: unknown option {arg}; usage: {usage}")
         else:
             runs.append(arg)
-    if len(runs) != 2:
-        raise UsageError("compare needs two run directories: lm-ce compare RUN_A RUN_B [--output-dir DIR]")
     return runs, output_dir
+
+
+def merge_main(argv: list[str]) -> int:
+    """`lm-ce merge SHARD_DIR... --output-dir OUT`."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(MERGE_USAGE)
+        return 0
+    from . import merge, report
+    from .config import UsageError
+
+    try:
+        directories, output_dir = _run_dirs_args("merge", argv, "lm-ce merge SHARD_DIR... --output-dir OUT")
+        if not directories or not output_dir:
+            raise UsageError("merge needs the shards' directories and --output-dir: lm-ce merge SHARD_DIR... --output-dir OUT")
+        results = merge.merge(directories, output_dir)
+    except UsageError as e:
+        print(f"lm_ce: error: {e}", file=sys.stderr)
+        return 2
+    print(report.table(results.summary))
+    print(f"wrote {output_dir}/ (merged from {len(directories)} shards)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:
         return compare_main(argv[1:])
+    if argv[:1] == ["merge"]:
+        return merge_main(argv[1:])
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0

@@ -6,6 +6,7 @@ line or keyword settings.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,7 @@ class Config:
     token_budget: int | None = None  # input tokens per batch at most (default: batch_size * max_length, at most 4096 on CPU)
     padding_side: str = "right"  # right | left; must not change the result
     chunk_documents: int = 1024  # documents tokenized and planned at a time (bounds memory)
+    shard: str | None = None  # K/N (K from 0): score every N-th chunk of documents from chunk K; auto: from Slurm's array
     # analysis
     compare_to: list[str] | None = None  # models scored on the same tokens against the first (KL, top-1, delta ppl)
     save_tokens: bool = False  # tokens.parquet-style files: every scored token's id, text, position, NLL, top-1
@@ -119,6 +121,10 @@ def check(cfg: Config) -> None:
             f"--stride {cfg.stride} is larger than --max-length {cfg.max_length}: tokens between windows "
             "would never be scored; use a stride at most max_length"
         )
+    if cfg.shard is not None and (cfg.mode != "document" or not re.fullmatch(r"auto|\d+/\d+", cfg.shard)
+                                  or cfg.shard != "auto" and not int(cfg.shard.split("/")[0]) < int(cfg.shard.split("/")[1])):
+        raise UsageError(f"--shard {cfg.shard}: give K/N with 0 <= K < N (or auto, from SLURM_ARRAY_TASK_ID and "
+                         "SLURM_ARRAY_TASK_COUNT), in --mode document")
     if cfg.resume and not cfg.output_dir:
         raise UsageError("--resume needs --output-dir: the directory of the run to continue")
     if cfg.data_cache == "output" and not cfg.output_dir:
