@@ -66,6 +66,9 @@ def load(cfg: Config) -> dict:
         state = torch.load(path, weights_only=False)
     except Exception as e:  # a state file from another tool or a damaged disk
         raise UsageError(f"--resume: cannot read {path} ({type(e).__name__}); delete it to start over") from None
+    if not hasattr(state.get("run"), "rows"):  # per-document records of a version before the running sums
+        raise UsageError(f"--resume: {path} was saved by an older version of lm_ce, which this one cannot continue; "
+                         "rerun with --overwrite, or use another --output-dir")
     if state.get("fingerprint") != fingerprint(cfg):
         old = state.get("config", {})
         changed = [k for k in FINGERPRINTED if old.get(k) != getattr(cfg, k)]

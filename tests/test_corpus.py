@@ -196,3 +196,6 @@ def test_shard_flags_are_checked(tiny_llama_dir, corpus, tmp_path, capsys, monke
     assert json.loads((tmp_path / "x" / "results.json").read_text())["shard"] == {"index": 1, "count": 2}
     rows = [json.loads(line) for line in (tmp_path / "x" / "documents.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == [4, 5, 6, 7, 12, 13, 14, 15]  # every second chunk from chunk 1
+    # more shards than chunks: a shard without a chunk finishes with nothing scored, and is not refused
+    assert run_cli(base[:-1] + [str(tmp_path / "y"), "--shard", "5/6", "--limit", "20", "--chunk-documents", "4"]) == 0
+    assert json.loads((tmp_path / "y" / "results.json").read_text())["counts"]["tokens"] == 0
