@@ -21,7 +21,7 @@ FINGERPRINTED = (
     "model", "revision", "dtype", "dataset", "dataset_config", "split", "data_files", "text_field", "prompt_field",
     "group_field", "id_field", "join_by", "streaming", "limit", "mode", "max_length", "stride", "prefix_token",
     "separator", "batch_size", "token_budget", "padding_side", "chunk_documents", "compare_to", "save_tokens",
-    "protocol", "bos_policy", "chunks", "detokenizer",
+    "protocol", "bos_policy", "chunks", "detokenizer", "shard",
 )
 
 
@@ -67,6 +67,9 @@ def load(cfg: Config) -> dict:
         state = torch.load(path, weights_only=False)
     except Exception as e:  # a state file from another tool or a damaged disk
         raise UsageError(f"--resume: cannot read {path} ({type(e).__name__}); delete it to start over") from None
+    if not hasattr(state.get("run"), "rows"):  # per-document records of a version before the running sums
+        raise UsageError(f"--resume: {path} was saved by an older version of lm_ce, which this one cannot continue; "
+                         "rerun with --overwrite, or use another --output-dir")
     if state.get("fingerprint") != fingerprint(cfg):
         old = state.get("config", {})
         changed = [k for k in FINGERPRINTED if old.get(k) != getattr(cfg, k)]

@@ -23,6 +23,9 @@ def check(cfg: Config) -> None:
             f"--stride {cfg.stride} is larger than --max-length {cfg.max_length}: tokens between windows "
             "would never be scored; use a stride at most max_length"
         )
+    if cfg.shard is not None and not valid_shard(cfg.shard, cfg.mode):
+        raise UsageError(f"--shard {cfg.shard}: give K/N with 0 <= K < N (or auto, from SLURM_ARRAY_TASK_ID and "
+                         "SLURM_ARRAY_TASK_COUNT), in --mode document")
     if cfg.resume and not cfg.output_dir:
         raise UsageError("--resume needs --output-dir: the directory of the run to continue")
     if cfg.data_cache == "output" and not cfg.output_dir:
@@ -71,3 +74,13 @@ def check(cfg: Config) -> None:
     if cfg.bos_policy == "every-window" and cfg.prefix_token == "none":
         raise UsageError("--bos-policy every-window puts the prefix token in every window; it needs --prefix-token "
                          "auto, bos or eos, not none")
+
+
+def valid_shard(shard: str, mode: str) -> bool:
+    """Whether --shard is `auto` or K/N with 0 <= K < N, in document mode (the only mode cut into documents)."""
+    if mode != "document":
+        return False
+    if shard == "auto":
+        return True
+    k, _, n = shard.partition("/")
+    return k.isdigit() and n.isdigit() and int(k) < int(n)

@@ -11,11 +11,21 @@ from pathlib import Path
 
 USAGE = """usage: lm-ce [--config FILE.yaml] [--FIELD VALUE ...]     (also: python scripts/evaluate.py ...)
        lm-ce compare RUN_A RUN_B [--output-dir DIR]   (two finished runs; see lm-ce compare --help)
+       lm-ce merge SHARD_DIR... --output-dir OUT      (the shards of one --shard K/N run; see lm-ce merge --help)
 
 Scores a text dataset with a causal LM: mean token cross-entropy, perplexity, bits per byte.
 Every field below is a flag (--max-length 1024; dashes or underscores) and a key of the --config file
 (max_length: 1024); flags win over the file. A list is a,b or separate words; true/false fields take
 --FIELD or --no-FIELD.
+"""
+
+
+MERGE_USAGE = """usage: lm-ce merge SHARD_DIR... --output-dir OUT
+
+Writes the report of a whole run from its finished shards (each run with --shard K/N, or --shard auto in a
+Slurm array, into its own --output-dir), without loading a model: the same tokens, NLL sum, clustered
+standard error and groups as one run over all documents; documents.jsonl (and tokens.parquet) in document
+order. Shards of different runs, missing or given twice, are refused.
 """
 
 
@@ -85,6 +95,16 @@ def compare_main(argv: list[str] | None = None) -> int:
 def _compare_args(argv: list[str]) -> tuple[list[str], str | None]:
     from .errors import UsageError
 
+    runs, output_dir = _run_dirs_args("compare", argv, "lm-ce compare RUN_A RUN_B [--output-dir DIR]")
+    if len(runs) != 2:
+        raise UsageError("compare needs two run directories: lm-ce compare RUN_A RUN_B [--output-dir DIR]")
+    return runs, output_dir
+
+
+def _run_dirs_args(command: str, argv: list[str], usage: str) -> tuple[list[str], str | None]:
+    """(run directories, --output-dir or None) of a subcommand's arguments."""
+    from .errors import UsageError
+
     runs, output_dir, rest = [], None, list(argv)
     while rest:
         arg = rest.pop(0)
@@ -94,18 +114,39 @@ def _compare_args(argv: list[str]) -> tuple[list[str], str | None]:
                 raise UsageError("--output-dir needs a directory")
             output_dir = value
         elif arg.startswith("-"):
-            raise UsageError(f"compare: unknown option {arg}; usage: lm-ce compare RUN_A RUN_B [--output-dir DIR]")
+            raise UsageError(f"{command}: unknown option {arg}; usage: {usage}")
         else:
             runs.append(arg)
-    if len(runs) != 2:
-        raise UsageError("compare needs two run directories: lm-ce compare RUN_A RUN_B [--output-dir DIR]")
     return runs, output_dir
+
+
+def merge_main(argv: list[str]) -> int:
+    """`lm-ce merge SHARD_DIR... --output-dir OUT`."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(MERGE_USAGE)
+        return 0
+    from . import merge, report
+    from .errors import UsageError
+
+    try:
+        directories, output_dir = _run_dirs_args("merge", argv, "lm-ce merge SHARD_DIR... --output-dir OUT")
+        if not directories or not output_dir:
+            raise UsageError("merge needs the shards' directories and --output-dir: lm-ce merge SHARD_DIR... --output-dir OUT")
+        results = merge.merge(directories, output_dir)
+    except UsageError as e:
+        print(f"lm_ce: error: {e}", file=sys.stderr)
+        return 2
+    print(report.table(results.summary))
+    print(f"wrote {output_dir}/ (merged from {len(directories)} shards)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:
         return compare_main(argv[1:])
+    if argv[:1] == ["merge"]:
+        return merge_main(argv[1:])
     if any(a in ("-h", "--help") for a in argv):
         print(help_text())
         return 0

@@ -74,6 +74,8 @@ class Config:
                                                        "max_length, at most 4096 on CPU)")
     padding_side: str = option("right", "windows", "right | left (must not change the result)")
     chunk_documents: int = option(1024, "windows", "documents tokenized and planned at a time (bounds memory)")
+    shard: str | None = option(None, "data", "K/N (K from 0): score every N-th chunk of documents from chunk K, "
+                                             "for lm-ce merge; auto: from Slurm's array task id and count")
     compare_to: list[str] | None = option(None, "analysis", "other models scored against the first on the same "
                                                             "data (KL, top-1, delta perplexity)")
     save_tokens: bool = option(False, "analysis", "save every scored token's id, text, position, NLL and top-1 "

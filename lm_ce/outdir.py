@@ -230,7 +230,7 @@ def _saved(path: Path) -> tuple[bool, int | None] | None:
         return None
     try:
         run = state["run"]
-        return complete, run.tally.tokens + (run.partial.tokens if run.partial is not None else 0)
+        return complete, run.tokens
     except Exception:  # a state of another version: still a run, its count unknown
         return complete, None
 

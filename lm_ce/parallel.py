@@ -17,10 +17,12 @@ import torch
 from . import checkpoint, stats
 from .config import Config
 from .divergence import Divergence
+from .outputs import Outputs
 from .progress import Progress, StopRequest
 from .records import DocumentResult, Run, Tally
 from .scoring import Scorer
 from .setup import Setup
+from .shards import Shard
 from .windows import Window, assign_batches, plan_batches
 
 
@@ -35,6 +37,8 @@ class Plan:
     progress: Progress
     stop: StopRequest
     rows: object = None  # rows given in memory (lm_ce.evaluate), read instead of what cfg names
+    outputs: Outputs | None = None  # where finished rows and tokens go
+    shard: Shard | None = None  # the share of the documents this run scores (--shard)
     last_save: float = field(default_factory=time.monotonic)
 
     def new_tally(self) -> Tally:
@@ -101,8 +105,9 @@ def _add_chunk(plan: Plan, run: Run, resumed: Tally, tally: Tally, *, stopped: b
     for index, sums in merged.docs.items():
         results[index].nll_sum += sums.nll
         results[index].tokens += sums.tokens
-    merged.batches_done = []
-    run.tally.merge(merged)
+    run.sums.add(merged)  # folded into running sums: the run keeps no per-document or per-window record
+    merged.docs, merged.windows, merged.batches_done = {}, [], []
+    run.tally.merge(merged)  # positions, compared models, padding; the chunk's token blocks, for the caller to write
     run.windows += windows
     return False
 

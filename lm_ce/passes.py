@@ -17,7 +17,7 @@ from . import data
 from .errors import UsageError
 from .parallel import Plan, gather, score_windows
 from .protocols import detokenized
-from .records import DocumentResult, Run
+from .records import DocumentResult, RowSums, Run
 from .windows import (Window, adds_bos, document_sequence, document_spans, gptq_spans, llama_cpp_spans,
                       stream_spans, windows_of, without_double_prefix)
 
@@ -42,9 +42,10 @@ def run_documents(plan: Plan, run: Run, tokenizer) -> bool:
     """Chunks of documents: tokenize the next chunk while this one is scored. True when stopped early."""
     rank, world = plan.accelerator.process_index, plan.accelerator.num_processes
     source = data.iter_documents(plan.cfg, plan.rows)
+    mine = (docs for c, docs in enumerate(chunks(source, plan.cfg.chunk_documents)) if not plan.shard or plan.shard.owns(c))
     with ThreadPoolExecutor(1) as pool:
         pending = None
-        for index, docs in enumerate(chunks(source, plan.cfg.chunk_documents)):
+        for index, docs in enumerate(mine):
             if index < run.chunks_done:  # finished before a resume: read, not tokenized
                 continue
             future = pool.submit(tokenize_share, docs, tokenizer, plan.setup.prefix, rank, world, plan.cfg.detokenizer)
@@ -70,7 +71,7 @@ def run_stream(plan: Plan, run: Run, tokenizer) -> bool:
     windows = windows_of(-1, seq, spans, plan.setup.window_first)
     say_cost(windows, plan)
     stopped = score_windows(windows, plan, run, {-1: DocumentResult(index=-1)})
-    _joined_documents(docs, run)
+    _joined_documents(docs, run, plan, stopped)
     return stopped
 
 
@@ -94,7 +95,7 @@ def run_chunks(plan: Plan, run: Run, tokenizer) -> bool:
     run.stream_bytes = sum(len(t.encode("utf-8")) for t in scored)
     run.stream_words = sum(count_words(t) for t in scored)
     stopped = score_windows(windows, plan, run, {-1: DocumentResult(index=-1)})
-    _joined_documents(docs, run)
+    _joined_documents(docs, run, plan, stopped)
     return stopped
 
 
@@ -112,12 +113,16 @@ def chunk_sequence(mode: str, tokenizer, text: str) -> tuple[list[int], bool]:
     return ids, False
 
 
-def _joined_documents(docs: list[data.Document], run: Run) -> None:
-    """The rows of a joined pass, for counts (documents, skipped, words)."""
-    run.documents = [_document_result(d) for d in docs]
-    for d, r in zip(docs, run.documents):
+def _joined_documents(docs: list[data.Document], run: Run, plan: Plan, stopped: bool) -> None:
+    """The rows of a joined pass, for counts (documents, skipped, words); finished: its tokens written out."""
+    run.rows = RowSums()
+    for d in docs:
+        r = _document_result(d)
         r.words = count_words(d.text) if d.text is not None else 0
         r.skipped = "not_text" if d.text is None else None
+        run.rows.add(r)
+    if not stopped:
+        plan.outputs.add_chunk(run, [])
 
 
 def _say_doubled(run: Run, n: int) -> None:
@@ -171,7 +176,10 @@ def _score_chunk(docs: list[data.Document], future: Future, plan: Plan, run: Run
     if score_windows(windows, plan, run, results):
         return True
     _say_doubled(run, doubled)
-    run.documents.extend(results[d.index] for d in docs)
+    rows = [results[d.index] for d in docs]
+    plan.outputs.add_chunk(run, rows)
+    for r in rows:
+        run.rows.add(r)
     run.chunks_done += 1
     return False
 

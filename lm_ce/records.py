@@ -1,10 +1,13 @@
 """The records a run fills: per-document results, exact sums per document and per window, and the run itself.
 
 Sums are float64 (per-token losses are float32), counts are integers. A `Tally` is what one process
-accumulates over one chunk; tallies merge, in rank order, into the run's.
+accumulates over one chunk; tallies merge, in rank order, into the chunk's. A finished chunk is folded
+into the run's running sums (`RowSums`, `TokenSums`) and its rows are written out, so a run's memory
+and its saved state do not grow with the number of documents.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from . import stats
@@ -88,11 +91,76 @@ class Tally:
 
 
 @dataclass
-class Run:
-    """Everything a run has computed so far: what the state file holds and the reports are made from."""
+class TokenSums:
+    """Running sums of the scored tokens of finished chunks: totals, and the windows as clusters."""
 
-    documents: list[DocumentResult] = field(default_factory=list)  # of finished chunks
-    tally: Tally = field(default_factory=Tally)  # merged sums of finished chunks
+    tokens: int = 0
+    nll: stats.ExactSum = field(default_factory=stats.ExactSum)
+    sum_sq: stats.ExactSum = field(default_factory=stats.ExactSum)
+    by_window: stats.Clustered = field(default_factory=stats.Clustered)
+
+    def add(self, tally: Tally) -> None:
+        """Add a chunk's per-document sums and its windows."""
+        for sums in tally.docs.values():
+            self.tokens += sums.tokens
+            self.nll.add(sums.nll)
+            self.sum_sq.add(sums.sum_sq)
+        for w in tally.windows:
+            self.by_window.add(w.nll, w.tokens)
+
+    def merge(self, other: TokenSums) -> None:
+        self.tokens += other.tokens
+        self.nll.merge(other.nll)
+        self.sum_sq.merge(other.sum_sq)
+        self.by_window.merge(other.by_window)
+
+
+@dataclass
+class RowSums:
+    """Running sums of finished documents.jsonl rows: counts, documents as clusters, and groups."""
+
+    rows: int = 0
+    documents: int = 0  # scored
+    not_text: int = 0
+    bytes: int = 0
+    words: int = 0
+    by_document: stats.Clustered = field(default_factory=stats.Clustered)
+    groups: dict[str, stats.GroupSums] = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> int:
+        return self.rows - self.documents
+
+    def add(self, d: DocumentResult) -> None:
+        self.rows += 1
+        if d.skipped:
+            self.not_text += d.skipped == "not_text"
+            return
+        self.documents += 1
+        self.bytes += d.bytes
+        self.words += d.words
+        self.by_document.add(d.nll_sum, d.tokens)
+        stats.add_to_groups(self.groups, d)
+
+    def merge(self, other: RowSums) -> None:
+        self.rows += other.rows
+        self.documents += other.documents
+        self.not_text += other.not_text
+        self.bytes += other.bytes
+        self.words += other.words
+        self.by_document.merge(other.by_document)
+        for name, g in other.groups.items():
+            self.groups.setdefault(name, stats.GroupSums()).merge(g)
+
+
+@dataclass
+class Run:
+    """Everything a run has computed so far, as running sums: what the state file holds and the reports are made
+    from. The rows themselves are in documents.jsonl (`rows_offset` bytes of it are this run's finished chunks)."""
+
+    rows: RowSums = field(default_factory=RowSums)  # of finished chunks (a joined pass: of all its documents)
+    sums: TokenSums = field(default_factory=TokenSums)  # of finished chunks
+    tally: Tally = field(default_factory=Tally)  # run-wide accumulators of finished chunks (positions, compares, ...)
     chunks_done: int = 0
     partial: Tally | None = None  # the current chunk's merged sums, when stopped inside it
     windows: int = 0
@@ -100,6 +168,13 @@ class Run:
     stream_words: int = 0  # llama-cpp and gptq modes: words of the scored spans
     doubled_prefix: int = 0  # texts whose own leading BOS/EOS duplicated the prefix token (removed)
     tokens_per_process: list[int] = field(default_factory=list)
+    rows_offset: int = 0  # bytes of documents.jsonl holding the rows of the finished chunks
+    shard: str | None = None  # "K/N" when this run scores one shard of the documents
+
+    @property
+    def tokens(self) -> int:
+        """Tokens scored so far, the stopped chunk's included."""
+        return self.sums.tokens + (self.partial.tokens if self.partial is not None else 0)
 
 
 @dataclass
@@ -107,7 +182,8 @@ class Results:
     """What `evaluate` returns: the summary (results.json) and the breakdowns the reports write."""
 
     summary: dict  # summary.Summary: what results.json holds
-    documents: list[DocumentResult] = field(default_factory=list)
+    documents: Sequence[DocumentResult] = field(default_factory=list)  # a list, or documents.jsonl read on use
     positions: stats.PositionLoss | None = None
-    token_table: dict[str, list] | None = None  # column -> values, document order (with --save-tokens)
+    token_table: dict[str, list] | None = None  # column -> values, document order (with --save-tokens, in memory)
     parts: dict[str, Results] = field(default_factory=dict)  # a suite: each dataset's own results, by name
+    token_files: list[str] = field(default_factory=list)  # tokens.parquet's parts, in document order (--save-tokens)

@@ -4,7 +4,6 @@ results.json's key paths (nll_sum, counts.*, metrics.*, timing.*) are a contract
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -13,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from .outdir import REPORTS
+from .outputs import DOCUMENTS, TOKENS, DocumentRows, join_parquet, row_line
 from .records import Results
 
 ROWS = [
@@ -263,7 +263,15 @@ def write(results: Results, output_dir: str, plot: bool = True) -> list[Path]:
     written = []
     for name, part in results.parts.items():  # a suite: each dataset's own files in OUTPUT_DIR/NAME
         written += write(part, str(directory / name), plot=plot)
-    if results.token_table:
+    if results.token_files:  # written chunk by chunk as the run went: joined, the parts kept until it is complete
+        path = directory / TOKENS
+        if results.token_files != [str(path)]:
+            join_parquet(results.token_files, path)
+            if results.summary.get("complete", True):
+                for name in results.token_files:
+                    Path(name).unlink()
+        written.append(path)
+    elif results.token_table:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -278,14 +286,12 @@ def write(results: Results, output_dir: str, plot: bool = True) -> list[Path]:
     written.append(_atomic(directory / "results.md", markdown(results.summary)))
     config = yaml.safe_dump(results.summary["config"], sort_keys=False, allow_unicode=True)
     written.append(_atomic(directory / "config.yaml", config))
-    if results.documents:
-        lines = []
-        for d in results.documents:
-            row = dataclasses.asdict(d)
-            row["perplexity"] = math.exp(d.nll_sum / d.tokens) if d.tokens else None
-            row["bits_per_byte"] = d.nll_sum / (d.bytes * math.log(2)) if d.tokens and d.bytes else None
-            lines.append(json.dumps(row, ensure_ascii=False))
-        written.append(_atomic(directory / "documents.jsonl", "\n".join(lines) + "\n"))
+    if isinstance(results.documents, DocumentRows) and results.documents.path == directory / DOCUMENTS:
+        if results.documents.path.is_file():
+            written.append(results.documents.path)  # written row by row as the run went
+    elif results.documents:
+        text = "".join(row_line(d) + "\n" for d in results.documents)
+        written.append(_atomic(directory / DOCUMENTS, text))
     for name in REPORTS:
         if directory / name not in written and (directory / name).is_file():
             (directory / name).unlink()

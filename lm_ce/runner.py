@@ -27,7 +27,9 @@ from .passes import run_chunks, run_documents, run_stream
 from .progress import Progress, StopRequest
 from .records import Results, Run
 from .scoring import Scorer
+from .outputs import Outputs
 from .setup import resolve, set_threads
+from .shards import shard_of
 from .suite import check_suite, run_suite
 from .summary import Durations, summarize
 
@@ -96,10 +98,20 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
     emit("scoring")
     loaded_at = time.perf_counter()
     progress = Progress(accelerator.is_main_process and cfg.progress, main=accelerator.is_main_process)
+    shard = shard_of(cfg)
+    outputs = Outputs(Path(cfg.output_dir) if cfg.output_dir else None, accelerator.is_main_process,
+                      cfg.mode == "document", tokenizer)
     with StopRequest() as stop:
-        plan = Plan(cfg, setup, scorer, accelerator, progress, stop, rows)
-        run = state["run"] if state else Run(tally=plan.new_tally())
-        stopped = _passes(plan, run, tokenizer, done=bool(state and state.get("complete")))
+        plan = Plan(cfg, setup, scorer, accelerator, progress, stop, rows, outputs=outputs, shard=shard)
+        run = state["run"] if state else Run(tally=plan.new_tally(), shard=str(shard) if shard else None)
+        if state and run.shard != (str(shard) if shard else None):
+            raise UsageError(f"--resume: {cfg.output_dir} holds shard {run.shard} of the documents, not "
+                             f"{shard}; resume it as that shard, or use another --output-dir")
+        outputs.start(run)
+        try:
+            stopped = _passes(plan, run, tokenizer, done=bool(state and state.get("complete")))
+        finally:
+            outputs.close()
     finished = time.perf_counter()
     emit("scored")
     if cfg.output_dir and accelerator.is_main_process:
@@ -108,7 +120,7 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
             log.warning("progress saved in %s: rerun the same command with --resume to continue", cfg.output_dir)
     durations = Durations(load=loaded_at - started, scoring=finished - loaded_at, total=finished - started)
     results = summarize(cfg, run=run, stopped=stopped, setup=setup, info=loaded.info, tokenizer=tokenizer,
-                        durations=durations)
+                        durations=durations, outputs=outputs)
     for name in compared.by_bytes:
         results.summary.setdefault("compare", {})[name] = compare_by_bytes(cfg, name, results, score=evaluate)
     return results

@@ -17,26 +17,88 @@ Z95 = 1.959963984540054
 
 
 @dataclass
-class Clustered:
-    """Exact sums per cluster: enough for the mean and its cluster-robust standard error."""
+class ExactSum:
+    """A float64 sum kept exactly, as non-overlapping partials (Shewchuk's algorithm, as math.fsum): adding in any
+    order, or merging sums made apart (shards, chunks), gives the same correctly rounded `value`."""
 
-    nll: list[float] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
+    partials: list[float] = field(default_factory=list)
+
+    def add(self, x: float) -> None:
+        partials, i = self.partials, 0
+        for y in partials:
+            if abs(x) < abs(y):
+                x, y = y, x
+            hi = x + y
+            lo = y - (hi - x)
+            if lo:
+                partials[i] = lo
+                i += 1
+            x = hi
+        partials[i:] = [x]
+
+    def merge(self, other: "ExactSum") -> None:
+        for x in other.partials:
+            self.add(x)
+
+    @property
+    def value(self) -> float:
+        return math.fsum(self.partials)
+
+
+@dataclass
+class Clustered:
+    """Running sums over clusters (documents or windows) of n tokens with NLL y: the ratio mean and its
+    cluster-robust standard error need only these, so memory does not grow with the number of clusters."""
+
+    count: int = 0  # clusters with tokens
+    tokens: int = 0  # sum n
+    tokens_sq: int = 0  # sum n^2
+    nll: ExactSum = field(default_factory=ExactSum)  # sum y
+    nll_sq: ExactSum = field(default_factory=ExactSum)  # sum y^2
+    nll_tokens: ExactSum = field(default_factory=ExactSum)  # sum n*y
+
+    def add(self, nll: float, tokens: int) -> None:
+        if not tokens:
+            return
+        self.count += 1
+        self.tokens += tokens
+        self.tokens_sq += tokens * tokens
+        self.nll.add(nll)
+        self.nll_sq.add(nll * nll)
+        self.nll_tokens.add(nll * tokens)
+
+    def merge(self, other: "Clustered") -> None:
+        self.count += other.count
+        self.tokens += other.tokens
+        self.tokens_sq += other.tokens_sq
+        self.nll.merge(other.nll)
+        self.nll_sq.merge(other.nll_sq)
+        self.nll_tokens.merge(other.nll_tokens)
+
+    @classmethod
+    def of(cls, nll: list[float], tokens: list[int]) -> "Clustered":
+        """The sums of the clusters given as lists."""
+        out = cls()
+        for y, n in zip(nll, tokens):
+            out.add(y, n)
+        return out
 
 
 def uncertainty(clusters: Clustered, sum_sq: float, unit: str) -> dict:
     """Standard error of the ratio mean sum(nll)/sum(tokens) over clusters, and 95% intervals.
 
     SE^2 = C/(C-1) * sum_c (nll_c - mean * n_c)^2 / N^2 (the linearized ratio estimator, as for
-    clustered samples). `stderr_iid` treats tokens as independent, for comparison only."""
-    n_clusters = sum(1 for t in clusters.tokens if t)
-    total = sum(clusters.tokens)
+    clustered samples), the sum expanded into the running sums sum y^2 - 2 mean sum n*y + mean^2 sum n^2.
+    `stderr_iid` treats tokens as independent, for comparison only."""
+    n_clusters, total = clusters.count, clusters.tokens
     if total == 0:
         return {"unit": unit, "clusters": 0}
-    mean = math.fsum(clusters.nll) / total
+    mean = clusters.nll.value / total
     out: dict = {"unit": unit, "clusters": n_clusters}
     if n_clusters >= 2:
-        dev = math.fsum((s - mean * n) ** 2 for s, n in zip(clusters.nll, clusters.tokens) if n)
+        terms = [*clusters.nll_sq.partials, *(-2 * mean * p for p in clusters.nll_tokens.partials),
+                 mean * mean * clusters.tokens_sq]
+        dev = max(0.0, math.fsum(terms))
         se = math.sqrt(n_clusters / (n_clusters - 1) * dev) / total
         out.update(
             mean_loss_stderr=se,
@@ -85,22 +147,47 @@ class PositionLoss:
 NULL_GROUP = "(null)"  # the group of documents whose group field is null or missing
 
 
-def groups(documents, ln2: float = math.log(2)) -> dict:
-    """One row per value of the group field: documents, tokens, bytes, mean loss, perplexity, bits per byte.
+@dataclass
+class GroupSums:
+    """Running sums of one group's scored documents."""
 
-    Documents without a value are counted under NULL_GROUP, so the groups add up to the totals.
-    """
+    documents: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    nll: ExactSum = field(default_factory=ExactSum)
+
+    def merge(self, other: "GroupSums") -> None:
+        self.documents += other.documents
+        self.tokens += other.tokens
+        self.bytes += other.bytes
+        self.nll.merge(other.nll)
+
+
+def add_to_groups(groups: dict[str, GroupSums], d) -> None:
+    """Add one scored document (a records.DocumentResult) to its group's sums; documents without a value
+    are counted under NULL_GROUP, so the groups add up to the totals."""
+    g = groups.setdefault(NULL_GROUP if d.group is None else d.group, GroupSums())
+    g.documents += 1
+    g.tokens += d.tokens
+    g.bytes += d.bytes
+    g.nll.add(d.nll_sum)
+
+
+def group_table(groups: dict[str, GroupSums], ln2: float = math.log(2)) -> dict:
+    """One row per value of the group field: documents, tokens, bytes, mean loss, perplexity, bits per byte."""
     out: dict = {}
-    for d in documents:
-        if d.skipped:
-            continue
-        g = out.setdefault(NULL_GROUP if d.group is None else d.group, {"documents": 0, "tokens": 0, "bytes": 0, "nll_sum": 0.0})
-        g["documents"] += 1
-        g["tokens"] += d.tokens
-        g["bytes"] += d.bytes
-        g["nll_sum"] += d.nll_sum
-    for g in out.values():
-        g["mean_loss"] = g["nll_sum"] / g["tokens"]
-        g["perplexity"] = exp_capped(g["mean_loss"])
-        g["bits_per_byte"] = g["nll_sum"] / (g["bytes"] * ln2) if g["bytes"] else None
+    for name, g in groups.items():
+        nll = g.nll.value
+        mean = nll / g.tokens
+        out[name] = {"documents": g.documents, "tokens": g.tokens, "bytes": g.bytes, "nll_sum": nll, "mean_loss": mean,
+                     "perplexity": exp_capped(mean), "bits_per_byte": nll / (g.bytes * ln2) if g.bytes else None}
     return out
+
+
+def groups(documents) -> dict:
+    """The group table of a list of documents (records.DocumentResult); skipped ones are not counted."""
+    sums: dict[str, GroupSums] = {}
+    for d in documents:
+        if not d.skipped:
+            add_to_groups(sums, d)
+    return group_table(sums)

@@ -18,7 +18,8 @@ from .errors import UsageError
 from .data import MEMORY, local_files
 from .model import ModelInfo, file_sha256
 from .protocols import PROTOCOLS
-from .records import DocumentResult, Results, Run, Tally
+from .outputs import Outputs
+from .records import Results, RowSums, Run, Tally, TokenSums
 from .setup import Setup
 
 
@@ -93,76 +94,117 @@ READ_FIELDS = ("text_field", "prompt_field", "group_field", "id_field", "join_by
 
 
 def summarize(cfg: Config, *, run: Run, stopped: bool, setup: Setup, info: ModelInfo, durations: Durations,
-              tokenizer) -> Results:
-    """The summary (results.json) and the breakdowns of a run."""
-    tally = copy.deepcopy(run.tally)
-    if run.partial is not None and cfg.mode != "document":  # a stopped stream has only partial sums
-        tally.merge(run.partial)
-    documents = run.documents  # stopped inside a chunk: the report covers the finished chunks only
-    scored = [d for d in documents if not d.skipped]
-    totals = _totals(cfg, run, tally, scored, stopped)
-    if totals.tokens == 0 and not stopped:
-        _refuse_nothing_scored(cfg, documents)
+              tokenizer, outputs: Outputs | None = None) -> Results:
+    """The summary (results.json) and the breakdowns of a run, from its running sums (`outputs`: where its rows
+    and tokens went). Stopped inside a chunk, the figures include what was scored of it, as the state saved."""
+    found, tally = figures(cfg, run, stopped)
+    tokens = found["counts"]["tokens"]
     summary: Summary = {
-        "nll_sum": totals.nll_sum,
-        "counts": {
-            "tokens": totals.tokens, "documents": len(scored), "skipped_documents": len(documents) - len(scored),
-            "bytes": totals.bytes, "words": totals.words, "windows": run.windows, "input_tokens": tally.inputs,
-            "padding_tokens": tally.padding, "tokens_per_process": run.tokens_per_process,
-            "double_prefix_removed": run.doubled_prefix,
-        },
-        "metrics": metrics(totals.nll_sum, totals.tokens, totals.bytes, totals.words),
-        "uncertainty": _uncertainty(cfg, tally, scored, totals),
+        "nll_sum": found.pop("nll_sum"),
+        "counts": found.pop("counts"),
+        "metrics": found.pop("metrics"),
+        "uncertainty": found.pop("uncertainty"),
         "timing": {
             "seconds": durations.scoring,
-            "tokens_per_second": totals.tokens / durations.scoring if durations.scoring > 0 else None,
+            "tokens_per_second": tokens / durations.scoring if durations.scoring > 0 else None,
             "load_seconds": durations.load,
             "total_seconds": durations.total,
         },
         "complete": not stopped,
-        "by_position": tally.positions.buckets() if tally.positions is not None else [],
+        "by_position": found.pop("by_position"),
         "model": {**info.__dict__, "head": setup.head_note},
         "data": data_summary(cfg),
         "settings": _settings(cfg, setup),
         "environment": environment(setup),
         "config": cfg.resolved(),
+        **found,  # groups, compare, shard: when there are some
     }
-    if cfg.group_field and cfg.mode == "document":
-        summary["groups"] = stats.groups(scored)
+    documents, table, files = outputs.results() if outputs is not None else ([], None, [])
+    return Results(summary, documents, tally.positions, table, token_files=files)
+
+
+def figures(cfg: Config, run: Run, stopped: bool) -> tuple[dict, Tally]:
+    """(results.json's figures from the run's running sums: nll_sum, counts, metrics, uncertainty, by_position, and
+    groups, compare and shard when there are some; the run-wide tally they came from). Also what `lm-ce merge`
+    reports of the shards' sums added up."""
+    rows, sums, tally, windows = run.rows, run.sums, run.tally, run.windows
+    by_document = rows.by_document
+    partial = run.partial is not None and run.partial.tokens > 0
+    if partial:
+        sums, tally, by_document = _with_partial(run)
+        windows += len(run.partial.windows)
+    totals = _totals(cfg, run, rows, sums, stopped, partial)
+    if totals.tokens == 0 and not stopped and run.shard is None:  # a shard may hold no chunk of a small corpus
+        _refuse_nothing_scored(cfg, rows)
+    document = cfg.mode == "document"
+    out = {
+        "nll_sum": totals.nll_sum,
+        "counts": {
+            "tokens": totals.tokens, "documents": rows.documents, "skipped_documents": rows.skipped,
+            "bytes": rows.bytes if document else totals.bytes, "words": rows.words if document else totals.words,
+            "windows": windows, "input_tokens": tally.inputs, "padding_tokens": tally.padding,
+            "tokens_per_process": run.tokens_per_process, "double_prefix_removed": run.doubled_prefix,
+        },
+        "metrics": metrics(totals.nll_sum, totals.tokens, totals.bytes, totals.words),
+        "uncertainty": _uncertainty(cfg, by_document, sums, totals),
+        "by_position": tally.positions.buckets() if tally.positions is not None else [],
+    }
+    if cfg.group_field and document:
+        out["groups"] = stats.group_table(rows.groups)
     if tally.compares:
-        summary["compare"] = {name: c.summary(n_bytes=totals.bytes) for name, c in zip(cfg.compare_to, tally.compares)}
-    table = token_table(tally.token_blocks, documents, tokenizer) if cfg.save_tokens else None
-    return Results(summary, documents if cfg.mode == "document" else [], tally.positions, table)
+        out["compare"] = {name: c.summary(n_bytes=totals.bytes) for name, c in zip(cfg.compare_to, tally.compares)}
+    if run.shard is not None:
+        k, n = (int(x) for x in run.shard.split("/"))
+        out["shard"] = {"index": k, "count": n}
+    return out, tally
 
 
-def _totals(cfg: Config, run: Run, tally: Tally, scored: list[DocumentResult], stopped: bool) -> Totals:
-    """Document mode: the sums of finished documents; stream mode: the tally's (bytes and words only when complete)."""
+def _with_partial(run: Run) -> tuple[TokenSums, Tally, stats.Clustered]:
+    """(token sums, run-wide tally, document clusters) of the finished chunks and the stopped one's scored part
+    (copies: the run is not changed). A document scored in part is a cluster of the tokens it has."""
+    partial = run.partial
+    sums = copy.deepcopy(run.sums)
+    sums.add(partial)
+    tally = Tally(positions=copy.deepcopy(run.tally.positions), compares=copy.deepcopy(run.tally.compares),
+                  padding=run.tally.padding, inputs=run.tally.inputs)
+    tally.merge(Tally(positions=partial.positions, compares=partial.compares, padding=partial.padding,
+                      inputs=partial.inputs))
+    by_document = copy.deepcopy(run.rows.by_document)
+    for d in partial.docs.values():
+        by_document.add(d.nll, d.tokens)
+    return sums, tally, by_document
+
+
+def _totals(cfg: Config, run: Run, rows: RowSums, sums: TokenSums, stopped: bool, partial: bool) -> Totals:
+    """The token sums; bytes and words of the finished documents (a stream's only when complete). With a scored
+    part of a stopped chunk, whose documents' bytes are not all scored, none: no per-byte or per-word figures."""
     if cfg.mode == "document":
-        return Totals(math.fsum(d.nll_sum for d in scored), sum(d.tokens for d in scored),
-                      sum(d.bytes for d in scored), sum(d.words for d in scored))
-    words = run.stream_words if cfg.mode in ("llama-cpp", "gptq") else sum(d.words for d in scored)
-    return Totals(math.fsum(d.nll for d in tally.docs.values()), tally.tokens,
-                  run.stream_bytes if not stopped else 0, words if not stopped else 0)
+        n_bytes, words = rows.bytes, rows.words
+    else:
+        n_bytes = run.stream_bytes if not stopped else 0
+        words = run.stream_words if cfg.mode in ("llama-cpp", "gptq") else rows.words
+        words = words if not stopped else 0
+    if partial:
+        n_bytes = words = 0
+    return Totals(sums.nll.value, sums.tokens, n_bytes, words)
 
 
-def _refuse_nothing_scored(cfg: Config, documents: list[DocumentResult]) -> None:
-    if all(d.skipped == "not_text" for d in documents):
+def _refuse_nothing_scored(cfg: Config, rows: RowSums) -> None:
+    if rows.not_text == rows.rows:
         raise UsageError(f"nothing to score: no row has a string in field '{cfg.text_field}'; check --text-field")
     raise UsageError(
-        f"nothing to score: all {len(documents)} documents tokenize to nothing (check --text-field '{cfg.text_field}')"
+        f"nothing to score: all {rows.rows} documents tokenize to nothing (check --text-field '{cfg.text_field}')"
     )
 
 
-def _uncertainty(cfg: Config, tally: Tally, scored: list[DocumentResult], totals: Totals) -> dict:
+def _uncertainty(cfg: Config, by_document: stats.Clustered, sums: TokenSums, totals: Totals) -> dict:
     """Standard errors clustered by document (by window for a single stream or a single document); in
     llama-cpp mode also llama-perplexity's own `PPL +/- error` (per-token, as it prints it)."""
-    if cfg.mode == "document" and len(scored) >= 2:
-        clusters = stats.Clustered([d.nll_sum for d in scored], [d.tokens for d in scored])
-        unit = "documents"
+    if cfg.mode == "document" and by_document.count >= 2:
+        clusters, unit = by_document, "documents"
     else:
-        clusters = stats.Clustered([w.nll for w in tally.windows], [w.tokens for w in tally.windows])
-        unit = "windows"
-    sum_sq = math.fsum(d.sum_sq for d in tally.docs.values())
+        clusters, unit = sums.by_window, "windows"
+    sum_sq = sums.sum_sq.value
     out = stats.uncertainty(clusters, sum_sq, unit)
     if cfg.mode == "llama-cpp" and totals.tokens > 1:
         out["llama_cpp_perplexity_error"] = llama_cpp_error(totals.nll_sum, sum_sq, totals.tokens)
@@ -277,25 +319,3 @@ def cpu_name() -> str:
         except (OSError, subprocess.SubprocessError):
             pass
     return platform.processor() or platform.machine()
-
-
-def token_table(blocks: list[dict], documents: list[DocumentResult], tokenizer) -> dict[str, list] | None:
-    """Token columns in document order, with the token texts and document ids added."""
-    if not blocks:
-        return None
-    columns = {k: torch.cat([b[k] for b in blocks]) for k in blocks[0]}
-    order = torch.argsort(columns["doc"] * (1 << 32) + columns["position"])
-    columns = {k: v[order] for k, v in columns.items()}
-    ids = {d.index: d.id for d in documents}
-    vocab: dict[int, str] = {}
-
-    def text(i: int) -> str:
-        if i not in vocab:
-            vocab[i] = tokenizer.decode([i])
-        return vocab[i]
-
-    out = {k: v.tolist() for k, v in columns.items()}
-    out["doc_id"] = [ids.get(d) for d in out["doc"]]
-    out["token"] = [text(i) for i in out["token_id"]]
-    out["top1"] = [text(i) for i in out["top1_id"]]
-    return out

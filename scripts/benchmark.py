@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py                                   # every case, the scaling case, the targets
     python scripts/benchmark.py --cases smollm2-short --tokens 3000 --no-scaling   # a quick run
+    python scripts/benchmark.py --documents-scaling --documents-top 100000        # documents 10^3..10^5 only
 
 This file is the parent: it starts one child process per path (scripts/bench/), so that each path's peak
 memory is its own, and imports only the standard library.
@@ -19,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench.processes import ROOT, baseline_checkout, load_average, run_child, run_cli  # noqa: E402
+from bench.documents import documents_table, plot_documents, run_documents_scaling  # noqa: E402
 from bench.scaling import plot, run_scaling, scaling_table  # noqa: E402
 from bench.spec import BASELINE, CASES, PATH_NAMES, CaseSpec  # noqa: E402
 from bench.tables import check_case, check_peer, ratios, summarize, summarize_peer, tables, targets  # noqa: E402
@@ -34,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output).resolve()
     work = output.parent / (output.stem + "_work")
     (work / "logs").mkdir(parents=True, exist_ok=True)
+    if args.documents_scaling:
+        return documents_main(args, output, work)
     report = {"settings": settings(args), "cases": {},
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                           "load_average_start": load_average()}}
@@ -63,6 +67,33 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failures else 0
 
 
+def documents_main(args, output: Path, work: Path) -> int:
+    """The documents-scaling case alone: this checkout, then (with --documents-against) another one."""
+    failures: list[str] = []
+    settings = {"threads": 1}
+    variants = tuple(v for v in args.documents_variants.split(",") if v)
+    print(f"== documents scaling: 10^3 .. {args.documents_top:,} documents, tiny model, one thread", flush=True)
+    report = {"documents_scaling": run_documents_scaling(settings, work, args.timeout, failures, top=args.documents_top,
+                                                         variants=variants)}
+    lines = documents_table(report["documents_scaling"])
+    if args.documents_against:
+        print(f"== the same on {args.documents_against}", flush=True)
+        other = run_documents_scaling(settings, work, args.timeout, failures, top=args.documents_against_top,
+                                      root=args.documents_against, variants=("default",), resume=False)
+        report["documents_scaling_against"] = other
+        lines += ["", f"The same, lm_ce of {args.documents_against}:", ""] + documents_table(other)[2:]
+    report["documents_scaling"]["plot"] = plot_documents(report["documents_scaling"], ROOT / "docs" / "documents_scaling.png")
+    report["failures"] = failures
+    text = "\n".join(lines)
+    print("\n" + text)
+    output.write_text(json.dumps(report, indent=2, default=str))
+    output.with_suffix(".md").write_text(text + "\n")
+    print(f"\nwrote {output} and {output.with_suffix('.md')}")
+    for f in failures:
+        print(f"FAIL: {f}")
+    return 1 if failures else 0
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="benchmark.py", description=__doc__.split("\n\n")[0],
                                  epilog="cases: " + ", ".join(f"{c.name} ({c.title})" for c in CASES.values()))
@@ -77,6 +108,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--baseline", default=BASELINE, metavar="REV",
                     help=f"commit whose lm_ce CLI runs beside the peers (default {BASELINE}, the version before the speed work; none: skip)")
     ap.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the 10^3..10^6 scaling case")
+    ap.add_argument("--documents-scaling", action="store_true",
+                    help="run only the documents-scaling case (10^3 documents up to --documents-top)")
+    ap.add_argument("--documents-top", type=int, default=10**6, help="the largest size of the documents-scaling case")
+    ap.add_argument("--documents-variants", default="save-tokens,checkpoint-1s",
+                    help="besides the default run: save-tokens (up to 10^5), checkpoint-1s (at 10^5); empty: none")
+    ap.add_argument("--documents-against", default=None, metavar="CHECKOUT",
+                    help="also run the default variant with the lm_ce of this checkout (e.g. main), for documents/s")
+    ap.add_argument("--documents-against-top", type=int, default=10**5, help="the largest size run against CHECKOUT")
     ap.add_argument("--lm-ce", default=None, metavar="JSON", help='extra lm_ce Config fields, e.g. \'{"token_budget": 2048}\'')
     ap.add_argument("--rtol", type=float, default=None, help="NLL agreement with lm_ce (default 1e-4 for float32)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU (default: known cards)")

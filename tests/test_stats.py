@@ -30,7 +30,7 @@ def test_clustered_stderr_matches_numpy(seed, n_clusters):
     mean = flat.mean()
     residual = nll - mean * n
     se = np.sqrt(n_clusters / (n_clusters - 1) * np.sum(residual**2)) / flat.size
-    clusters = Clustered([float(v) for v in nll], [int(v) for v in n])
+    clusters = Clustered.of([float(v) for v in nll], [int(v) for v in n])
     out = uncertainty(clusters, float(np.sum(flat**2)), "documents")
     assert out["unit"] == "documents" and out["clusters"] == n_clusters
     assert out["mean_loss_stderr"] == pytest.approx(se, rel=1e-9)
@@ -41,7 +41,7 @@ def test_clustered_stderr_matches_numpy(seed, n_clusters):
 
 def test_clustered_stderr_is_wider_than_iid_when_clusters_differ():
     # two clusters of constant loss, 1 and 3: within-cluster variation is zero, between-cluster large
-    out = uncertainty(Clustered([10.0, 30.0], [10, 10]), 10 * 1.0 + 10 * 9.0, "documents")
+    out = uncertainty(Clustered.of([10.0, 30.0], [10, 10]), 10 * 1.0 + 10 * 9.0, "documents")
     # mean 2; residuals -10, 10; se = sqrt(2 * 200) / 20 = 1
     assert out["mean_loss_stderr"] == pytest.approx(1.0, rel=1e-12)
     # 20 tokens, 10 of 1.0 and 10 of 3.0: sample variance 20/19, iid se sqrt(20/19/20)
@@ -49,23 +49,23 @@ def test_clustered_stderr_is_wider_than_iid_when_clusters_differ():
 
 
 def test_empty_clusters_do_not_count():
-    with_empty = uncertainty(Clustered([10.0, 0.0, 30.0], [10, 0, 10]), 100.0, "windows")
-    without = uncertainty(Clustered([10.0, 30.0], [10, 10]), 100.0, "windows")
+    with_empty = uncertainty(Clustered.of([10.0, 0.0, 30.0], [10, 0, 10]), 100.0, "windows")
+    without = uncertainty(Clustered.of([10.0, 30.0], [10, 10]), 100.0, "windows")
     assert with_empty == without and with_empty["clusters"] == 2
 
 
 def test_too_little_for_a_standard_error():
-    assert uncertainty(Clustered([], []), 0.0, "documents") == {"unit": "documents", "clusters": 0}
-    one = uncertainty(Clustered([6.0], [3]), 14.0, "windows")  # losses 1, 2, 3: iid only
+    assert uncertainty(Clustered.of([], []), 0.0, "documents") == {"unit": "documents", "clusters": 0}
+    one = uncertainty(Clustered.of([6.0], [3]), 14.0, "windows")  # losses 1, 2, 3: iid only
     assert one == {"unit": "windows", "clusters": 1, "mean_loss_stderr_iid": pytest.approx(math.sqrt(1 / 3))}
-    single_token = uncertainty(Clustered([2.0], [1]), 4.0, "windows")
+    single_token = uncertainty(Clustered.of([2.0], [1]), 4.0, "windows")
     assert single_token == {"unit": "windows", "clusters": 1}
 
 
 def test_iid_variance_is_never_negative():
     # constant losses: sum_sq - N * mean^2 may round below zero; the stderr is then 0, not a math error
     x = 0.1 + 0.2
-    out = uncertainty(Clustered([x * 3, x * 3], [3, 3]), 6 * x * x * (1 - 1e-15), "documents")
+    out = uncertainty(Clustered.of([x * 3, x * 3], [3, 3]), 6 * x * x * (1 - 1e-15), "documents")
     assert out["mean_loss_stderr_iid"] == 0.0
 
 

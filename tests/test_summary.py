@@ -10,11 +10,12 @@ import torch
 from lm_ce.config import Config
 from lm_ce.errors import UsageError
 from lm_ce.model import ModelInfo
-from lm_ce.records import DocSums, DocumentResult, Run, Tally, WindowSums
+from lm_ce.records import DocSums, DocumentResult, RowSums, Run, Tally, TokenSums, WindowSums
 from lm_ce.setup import Setup
 from lm_ce.divergence import Divergence
 from lm_ce.stats import PositionLoss
-from lm_ce.summary import Durations, metrics, summarize, token_table
+from lm_ce.outputs import token_table
+from lm_ce.summary import Durations, metrics, summarize
 
 LN2 = 0.6931471805599453
 
@@ -67,7 +68,17 @@ def document_run() -> Run:
         DocumentResult(2, id="c", group="x", skipped="empty"),
         DocumentResult(3, skipped="not_text"),
     ]
-    return Run(documents=documents, tally=tally, chunks_done=1, windows=2, tokens_per_process=[6])
+    return run_of(documents, tally, chunks_done=1, windows=2, tokens_per_process=[6])
+
+
+def run_of(documents: list[DocumentResult], tally: Tally, **fields) -> Run:
+    """A run whose finished chunks hold these rows and this tally, folded as the runner folds them."""
+    rows, sums = RowSums(), TokenSums()
+    for d in documents:
+        rows.add(d)
+    sums.add(tally)
+    return Run(rows=rows, sums=sums, tally=Tally(positions=tally.positions, padding=tally.padding,
+                                                 inputs=tally.inputs), **fields)
 
 
 def summary_of(cfg: Config, run: Run, stopped: bool = False):
@@ -112,18 +123,24 @@ def test_document_run_summary_by_hand():
     assert s["environment"]["torch"] == torch.__version__
     assert s["config"] == cfg.resolved()
     assert "compare" not in s
-    assert results.documents == run.documents and results.positions is not None and results.token_table is None
+    assert results.documents == [] and results.positions is not None and results.token_table is None  # no outputs
     # the run is read, not changed
-    assert (run.documents, run.tally.docs, run.tally.windows) == (before.documents, before.tally.docs, before.tally.windows)
+    assert (run.rows, run.sums) == (before.rows, before.sums)
     assert torch.equal(run.tally.positions.nll, before.tally.positions.nll)
 
 
-def test_document_mode_reports_finished_chunks_only():
+def test_document_mode_stopped_inside_a_chunk_reports_what_was_saved():
     run = document_run()
-    run.partial = Tally(docs={7: DocSums(nll=100.0, tokens=3, sum_sq=4000.0)})  # stopped inside the next chunk
+    # stopped inside the next chunk: document 7 scored in part, over one window
+    run.partial = Tally(docs={7: DocSums(nll=100.0, tokens=3, sum_sq=4000.0)}, windows=[WindowSums(7, 0, 100.0, 3)])
     s = summary_of(Config(model="tiny"), run, stopped=True).summary
-    assert (s["nll_sum"], s["counts"]["tokens"], s["complete"]) == (11.0, 6, False)
+    assert (s["nll_sum"], s["counts"]["tokens"], s["counts"]["windows"], s["complete"]) == (111.0, 9, 3, False)
+    assert s["counts"]["tokens"] == run.tokens  # what state.pt holds, and the refusal to overwrite says
+    assert s["uncertainty"]["clusters"] == 3  # the part-scored document is a cluster of its scored tokens
+    assert s["counts"]["documents"] == 2 and s["counts"]["bytes"] == 16  # the finished rows
+    assert s["metrics"]["bits_per_byte"] is None  # the stopped chunk's bytes are not all scored
     assert "groups" not in s  # no --group-field
+    assert (run.sums.tokens, run.sums.nll.value) == (6, 11.0)  # the run is not changed
 
 
 def stream_run() -> Run:
@@ -131,7 +148,7 @@ def stream_run() -> Run:
     tally = Tally(docs={-1: DocSums(nll=11.0, tokens=6, sum_sq=29.0)},
                   windows=[WindowSums(-1, 0, 6.0, 4), WindowSums(-1, 4, 5.0, 2)], positions=PositionLoss.zeros(8))
     documents = [DocumentResult(0, words=3), DocumentResult(1, words=1), DocumentResult(2, skipped="not_text")]
-    return Run(documents=documents, tally=tally, windows=2, stream_bytes=20, tokens_per_process=[6])
+    return run_of(documents, tally, windows=2, stream_bytes=20, tokens_per_process=[6])
 
 
 def test_stream_run_summary_by_hand():
@@ -155,11 +172,12 @@ def test_stopped_stream_counts_its_partial_sums_but_no_bytes():
     assert s["metrics"]["mean_loss"] == 2.0
     # bytes and words are known only for the whole stream
     assert s["counts"]["bytes"] == 0 and s["metrics"]["bits_per_byte"] is None and s["metrics"]["word_perplexity"] is None
-    assert run.tally.tokens == 6  # the run's own tally is not changed
+    assert s["counts"]["windows"] == 3  # the stopped stream's windows, as its stderr counts them
+    assert run.sums.tokens == 6  # the run's own sums are not changed
 
 
 def empty_run(*reasons: str) -> Run:
-    return Run(documents=[DocumentResult(i, skipped=r) for i, r in enumerate(reasons)], tally=Tally())
+    return run_of([DocumentResult(i, skipped=r) for i, r in enumerate(reasons)], Tally())
 
 
 def test_nothing_scored_is_refused():
@@ -172,13 +190,14 @@ def test_nothing_scored_is_refused():
 
 
 def test_stopped_in_the_first_chunk_with_compare_to():
-    """A document run stopped (Ctrl-C) inside its first chunk with --compare-to has no finished tokens: it reports."""
+    """A document run stopped (Ctrl-C) inside its first chunk with --compare-to has no finished tokens: it reports
+    what it saved of the chunk."""
     run = empty_run()
     run.tally.compares = [Divergence()]  # as Plan.new_tally leaves it: nothing of the first chunk is finished
     run.partial = Tally(docs={0: DocSums(nll=3.0, tokens=2, sum_sq=5.0)}, compares=[Divergence()])
     s = summary_of(Config(model="tiny", compare_to=["other"]), run, stopped=True).summary
-    assert s["complete"] is False and s["counts"]["tokens"] == 0
-    assert s["compare"] == {"other": {"tokens": 0}}
+    assert s["complete"] is False and s["counts"]["tokens"] == 2
+    assert s["compare"] == {"other": {"tokens": 0}}  # (the hand-built partial has no compared tokens)
 
 
 class Vocabulary:

@@ -31,6 +31,8 @@ def child_main(mode: str, spec_file: str) -> int:
         from .lm_eval_path import run_lm_eval as run
     elif mode == "scale":
         from .scaling import run_size as run
+    elif mode == "docs":
+        from .documents import run_documents_size as run
     else:
         raise SystemExit(f"benchmark child: unknown mode {mode}")
     result = run(spec, mode)

@@ -1,0 +1,194 @@
+"""What a run writes as it goes: documents.jsonl rows and tokens.parquet parts, a finished chunk at a time and in
+document order, so that neither is held in memory. Without an output directory both are kept in memory instead
+(the Python API's results, where there is nowhere to write them).
+
+A resumed run continues the files where its saved state says: documents.jsonl is cut back to the rows of the
+chunks it had finished, and token parts of later chunks are deleted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .records import DocumentResult, Run
+
+DOCUMENTS = "documents.jsonl"
+TOKENS = "tokens.parquet"
+PART_PREFIX = f".{TOKENS}.tmp-part"  # hidden parts, one per chunk: --overwrite clears them with the temporaries
+FIELDS = tuple(f.name for f in dataclasses.fields(DocumentResult))
+
+
+def row_line(d: DocumentResult) -> str:
+    """One line of documents.jsonl: the row, with its perplexity and bits per byte."""
+    row = dataclasses.asdict(d)
+    row["perplexity"] = math.exp(d.nll_sum / d.tokens) if d.tokens else None
+    row["bits_per_byte"] = d.nll_sum / (d.bytes * math.log(2)) if d.tokens and d.bytes else None
+    return json.dumps(row, ensure_ascii=False)
+
+
+def row_of(line: str) -> DocumentResult:
+    """A documents.jsonl line read back (the float64 sums survive JSON exactly)."""
+    row = json.loads(line)
+    return DocumentResult(**{k: row[k] for k in FIELDS})
+
+
+class DocumentRows(Sequence):
+    """documents.jsonl read back on first use: the run never holds its rows, the Python API still gets them."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._rows: list[DocumentResult] | None = None
+
+    def _all(self) -> list[DocumentResult]:
+        if self._rows is None:
+            if self.path.is_file():
+                with open(self.path, encoding="utf-8") as f:
+                    self._rows = [row_of(line) for line in f if line.strip()]
+            else:
+                self._rows = []
+        return self._rows
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __getitem__(self, i):
+        return self._all()[i]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"DocumentRows({str(self.path)!r})"
+
+
+def part_path(directory: Path, chunk: int) -> Path:
+    return directory / f"{PART_PREFIX}{chunk:07d}.parquet"
+
+
+def token_parts(directory: Path) -> list[Path]:
+    """The token parts in the directory, in chunk (so document) order."""
+    return sorted(directory.glob(f"{PART_PREFIX}*.parquet"))
+
+
+@dataclass
+class Outputs:
+    """The rows and token tables of finished chunks: appended to files by the main process, or kept in memory."""
+
+    directory: Path | None  # None: keep in memory
+    main: bool
+    document_mode: bool
+    tokenizer: object = None
+    documents: list[DocumentResult] = field(default_factory=list)  # in memory (no directory)
+    tables: list[dict] = field(default_factory=list)  # token tables in memory (no directory)
+    vocab: dict[int, str] = field(default_factory=dict)  # token id -> text, decoded once
+    _file: object = None
+
+    @property
+    def writes(self) -> bool:
+        return self.directory is not None and self.main
+
+    def start(self, run: Run) -> None:
+        """Continue the files of the saved run (a fresh run: empty ones)."""
+        if not self.writes:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self.document_mode:
+            self._file = open(self.directory / DOCUMENTS, "ab")
+            self._file.truncate(run.rows_offset)  # rows written after the last save are written again
+        for part in token_parts(self.directory):
+            if int(part.name[len(PART_PREFIX):-len(".parquet")]) >= run.chunks_done:
+                part.unlink()
+
+    def add_chunk(self, run: Run, rows: list[DocumentResult]) -> None:
+        """A finished chunk's rows and token table (taken from the run's tally), in document order."""
+        blocks, run.tally.token_blocks = run.tally.token_blocks, []
+        if blocks:
+            self._add_tokens(blocks, rows, run.chunks_done)
+        if not self.document_mode:
+            return
+        if self.directory is None:
+            self.documents.extend(rows)
+        elif self._file is not None:
+            self._file.write(("".join(row_line(d) + "\n" for d in rows)).encode("utf-8"))
+            self._file.flush()
+            run.rows_offset = self._file.tell()
+
+    def _add_tokens(self, blocks: list[dict], rows: list[DocumentResult], chunk: int) -> None:
+        table = token_table(blocks, rows, self.tokenizer, self.vocab)
+        if self.directory is None:
+            self.tables.append(table)
+        elif self.main:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            path = part_path(self.directory, chunk)
+            tmp = path.with_name(path.name + f".{os.getpid()}")
+            pq.write_table(pa.table(table), tmp)
+            os.replace(tmp, path)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def results(self) -> tuple[Sequence[DocumentResult], dict | None, list[str]]:
+        """(documents, token table in memory, token files on disk) for the Results."""
+        if self.directory is None:
+            table = None
+            if self.tables:
+                table = {k: [v for t in self.tables for v in t[k]] for k in self.tables[0]}
+            return (self.documents if self.document_mode else []), table, []
+        documents = DocumentRows(self.directory / DOCUMENTS) if self.document_mode else []
+        files = [str(p) for p in token_parts(self.directory)]
+        if not files and (self.directory / TOKENS).is_file():  # a finished run reported again: already joined
+            files = [str(self.directory / TOKENS)]
+        return documents, None, files
+
+
+def token_table(blocks: list[dict], documents: list[DocumentResult], tokenizer,
+                vocab: dict[int, str] | None = None) -> dict[str, list] | None:
+    """Token columns in document order, with the token texts and document ids added."""
+    if not blocks:
+        return None
+    columns = {k: torch.cat([b[k] for b in blocks]) for k in blocks[0]}
+    order = torch.argsort(columns["doc"] * (1 << 32) + columns["position"])
+    columns = {k: v[order] for k, v in columns.items()}
+    ids = {d.index: d.id for d in documents}
+    vocab = {} if vocab is None else vocab
+
+    def text(i: int) -> str:
+        if i not in vocab:
+            vocab[i] = tokenizer.decode([i])
+        return vocab[i]
+
+    out = {k: v.tolist() for k, v in columns.items()}
+    out["doc_id"] = [ids.get(d) for d in out["doc"]]
+    out["token"] = [text(i) for i in out["token_id"]]
+    out["top1"] = [text(i) for i in out["top1_id"]]
+    return out
+
+
+def join_parquet(files: list[str], path: Path) -> None:
+    """The parts, one after another, as one parquet file (written then renamed; one part in memory at a time)."""
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    writer = None
+    try:
+        for name in files:
+            table = pq.read_table(name)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is not None:
+        os.replace(tmp, path)

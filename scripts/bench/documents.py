@@ -1,0 +1,217 @@
+"""How cost grows with the number of documents: a tiny model scoring 10^3 .. 10^6 short documents.
+
+A byte-level BPE of 512 tokens and a ~43k-parameter Llama keep the model call to about a millisecond, so what
+is measured is what a run keeps and does per document: peak RSS, documents/s, the time of one save, the time
+after scoring (summary and reports), and how long a resume takes to reach its first batch. Each size and
+variant runs in a fresh process (`benchmark.py --_child docs SPEC`); `root` can point at another checkout
+(e.g. main) to compare with it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .processes import run_child
+
+VARIANTS = {  # name -> lm_ce fields
+    "default": {},
+    "save-tokens": {"save_tokens": True},
+    "checkpoint-1s": {"checkpoint_seconds": 1},
+}
+
+
+def prepare_documents(work: Path, count: int) -> str:
+    """A jsonl of `count` documents of 20-60 words drawn from the KJV's vocabulary (seeded, so reruns agree)."""
+    path = work / f"documents-{count}.jsonl"
+    if path.is_file():
+        return str(path)
+    from .prepare import kjv_rows
+
+    words = sorted({w for row in kjv_rows() for w in row["text"].split()})
+    rng = random.Random(0)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i in range(count):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 60)))
+            f.write(json.dumps({"text": text, "id": f"doc{i}"}) + "\n")
+    os.replace(tmp, path)
+    return str(path)
+
+
+def tiny_model(work: Path) -> str:
+    """A byte-level BPE of 512 tokens trained on the KJV, and a random Llama of about 43k parameters."""
+    out = work / "documents-model"
+    if (out / "config.json").is_file():
+        return str(out)
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from .prepare import kjv_rows
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((row["text"] for row in kjv_rows()), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(out)
+    fast.save_pretrained(out)
+    return str(out)
+
+
+def run_documents_size(spec: dict, _mode: str) -> dict:
+    """The child: one run of lm_ce (of the checkout at spec["root"]) on spec["data"], timed from inside."""
+    if spec.get("root"):
+        sys.path.insert(0, spec["root"])
+    from lm_ce import checkpoint, report, runner
+    from lm_ce.config import Config
+    from lm_ce.scoring import Scorer
+
+    saves: list[float] = []
+    save = checkpoint.save
+
+    def timed_save(*args, **kwargs):
+        t0 = time.perf_counter()
+        save(*args, **kwargs)
+        saves.append(time.perf_counter() - t0)
+
+    checkpoint.save = timed_save
+    calls = {"n": 0, "first": None}
+    score = Scorer.score
+
+    def counted_score(self, batch, tally):
+        calls["n"] += 1
+        if calls["first"] is None:
+            calls["first"] = time.time()
+        if calls["n"] == spec.get("stop_after_batches"):
+            os.kill(os.getpid(), signal.SIGINT)  # a stop, handled by the run: it saves and reports
+        return score(self, batch, tally)
+
+    Scorer.score = counted_score
+    cfg = Config(model=spec["model_dir"], data_files=[spec["data"]], id_field="id", max_length=256, batch_size=16,
+                 threads=1, output_dir=spec["output_dir"], progress=False, plot=False, **spec["fields"])
+    events: dict[str, float] = {}
+    results = runner.evaluate(cfg, on_event=lambda name: events.setdefault(name, time.perf_counter()))
+    report.write(results, spec["output_dir"], plot=False)
+    done = time.perf_counter()
+    s = results.summary
+    return {"documents": s["counts"]["documents"], "tokens": s["counts"]["tokens"], "complete": s["complete"],
+            "scoring_seconds": s["timing"]["seconds"], "after_scoring_seconds": done - events["scored"],
+            "batches": calls["n"], "saves": len(saves), "save_seconds_max": max(saves, default=None),
+            "save_seconds_total": sum(saves), "first_batch_after_start": (calls["first"] - spec["spawned_at"])
+            if calls["first"] else None, "nll_sum": s["nll_sum"],
+            "state_bytes": os.path.getsize(Path(spec["output_dir"]) / "state.pt")}
+
+
+def run_documents_scaling(settings: dict, work: Path, timeout: float, failures: list[str], *, top: int,
+                          root: str | None = None, variants: tuple[str, ...] = tuple(VARIANTS),
+                          resume: bool = True) -> dict:
+    """Each size from 10^3 to `top` with the default settings; --save-tokens up to 10^5, --checkpoint-seconds 1 at
+    min(top, 10^5); a stopped and resumed run at `top`. The rows of the documents-scaling table."""
+    import shutil
+
+    model_dir = tiny_model(work)
+    sizes = [10**k for k in range(3, 7) if 10**k <= top]
+    plan = [(n, "default") for n in sizes]
+    plan += [(n, "save-tokens") for n in sizes if n <= 10**5 and "save-tokens" in variants]
+    plan += [(min(top, 10**5), "checkpoint-1s")] if "checkpoint-1s" in variants else []
+    rows = []
+    for n, variant in plan:
+        tag = f"documents-{n}-{variant}" + ("-" + Path(root).name if root else "")
+        out_dir = work / tag
+        shutil.rmtree(out_dir, ignore_errors=True)
+        spec = {**settings, "data": prepare_documents(work, n), "model_dir": model_dir, "output_dir": str(out_dir),
+                "fields": VARIANTS[variant], "root": root, "spawned_at": time.time()}
+        out = run_child("docs", spec, work, tag, timeout)
+        if not out["ok"]:
+            failures.append(f"documents {n} {variant}: {out['error']}")
+            continue
+        row = {"documents": n, "variant": variant, "peak_rss_mb": out["ru_maxrss_mb"], **out["result"]}
+        row["documents_per_second"] = n / row["scoring_seconds"]
+        rows.append(row)
+        print(f"   documents {n:>8} {variant:<14}: {row['documents_per_second']:7.0f} docs/s  peak {row['peak_rss_mb']:6.0f} MB"
+              f"  save max {row['save_seconds_max'] or 0:.3f} s  after scoring {row['after_scoring_seconds']:.2f} s",
+              flush=True)
+        if resume and n == top and variant == "default":
+            rows += resumed_run(spec, row, work, timeout, failures, tag)
+    return {"rows": rows, "root": root}
+
+
+def resumed_run(spec: dict, whole: dict, work: Path, timeout: float, failures: list[str], tag: str) -> list[dict]:
+    """Stop a run at 90% of its batches, then resume it: the time from the resume's start to its first batch."""
+    import shutil
+
+    shutil.rmtree(spec["output_dir"], ignore_errors=True)
+    stopped = run_child("docs", {**spec, "stop_after_batches": int(0.9 * whole["batches"]), "spawned_at": time.time()},
+                        work, tag + "-stop", timeout)
+    if not stopped["ok"]:
+        failures.append(f"documents {whole['documents']} stop: {stopped['error']}")
+        return []
+    resumed = run_child("docs", {**spec, "fields": {**spec["fields"], "resume": True}, "spawned_at": time.time()},
+                        work, tag + "-resume", timeout)
+    if not resumed["ok"]:
+        failures.append(f"documents {whole['documents']} resume: {resumed['error']}")
+        return []
+    r = resumed["result"]
+    print(f"   documents {whole['documents']:>8} resume: first batch {r['first_batch_after_start']:.1f} s after start, "
+          f"same NLL sum: {r['nll_sum'] == whole['nll_sum']}", flush=True)
+    return [{"documents": whole["documents"], "variant": "resume", "peak_rss_mb": resumed["ru_maxrss_mb"], **r,
+             "documents_per_second": None, "same_nll_sum": r["nll_sum"] == whole["nll_sum"]}]
+
+
+def documents_table(scaling: dict) -> list[str]:
+    rows = scaling.get("rows") or []
+    if not rows:
+        return []
+    lines = ["Documents scaling (byte-level BPE of 512 tokens, ~43k-parameter Llama, 20-60 words a document, one thread):",
+             "", "| documents | variant | docs/s | peak RSS MB | one save max s | saves | state.pt KB | after scoring s "
+             "| first batch after start s |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        dps = f"{r['documents_per_second']:.0f}" if r.get("documents_per_second") else "-"
+        first = f"{r['first_batch_after_start']:.1f}" if r.get("first_batch_after_start") else "-"
+        lines.append(f"| {r['documents']} | {r['variant']} | {dps} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['save_seconds_max'] or 0:.3f} | {r['saves']} | {r['state_bytes'] / 1024:.0f} | "
+                     f"{r['after_scoring_seconds']:.2f} | {first} |")
+    return lines
+
+
+def plot_documents(scaling: dict, path: Path) -> str | None:
+    """Peak RSS and documents/s against the number of documents, one line per variant."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in scaling.get("rows", []) if r["variant"] != "resume"]
+    if not rows:
+        return None
+    fig, (mem, speed) = plt.subplots(1, 2, figsize=(10, 4))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        mine = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["documents"])
+        x = [r["documents"] for r in mine]
+        mem.plot(x, [r["peak_rss_mb"] for r in mine], "o-", label=variant)
+        speed.plot(x, [r["documents_per_second"] for r in mine], "o-", label=variant)
+    for ax, label in ((mem, "peak RSS (MB)"), (speed, "documents/s")):
+        ax.set_xscale("log")
+        ax.set_xlabel("documents")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.legend()
+    fig.suptitle("lm_ce on 20-60-word documents (tiny model, one thread)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
