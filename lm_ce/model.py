@@ -46,12 +46,21 @@ def torch_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+_digests: dict[tuple, str] = {}  # file_sha256's answers, by the file's identity and times
+
+
 def file_sha256(path: str, block: int = 2**24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """The sha256 of a file's bytes, remembered while its inode, size, mtime and ctime stay the same (the data
+    files are hashed for the datasets cache key and again for results.json; a rewrite always changes the ctime)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _digests:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(block):
+                digest.update(chunk)
+        _digests[key] = digest.hexdigest()
+    return _digests[key]
 
 
 def cache_root() -> Path:
