@@ -149,6 +149,18 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
     return model, tokenizer, info
 
 
+def check_vocabulary(model: torch.nn.Module, tokenizer, name: str) -> None:
+    """Refuse a tokenizer with more ids than the model's input embedding has rows: the first text holding such
+    an id would end scoring with an IndexError."""
+    embedding = model.get_input_embeddings()
+    rows = getattr(embedding, "num_embeddings", None) or embedding.weight.shape[0]
+    if len(tokenizer) > rows:
+        raise UsageError(
+            f"model '{name}': its tokenizer has {len(tokenizer):,} ids, more than the model's {rows:,} embedding rows "
+            f"(ids {rows:,} and up have no embedding); give the tokenizer the model was trained with"
+        )
+
+
 BUILD_TABLES = ("_vocab", "_merges", "_vocab_scores")
 
 

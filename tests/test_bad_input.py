@@ -74,7 +74,7 @@ def env(tmp_path, tiny_llama_dir, no_specials_dir, monkeypatch) -> Env:
 def model_dir(e: Env, name: str, config: str | None = None, without: str = "weights") -> str:
     """A copy of the tiny llama's directory without its weights (or tokenizer), with this config.json if given."""
     path = e.tmp / name
-    drop = ("tokenizer*", "special_tokens_map.json") if without == "tokenizer" else ("*.safetensors", "*.bin")
+    drop = {"tokenizer": ("tokenizer*", "special_tokens_map.json"), "weights": ("*.safetensors", "*.bin"), "nothing": ()}[without]
     shutil.copytree(e.llama, path, ignore=shutil.ignore_patterns(*drop))
     if config is not None:
         (path / "config.json").write_text(config)
@@ -106,6 +106,24 @@ def remote_code_model(e: Env) -> str:
     return str(path)
 
 
+def more_ids_than_rows(e: Env) -> str:
+    """A copy of the tiny llama whose tokenizer gained 3 ids that the model's embedding has no rows for."""
+    from transformers import AutoTokenizer
+
+    path = e.tmp / "more_ids"
+    shutil.copytree(e.llama, path)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.add_tokens(["<new1>", "<new2>", "<new3>"])
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def fewer_positions(e: Env, positions: int = 64) -> str:
+    """A copy of the tiny llama (rotary positions) whose config says it was trained on 64 positions."""
+    return model_dir(e, "short_llama", config=json.dumps({**json.loads((Path(e.llama) / "config.json").read_text()),
+                                                         "max_position_embeddings": positions}), without="nothing")
+
+
 def base(e: Env) -> list[str]:
     """A command line that works; each case adds to it (later flags win)."""
     return ["--model", e.llama, "--data-files", e.good, "--progress", "false", "--batch-size", "4"]
@@ -130,6 +148,8 @@ REFUSED = [
     ("model-dir-no-tokenizer", lambda e: ["--model", model_dir(e, "no_tok", without="tokenizer")], ["cannot load model directory", "no_tok", "tokenizer"]),
     ("model-truncated-safetensors", lambda e: ["--model", truncated_weights(e)], ["truncated/model.safetensors is truncated or corrupt", "download or save the model again"]),
     ("model-remote-code", lambda e: ["--model", remote_code_model(e)], ["own Python code", "auto_map in config.json", "--trust-remote-code", "executes the model's code"]),
+    ("tokenizer-ids-beyond-embedding", lambda e: ["--model", more_ids_than_rows(e), "--data-files", e.file("new.jsonl", '{"text": "a <new3> b"}\n'), "--output-dir", str(e.tmp / "out")], ["its tokenizer has 515 ids, more than the model's 512 embedding rows"]),
+    ("compare-to-fewer-positions", lambda e: ["--compare-to", fewer_positions(e), "--max-length", "128"], ["--compare-to", "short_llama has 64 positions, fewer than --max-length 128", "--max-length 64 or less"]),
     ("compare-to-missing", lambda e: ["--compare-to", str(e.tmp / "no_such_model")], ["no_such_model does not exist; check --compare-to"]),
     ("model-hub-offline", lambda e: ["--model", "nobody-here/no-such-model"], ["nobody-here/no-such-model", "Offline?", "--model"]),
     ("offload-folder-a-file", lambda e: ["--device-map", "auto", "--offload-folder", e.file("off", "x")], ["--offload-folder", "off is a file, not a folder"]),

@@ -1,0 +1,57 @@
+"""The second hostile sweep: what a hostile user tried and what lm_ce now does (one line and exit 2, or the
+behaviour named). Cases that fit test_bad_input's table of refusals are there."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lm_ce.cli import main
+
+from .conftest import make_jsonl
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello world.", "Good morning! How are you today?"]
+
+
+@pytest.fixture
+def data(tmp_path) -> str:
+    return make_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("lm_ce: error: "), err
+    return lines[0]
+
+
+def test_compare_to_a_learned_position_model_shorter_than_max_length(tiny_llama_dir, tiny_gpt2_dir, data, tmp_path,
+                                                                     capsys):
+    """GPT-2 (128 learned positions, another tokenizer: scored on its own) under --max-length 200 ended in an
+    IndexError after the first model was scored; now refused before scoring, like the first model's check."""
+    out = tmp_path / "run"
+    code = main(["--model", tiny_llama_dir, "--compare-to", tiny_gpt2_dir, "--data-files", data, "--max-length", "200",
+                 "--output-dir", str(out), "--progress", "false"])
+    line = one_error_line(capsys)
+    assert code == 2
+    assert "has 128 positions, fewer than --max-length 200" in line and "--max-length 128 or less" in line, line
+    assert [p.name for p in out.iterdir()] == []  # nothing written
+
+
+def test_tokenizer_beyond_the_embedding_writes_nothing(tiny_llama_dir, tmp_path, capsys):
+    """Refused after loading, before any output file."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "more_ids"
+    shutil.copytree(tiny_llama_dir, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.add_tokens(["<x1>"])
+    tok.save_pretrained(model)
+    out = tmp_path / "run"
+    data = make_jsonl(tmp_path / "x.jsonl", [{"text": "a <x1> b"}])
+    assert main(["--model", str(model), "--data-files", data, "--output-dir", str(out), "--progress", "false"]) == 2
+    assert "513 ids, more than the model's 512 embedding rows" in one_error_line(capsys)
+    assert [p.name for p in out.iterdir()] == []
