@@ -31,6 +31,12 @@ class Document:
     group: str | None = None
 
 
+def has_text(doc: Document) -> bool:
+    """Whether a document has text to score. Whitespace alone is an empty document, as "" is: a tokenizer that
+    turns "   " into tokens would otherwise have them scored as if they were text."""
+    return doc.text is not None and not doc.text.isspace() and doc.text != ""
+
+
 def local_files(cfg: Config) -> tuple[str, list[str]]:
     """(datasets builder, file paths) for --data-files, checked to exist and share one format."""
     paths = [resolve_path(p) for p in cfg.data_files or []]

@@ -148,7 +148,8 @@ def _refuse_nothing_scored(cfg: Config, documents: list[DocumentResult]) -> None
     if all(d.skipped == "not_text" for d in documents):
         raise UsageError(f"nothing to score: no row has a string in field '{cfg.text_field}'; check --text-field")
     raise UsageError(
-        f"nothing to score: all {len(documents)} documents tokenize to nothing (check --text-field '{cfg.text_field}')"
+        f"nothing to score: all {len(documents)} documents tokenize to nothing (empty or whitespace only; check "
+        f"--text-field '{cfg.text_field}')"
     )
 
 

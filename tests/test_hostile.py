@@ -55,3 +55,38 @@ def test_tokenizer_beyond_the_embedding_writes_nothing(tiny_llama_dir, tmp_path,
     assert main(["--model", str(model), "--data-files", data, "--output-dir", str(out), "--progress", "false"]) == 2
     assert "513 ids, more than the model's 512 embedding rows" in one_error_line(capsys)
     assert [p.name for p in out.iterdir()] == []
+
+
+@pytest.mark.parametrize("mode", ["document", "stream", "llama-cpp"])
+def test_whitespace_only_rows_are_never_scored(tiny_llama_dir, llama_tokenizer, tmp_path, capsys, mode):
+    """Rows of whitespace alone (which this tokenizer turns into tokens) were scored: 3 documents, 3 tokens, "word
+    perplexity 236". They are empty documents: a file of nothing else is refused in every mode."""
+    assert llama_tokenizer("   ", add_special_tokens=False)["input_ids"]  # the tokenizer makes tokens of it
+    blank = make_jsonl(tmp_path / "blank.jsonl", [{"text": "   "}, {"text": " \t "}, {"text": "\n"}])
+    assert main(["--model", tiny_llama_dir, "--data-files", blank, "--mode", mode, "--max-length", "8",
+                 "--progress", "false"]) == 2
+    line = one_error_line(capsys)
+    assert "nothing to score" in line and "whitespace only" in line, line
+
+
+@pytest.mark.parametrize("mode", ["document", "stream"])
+def test_whitespace_rows_among_text_are_counted_as_skipped(tiny_llama_dir, tmp_path, mode):
+    """Document mode: a whitespace row adds nothing (figures equal to the run without it). Stream mode: the row
+    stays in the joined text, as the recipe joins every row, but is counted as a skipped (empty) document."""
+    from lm_ce.config import Config
+    from lm_ce.runner import evaluate
+
+    with_blank = make_jsonl(tmp_path / "a.jsonl", [{"text": TEXTS[0]}, {"text": "   "}, {"text": TEXTS[1]}])
+    without = make_jsonl(tmp_path / "b.jsonl", [{"text": TEXTS[0]}, {"text": TEXTS[1]}])
+
+    def run(path):
+        return evaluate(Config(model=tiny_llama_dir, data_files=[path], mode=mode, max_length=32, progress=False)).summary
+
+    a, b = run(with_blank), run(without)
+    assert (a["counts"]["documents"], a["counts"]["skipped_documents"]) == (2, 1)
+    assert a["counts"]["words"] == b["counts"]["words"]
+    if mode == "document":
+        assert (a["nll_sum"], a["counts"]["tokens"], a["counts"]["bytes"]) == (b["nll_sum"], b["counts"]["tokens"],
+                                                                              b["counts"]["bytes"])
+    else:
+        assert a["counts"]["bytes"] == len("\n\n".join([TEXTS[0], "   ", TEXTS[1]]).encode())
