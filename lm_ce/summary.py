@@ -16,7 +16,7 @@ from . import stats
 from .config import Config, UsageError
 from .data import MEMORY, local_files
 from .model import ModelInfo, file_sha256
-from .protocols import PROTOCOLS
+from .protocols import PROTOCOLS, protocol_values
 from .records import DocumentResult, Results, Run, Tally
 from .setup import Setup
 
@@ -192,6 +192,7 @@ def data_summary(cfg: Config) -> dict:
 def _settings(cfg: Config, setup: Setup) -> dict:
     return {
         "protocol": cfg.protocol,
+        "protocol_overrides": protocol_overrides(cfg),
         "headline": PROTOCOLS[cfg.protocol].headline,
         "mode": cfg.mode,
         "max_length": setup.max_length,
@@ -207,6 +208,13 @@ def _settings(cfg: Config, setup: Setup) -> dict:
         "token_budget": setup.budget,
         "padding_side": cfg.padding_side,
     }
+
+
+def protocol_overrides(cfg: Config) -> dict:
+    """The fields the protocol sets that this run set otherwise (e.g. --mode stream under lm-eval, whose figure is
+    document-level): printed beside the protocol's name, so the figure is not quoted as the protocol's."""
+    return {k: getattr(cfg, k) for k, v in protocol_values(cfg.protocol).items()
+            if v is not None and getattr(cfg, k) != v}
 
 
 def metrics(nll_sum: float, tokens: int, n_bytes: int, words: int) -> Metrics:

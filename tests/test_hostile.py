@@ -90,3 +90,26 @@ def test_whitespace_rows_among_text_are_counted_as_skipped(tiny_llama_dir, tmp_p
                                                                               b["counts"]["bytes"])
     else:
         assert a["counts"]["bytes"] == len("\n\n".join([TEXTS[0], "   ", TEXTS[1]]).encode())
+
+
+def test_a_mode_overridden_away_from_its_protocol_is_named_where_the_protocol_is(tiny_llama_dir, data, tmp_path,
+                                                                                  capsys):
+    """--mode stream under protocol lm-eval (document-level) kept the protocol's label; the overridden fields are
+    now recorded (settings.protocol_overrides) and named wherever the protocol is printed."""
+    out = tmp_path / "run"
+    assert main(["--model", tiny_llama_dir, "--data-files", data, "--mode", "stream", "--max-length", "16",
+                 "--output-dir", str(out), "--progress", "false"]) == 0
+    settings = json.loads((out / "results.json").read_text())["settings"]
+    assert settings["protocol"] == "lm-eval" and settings["protocol_overrides"] == {"mode": "stream"}
+    assert "protocol lm-eval (overridden: --mode stream), stream mode" in capsys.readouterr().out
+    assert "protocol lm-eval (overridden: --mode stream)" in (out / "results.md").read_text()
+    plain = tmp_path / "plain"
+    assert main(["--model", tiny_llama_dir, "--data-files", data, "--protocol", "llama-cpp", "--max-length", "8",
+                 "--output-dir", str(plain), "--progress", "false"]) == 0
+    summary = json.loads((plain / "results.json").read_text())
+    assert summary["settings"]["protocol_overrides"] == {"max_length": 8}  # llama-cpp's is 512
+    assert "headline (llama-cpp (overridden: --max-length 8): perplexity)" in (plain / "results.md").read_text()
+    default = tmp_path / "default"
+    assert main(["--model", tiny_llama_dir, "--data-files", data, "--output-dir", str(default), "--progress", "false"]) == 0
+    assert json.loads((default / "results.json").read_text())["settings"]["protocol_overrides"] == {}
+    assert "(overridden:" not in (default / "results.md").read_text()
