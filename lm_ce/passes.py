@@ -93,9 +93,9 @@ def run_chunks(plan: Plan, run: Run, tokenizer) -> bool:
                          "more text or a smaller --max-length")
     windows = windows_of(-1, seq, spans, plan.setup.window_first)
     if not any(w.n_scored for w in windows):  # llama-cpp scores a chunk's second half after its first target
-        raise UsageError(f"--mode {cfg.mode} --max-length {n_ctx}: chunks of {n_ctx} tokens score nothing (each scores "
-                         f"the targets after its first {n_ctx // 2 if cfg.mode == 'llama-cpp' else 1} tokens, but its "
-                         "last token has none); use --max-length 3 or more (llama.cpp's own runs use 512)")
+        why = "a chunk scores the second half of its targets only" if cfg.mode == "llama-cpp" else "a chunk has no target"
+        raise UsageError(f"--mode {cfg.mode} --max-length {n_ctx}: chunks of {n_ctx} tokens score nothing ({why}); use "
+                         "--max-length 3 or more (llama.cpp's and GPTQ's own runs use 512 and 2048)")
     scored = [tokenizer.decode(w.seq[w.a + 1 : w.b + 1]) for w in windows]  # what the figures per byte/word cover
     run.stream_bytes = sum(len(t.encode("utf-8")) for t in scored)
     run.stream_words = sum(count_words(t) for t in scored)

@@ -100,7 +100,7 @@ def writable_folder(folder: str) -> str:
         raise UsageError(f"--offload-folder {folder} is a file, not a folder; give a folder (created if missing)")
     try:
         os.makedirs(folder, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()  # what offloading does: write files there
+        tempfile.NamedTemporaryFile(dir=folder).close()  # what offloading does: write files there
     except OSError as e:
         raise UsageError(f"--offload-folder {folder} cannot be written ({e.strerror}); give a writable folder") from None
     return folder

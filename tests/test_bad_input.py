@@ -153,7 +153,7 @@ REFUSED = [
     ("compare-to-missing", lambda e: ["--compare-to", str(e.tmp / "no_such_model")], ["no_such_model does not exist; check --compare-to"]),
     ("model-hub-offline", lambda e: ["--model", "nobody-here/no-such-model"], ["nobody-here/no-such-model", "Offline?", "--model"]),
     ("offload-folder-a-file", lambda e: ["--device-map", "auto", "--offload-folder", e.file("off", "x")], ["--offload-folder", "off is a file, not a folder"]),
-    ("offload-folder-not-writable", lambda e: ["--device-map", "auto", "--offload-folder", "/proc/self"], ["--offload-folder /proc/self cannot be written", "writable folder"]),
+    ("offload-folder-not-writable", lambda e: ["--device-map", "auto", "--offload-folder", "/proc/self"], ["--offload-folder /proc/self cannot be written (", "writable folder"]),
     ("offload-folder-under-a-file", lambda e: ["--device-map", "auto", "--offload-folder", e.file("f", "x") + "/sub"], ["--offload-folder", "f/sub cannot be written"]),
     # --- the data ---
     ("hub-dataset-offline", lambda e: ["--data-files", "none", "--dataset", "nobody-here/no-such-dataset"], ["nobody-here/no-such-dataset", "--data-files"]),
