@@ -34,7 +34,7 @@ class Document:
 def has_text(doc: Document) -> bool:
     """Whether a document has text to score. Whitespace alone is an empty document, as "" is: a tokenizer that
     turns "   " into tokens would otherwise have them scored as if they were text."""
-    return doc.text is not None and not doc.text.isspace() and doc.text != ""
+    return doc.text is not None and doc.text.strip() != ""
 
 
 def local_files(cfg: Config) -> tuple[str, list[str]]:
