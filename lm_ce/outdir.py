@@ -1,10 +1,10 @@
 """An output directory belongs to one run: claimed at start-up, before the model loads.
 
 A directory holding another run's files is refused unless --resume continues that run or --overwrite
-replaces it (deleting only the files lm_ce writes; other files are kept). A run is known by lm_ce's own
-marker, a results.json or state.pt that lm_ce wrote: files with a run's names (config.yaml,
-documents.jsonl, ...) and no marker are someone else's, and are never replaced or deleted. A lock file keeps a second
-live run out: the run holds an OS lock on it, which the system drops when the process dies, so a
+replaces it (deleting only the files lm_ce writes; other files are kept). A run is known by lm_ce's
+own marker, a results.json or state.pt that lm_ce wrote: files with a run's names (config.yaml,
+documents.jsonl, ...) and no marker are someone else's, never replaced or deleted. A lock file keeps
+a second live run out: the run holds an OS lock on it, which the system drops when the process dies, so a
 lock file left by a killed run is recognized as stale and taken over.
 """
 from __future__ import annotations
@@ -103,10 +103,11 @@ def _claim(directory: Path, cfg: Config) -> None:
     try:
         found = previous_run(directory)
         if found and found.foreign:
+            them = "them" if len(found.foreign) > 1 else "it"
             raise UsageError(
                 f"--output-dir {directory} holds {', '.join(found.foreign)}, not written by lm_ce (no results.json or "
-                f"{STATE} of an lm_ce run there), which a run would replace: move {'them' if len(found.foreign) > 1 else 'it'} "
-                "elsewhere or use another --output-dir"
+                f"{STATE} of an lm_ce run there), which a run would replace: move {them} elsewhere or use another "
+                "--output-dir"
             )
         if found and cfg.overwrite:
             removed = clear(directory)
@@ -236,7 +237,7 @@ RESULTS_MARKER = {"complete", "model", "config", "environment"}  # keys every re
 
 def _written_by_lm_ce(path: Path) -> bool:
     """Whether a state file was saved by lm_ce: torch.save stores the pickle uncompressed, so the names of lm_ce's
-    record classes are in its bytes (also in a state of another version that no longer loads)."""
+    record classes, or the state's 'fingerprint' key, are in its bytes (also in a state that no longer loads)."""
     try:
         with open(path, "rb") as f:
             head = f.read(2**22)

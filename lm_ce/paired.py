@@ -74,7 +74,8 @@ def read_documents(path: Path) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{number}: not valid JSON ({e.msg}); the file is damaged: rerun that evaluation") from None
+            raise UsageError(f"{path}:{number}: not valid JSON ({e.msg}); the file is damaged: rerun that "
+                             "evaluation") from None
         missing = [k for k in DOCUMENT_KEYS if not isinstance(row, dict) or k not in row]
         if missing:
             raise UsageError(f"{path}:{number}: not a document row of lm_ce (no {', '.join(missing)}); the file is "

@@ -92,7 +92,7 @@ def run_chunks(plan: Plan, run: Run, tokenizer) -> bool:
         raise UsageError(f"--mode gptq: the text tokenizes to {len(seq)} tokens, less than one chunk of {n_ctx}; give "
                          "more text or a smaller --max-length")
     windows = windows_of(-1, seq, spans, plan.setup.window_first)
-    if not any(w.n_scored for w in windows):  # llama-cpp scores a chunk's second half after its first target
+    if not any(w.n_scored for w in windows):  # e.g. --mode llama-cpp --max-length 2
         why = "a chunk scores the second half of its targets only" if cfg.mode == "llama-cpp" else "a chunk has no target"
         raise UsageError(f"--mode {cfg.mode} --max-length {n_ctx}: chunks of {n_ctx} tokens score nothing ({why}); use "
                          "--max-length 3 or more (llama.cpp's and GPTQ's own runs use 512 and 2048)")

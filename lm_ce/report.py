@@ -68,8 +68,10 @@ def protocol_label(s: dict) -> str:
     overrides = s.get("protocol_overrides") or {}
     if not overrides:
         return s["protocol"]
-    shown = [f"--{k.replace('_', '-')} {v!r}" if isinstance(v, str) and v.strip() != v else f"--{k.replace('_', '-')} {v}"
-             for k, v in overrides.items()]
+    shown = []
+    for key, value in overrides.items():
+        text = repr(value) if isinstance(value, str) and value != value.strip() else value  # a separator: '\n'
+        shown.append(f"--{key.replace('_', '-')} {text}")
     return f"{s['protocol']} (overridden: {', '.join(shown)})"
 
 
