@@ -213,8 +213,10 @@ def _settings(cfg: Config, setup: Setup) -> dict:
 def protocol_overrides(cfg: Config) -> dict:
     """The fields the protocol sets that this run set otherwise (e.g. --mode stream under lm-eval, whose figure is
     document-level): printed beside the protocol's name, so the figure is not quoted as the protocol's."""
-    return {k: getattr(cfg, k) for k, v in protocol_values(cfg.protocol).items()
-            if v is not None and getattr(cfg, k) != v}
+    values = protocol_values(cfg.protocol)
+    no_prefix = cfg.mode == "stream" and {cfg.prefix_token, values["prefix_token"]} <= {"auto", "none"}  # the same
+    return {k: getattr(cfg, k) for k, v in values.items()
+            if v is not None and getattr(cfg, k) != v and not (k == "prefix_token" and no_prefix)}
 
 
 def metrics(nll_sum: float, tokens: int, n_bytes: int, words: int) -> Metrics:

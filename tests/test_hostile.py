@@ -113,3 +113,13 @@ def test_a_mode_overridden_away_from_its_protocol_is_named_where_the_protocol_is
     assert main(["--model", tiny_llama_dir, "--data-files", data, "--output-dir", str(default), "--progress", "false"]) == 0
     assert json.loads((default / "results.json").read_text())["settings"]["protocol_overrides"] == {}
     assert "(overridden:" not in (default / "results.md").read_text()
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (Path(__file__).parent.parent / "configs").glob("*.yaml")))
+def test_the_shipped_configs_run_their_protocols_as_named(config):
+    """No false 'overridden': a setting that gives what the protocol gives (prefix none in a stream) is none."""
+    from lm_ce.overrides import build_config
+    from lm_ce.summary import protocol_overrides
+
+    cfg = build_config(["--config", str(Path(__file__).parent.parent / "configs" / config)])
+    assert protocol_overrides(cfg) == {}
