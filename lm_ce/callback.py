@@ -15,6 +15,7 @@ import logging
 from transformers import TrainerCallback
 
 from . import api
+from .errors import UsageError
 from .overrides import from_settings
 from .records import Results
 
@@ -34,10 +35,38 @@ class PerplexityCallback(TrainerCallback):
         _, checked = api.data_settings(data, self.settings)
         from_settings(checked, api.SOURCE)  # refuse bad settings now, not at the first evaluation
         self.data, self.trainer, self.tokenizer = data, trainer, tokenizer
+        self.found_tokenizer = None  # the tokenizer on_train_begin found when none was given
         self.figures: dict[str, float] = {}
         self.results: Results | None = None  # the last evaluation's, as lm_ce.evaluate returns it
         self.step: int | None = None  # the global step the figures are from
         self.warned = False
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        """Find the tokenizer before the first training step: a missing one would otherwise end the run at its
+        first evaluation, after hours of training perhaps."""
+        self.found_tokenizer = self._tokenizer_of(model, processing_class)
+        if self.found_tokenizer is None:
+            name = api.name_of(model) if model is not None else None
+            raise UsageError(
+                "PerplexityCallback: no tokenizer to score with: give PerplexityCallback(..., tokenizer=tokenizer) or "
+                f"Trainer(..., processing_class=tokenizer) (none loads from the model's name_or_path {name!r} either)"
+            )
+
+    def _tokenizer_of(self, model, processing_class):
+        """The callback's own tokenizer, else the Trainer's processing_class (a processor's tokenizer), else the one
+        saved with the model (from its name_or_path); None when none of these works."""
+        given = self.tokenizer or getattr(processing_class, "tokenizer", processing_class)
+        if given is not None:
+            return given
+        name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+        if not name:
+            return None
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except Exception:  # no tokenizer saved there, offline, or not a path or Hub id at all
+            return None
 
     def on_evaluate(self, args, state, control, model=None, processing_class=None, metrics=None, **kwargs):
         fresh = self.step != state.global_step  # scored once per step, also when several datasets are evaluated
@@ -53,7 +82,7 @@ class PerplexityCallback(TrainerCallback):
             metrics.update(self.figures)
 
     def _results(self, model, processing_class) -> Results:
-        tokenizer = self.tokenizer or getattr(processing_class, "tokenizer", processing_class)
+        tokenizer = self.tokenizer or self.found_tokenizer or self._tokenizer_of(model, processing_class)
         accelerator = self.trainer.accelerator if self.trainer is not None else None
         settings = self.settings
         if self.results is not None and settings.get("output_dir") and not settings.get("resume"):

@@ -36,15 +36,27 @@ def _file_identity(path: str) -> dict:
     return {}
 
 
+def model_identity(spec: str) -> str:
+    """The model as a resume compares it: a local path resolved (./tiny/ and /abs/path/tiny are one model), else
+    the name as given (a Hub id)."""
+    try:
+        path = resolve_path(spec)
+    except UsageError:
+        return spec
+    return os.path.realpath(path) if os.path.exists(path) else spec
+
+
 def fingerprint(cfg: Config) -> str:
     """A hash of the model, the data and every setting that affects the result."""
     settings = {name: getattr(cfg, name) for name in FINGERPRINTED}
+    settings["model"] = model_identity(cfg.model)
     files = {}
     for spec in [cfg.model, *(cfg.compare_to or []), *(cfg.data_files or [])]:
+        key = settings["model"] if spec == cfg.model else spec
         try:
-            files[spec] = _file_identity(resolve_path(spec))
+            files[key] = _file_identity(resolve_path(spec))
         except UsageError:
-            files[spec] = None
+            files[key] = None
     blob = json.dumps({"settings": settings, "files": files}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -72,7 +84,8 @@ def load(cfg: Config) -> dict:
                          "rerun with --overwrite, or use another --output-dir")
     if state.get("fingerprint") != fingerprint(cfg):
         old = state.get("config", {})
-        changed = [k for k in FINGERPRINTED if old.get(k) != getattr(cfg, k)]
+        changed = [k for k in FINGERPRINTED if old.get(k) != getattr(cfg, k)
+                   and (k != "model" or model_identity(str(old.get(k))) != model_identity(cfg.model))]
         what = f"changed: {', '.join(changed)}" if changed else "the model or data files changed on disk"
         raise UsageError(
             f"--resume: {path} was saved by a different run ({what}); resume with the same model, data and settings, "

@@ -83,10 +83,10 @@ def compare_main(argv: list[str] | None = None) -> int:
     try:
         runs, output_dir = _compare_args(argv)
         comparison = paired.compare_runs(*runs)
+        where = paired.write(comparison, output_dir or runs[1])
     except UsageError as e:
         print(f"lm_ce: error: {e}", file=sys.stderr)
         return 2
-    where = paired.write(comparison, output_dir or runs[1])
     print(paired.markdown(comparison))
     print(f"wrote {where}/ (comparison.json, comparison.md)")
     return 0

@@ -32,16 +32,27 @@ def load_compared(cfg: Config, *, tokenizer, setup: Setup, accelerator) -> Compa
     head: Head | None = setup.head
     for name in cfg.compare_to or []:
         with accelerator.main_process_first():
-            m, t, _ = model_lib.load(dataclasses.replace(cfg, model=name), setup.device, accelerator.is_main_process)
+            m, t, info = model_lib.load(dataclasses.replace(cfg, model=name), setup.device, accelerator.is_main_process)
+        model_lib.check_vocabulary(m, t, name)
         h = head_of(m)
         if same_tokenizer(tokenizer, t) and h is not None and head is not None and h.weight.shape[0] == head.weight.shape[0]:
+            check_positions(name, info.max_positions, setup.max_length)  # scored in the first model's windows
             out.same_tokens.append(ComparedModel(m, h))
         else:
+            check_positions(name, info.max_positions, cfg.max_length)  # scored on its own, with this max_length
             out.by_bytes.append(name)
             del m
     if out.same_tokens and head is None:
         raise UsageError("--compare-to needs the first model's output layer to be a plain linear layer")
     return out
+
+
+def check_positions(name: str, positions: int | None, max_length: int | None) -> None:
+    """Refuse a compared model with fewer positions than the windows it would be scored in (a learned position
+    table ends in an IndexError; rotary positions would be scored silently beyond the trained context)."""
+    if positions and max_length and max_length > positions:
+        raise UsageError(f"--compare-to {name} has {positions} positions, fewer than --max-length {max_length}; use "
+                         f"--max-length {positions} or less, or compare models with at least {max_length} positions")
 
 
 def same_tokenizer(a, b) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from .config import Config, resolve_path
 from .errors import UsageError, first_line
+from .model import file_sha256
 
 MEMORY = "<memory>"  # Config.dataset when the rows were given in memory (lm_ce.evaluate, PerplexityCallback)
 BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -28,6 +30,12 @@ class Document:
     id: str | None = None
     prompt: str | None = None
     group: str | None = None
+
+
+def has_text(doc: Document) -> bool:
+    """Whether a document has text to score. Whitespace alone is an empty document, as "" is: a tokenizer that
+    turns "   " into tokens would otherwise have them scored as if they were text."""
+    return doc.text is not None and doc.text.strip() != ""
 
 
 def local_files(cfg: Config) -> tuple[str, list[str]]:
@@ -144,6 +152,14 @@ def cache_options(cfg: Config) -> dict:
     return {"streaming": cfg.streaming}
 
 
+def cache_name(paths: list[str]) -> str:
+    """The config name that keys datasets' Arrow cache of local files by their content. datasets keys it by path
+    and mtime alone, so a file replaced by another with its mtime kept (cp -p, rsync -t, tar) was read from the
+    old copy, while results.json recorded the new file's sha256."""
+    content = hashlib.sha256(" ".join(file_sha256(p) for p in paths).encode()).hexdigest()
+    return f"lm_ce-{content[:32]}"
+
+
 def whole_text(path: str) -> str:
     """A text file read whole as one text, as llama.cpp's `-f` reads it: bytes as they are (no newline
     translation), one trailing newline dropped."""
@@ -170,9 +186,12 @@ def load_rows(cfg: Config):
             return datasets.Dataset.from_dict({"text": [whole_text(p) for p in paths]})
         # A byte order mark starts many files saved on Windows; json strips it, text would score it (3 bytes)
         options = {"encoding": "utf-8-sig"} if builder == "text" else {}
+        cache = cache_options(cfg)
+        if not cache["streaming"]:  # an Arrow copy is written and read back: keyed by the files' content
+            options["name"] = cache_name(paths)
         try:
             with quiet_datasets():
-                return datasets.load_dataset(builder, data_files=paths, split="train", **cache_options(cfg), **options)
+                return datasets.load_dataset(builder, data_files=paths, split="train", **cache, **options)
         except Exception as e:  # datasets raises many kinds; turn them into one clear line
             raise read_error(cfg, e) from None
     try:

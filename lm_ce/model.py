@@ -47,12 +47,21 @@ def torch_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+_digests: dict[tuple, str] = {}  # file_sha256's answers, by the file's identity and times
+
+
 def file_sha256(path: str, block: int = 2**24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """The sha256 of a file's bytes, remembered while its inode, size, mtime and ctime stay the same (the data
+    files are hashed for the datasets cache key and again for results.json; a rewrite always changes the ctime)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _digests:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(block):
+                digest.update(chunk)
+        _digests[key] = digest.hexdigest()
+    return _digests[key]
 
 
 def cache_root() -> Path:
@@ -139,6 +148,18 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
         device_map=placement.used_map(model) if place else None,
     )
     return model, tokenizer, info
+
+
+def check_vocabulary(model: torch.nn.Module, tokenizer, name: str) -> None:
+    """Refuse a tokenizer with more ids than the model's input embedding has rows: the first text holding such
+    an id would end scoring with an IndexError."""
+    embedding = model.get_input_embeddings()
+    rows = getattr(embedding, "num_embeddings", None) or embedding.weight.shape[0]
+    if len(tokenizer) > rows:
+        raise UsageError(
+            f"model '{name}': its tokenizer has {len(tokenizer):,} ids, more than the model's {rows:,} embedding rows "
+            f"(ids {rows:,} and up have no embedding); give the tokenizer the model was trained with"
+        )
 
 
 BUILD_TABLES = ("_vocab", "_merges", "_vocab_scores")

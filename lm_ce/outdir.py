@@ -1,8 +1,10 @@
 """An output directory belongs to one run: claimed at start-up, before the model loads.
 
 A directory holding another run's files is refused unless --resume continues that run or --overwrite
-replaces it (deleting only the files lm_ce writes; other files are kept). A lock file keeps a second
-live run out: the run holds an OS lock on it, which the system drops when the process dies, so a
+replaces it (deleting only the files lm_ce writes; other files are kept). A run is known by lm_ce's
+own marker, a results.json or state.pt that lm_ce wrote: files with a run's names (config.yaml,
+documents.jsonl, ...) and no marker are someone else's, never replaced or deleted. A lock file keeps
+a second live run out: the run holds an OS lock on it, which the system drops when the process dies, so a
 lock file left by a killed run is recognized as stale and taken over.
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Config
@@ -101,6 +103,13 @@ def _claim(directory: Path, cfg: Config) -> None:
     fd = _lock(directory)
     try:
         found = previous_run(directory)
+        if found and found.foreign:
+            them = "them" if len(found.foreign) > 1 else "it"
+            raise UsageError(
+                f"--output-dir {directory} holds {', '.join(found.foreign)}, not written by lm_ce (no results.json or "
+                f"{STATE} of an lm_ce run there), which a run would replace: move {them} elsewhere or use another "
+                "--output-dir"
+            )
         if found and cfg.overwrite:
             removed = clear(directory)
             log.info("--overwrite: deleted the previous run's files in %s (%s)", directory, ", ".join(removed))
@@ -197,6 +206,7 @@ class Previous:
 
     words: str  # e.g. 'a finished run (results.json, results.md, config.yaml, state.pt)'
     resumable: bool  # interrupted, with saved progress
+    foreign: list[str] = field(default_factory=list)  # files with a run's names but no marker of lm_ce: not a run
 
 
 def previous_run(directory: Path) -> Previous | None:
@@ -205,6 +215,10 @@ def previous_run(directory: Path) -> Previous | None:
     if not found:
         return None
     files = ", ".join(found)
+    results = _json(directory / "results.json")
+    ours = results.keys() >= RESULTS_MARKER or (STATE in found and _written_by_lm_ce(directory / STATE))
+    if not ours:
+        return Previous(f"files not written by lm_ce ({files})", False, found)
     if STATE in found:
         saved = _saved(directory / STATE)
         if saved is None:
@@ -214,9 +228,23 @@ def previous_run(directory: Path) -> Previous | None:
             scored = f"{tokens:,} tokens scored before the stop; " if tokens is not None else ""
             return Previous(f"an interrupted run ({scored}{files})", True)
         return Previous(f"a finished run ({files})", False)
-    if _json(directory / "results.json").get("complete") is False:
+    if results.get("complete") is False:
         return Previous(f"an interrupted run without saved progress ({files})", False)
     return Previous(f"a finished run ({files})", False)
+
+
+RESULTS_MARKER = {"complete", "model", "config", "environment"}  # keys every results.json of lm_ce has (runs, suites)
+
+
+def _written_by_lm_ce(path: Path) -> bool:
+    """Whether a state file was saved by lm_ce: torch.save stores the pickle uncompressed, so the names of lm_ce's
+    record classes, or the state's 'fingerprint' key, are in its bytes (also in a state that no longer loads)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2**22)
+        return b"lm_ce." in head or b"fingerprint" in head
+    except OSError:
+        return False
 
 
 def _saved(path: Path) -> tuple[bool, int | None] | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import outdir
 from .errors import UsageError
 from .stats import Z95, exp_capped
 
@@ -52,9 +53,35 @@ def read_run(directory: str) -> RunFiles:
     if summary.get("settings", {}).get("mode") == "document":
         if not docs.is_file():
             raise UsageError(f"{docs} not found: a document-mode run writes it; rerun that evaluation with --output-dir")
-        documents = [json.loads(line) for line in docs.read_text(encoding="utf-8").splitlines() if line.strip()]
+        documents = read_documents(docs)
     tokens = path / "tokens.parquet"
     return RunFiles(path, summary, documents, tokens if tokens.is_file() else None)
+
+
+DOCUMENT_KEYS = ("index", "tokens", "nll_sum", "bytes")  # what pairing reads from each row of documents.jsonl
+
+
+def read_documents(path: Path) -> list[dict]:
+    """The rows of a run's documents.jsonl, or one line naming the first damaged row."""
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} cannot be read ({e}); rerun that evaluation") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{number}: not valid JSON ({e.msg}); the file is damaged: rerun that "
+                             "evaluation") from None
+        missing = [k for k in DOCUMENT_KEYS if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise UsageError(f"{path}:{number}: not a document row of lm_ce (no {', '.join(missing)}); the file is "
+                             "damaged: rerun that evaluation")
+        rows.append(row)
+    return rows
 
 
 def check_comparable(a: RunFiles, b: RunFiles) -> bool:
@@ -250,8 +277,14 @@ def markdown(c: dict) -> str:
             f"| bits per byte | {_num(a['bits_per_byte'])} | {_num(b['bits_per_byte'])} | {_delta_text(c['delta']['bits_per_byte'])} |",
             f"| perplexity | {a['perplexity']:.6g} | {b['perplexity']:.6g} | ratio {_num(c.get('perplexity_ratio'))} |"]
     unit = "documents" if c["paired_by"] == "documents" else "blocks of tokens"
-    clusters = (c["delta"]["bits_per_byte"] or c["delta"]["mean_loss"] or {}).get("clusters")
-    out += ["", f"Paired by {unit} ({clusters}): SE² = C/(C−1) · Σ_c (d_c − D·n_c)² / N², d_c = B − A per cluster."]
+    delta = c["delta"]["bits_per_byte"] or c["delta"]["mean_loss"] or {}
+    if delta.get("stderr") is not None:
+        out += ["", f"Paired by {unit} ({delta['clusters']}): SE² = C/(C−1) · Σ_c (d_c − D·n_c)² / N², "
+                    "d_c = B − A per cluster."]
+    elif c["paired_by"] == "totals":
+        out += ["", "Only the totals are compared: no paired standard error (--save-tokens in both runs pairs them)."]
+    else:
+        out += ["", f"No paired standard error: {delta.get('clusters')} {unit} scored, fewer than two."]
     if c.get("groups"):
         out += ["", "## By group", "", "| group | documents | Δ mean loss | Δ bits per byte |", "|---|---|---|---|"]
         out += [f"| {g} | {v['documents']} | {_delta_text(v['delta']['mean_loss'])} | {_delta_text(v['delta']['bits_per_byte'])} |"
@@ -279,9 +312,12 @@ def _num(x) -> str:
 
 
 def write(comparison: dict, output_dir: str) -> Path:
-    """comparison.json and comparison.md in output_dir."""
+    """comparison.json and comparison.md in output_dir (created if missing), or a UsageError when it cannot be."""
     directory = Path(output_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n", encoding="utf-8")
-    (directory / "comparison.md").write_text(markdown(comparison), encoding="utf-8")
+    outdir.make(directory)  # a file there, or a folder that cannot be created: one line, as evaluate says it
+    try:
+        (directory / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n", encoding="utf-8")
+        (directory / "comparison.md").write_text(markdown(comparison), encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"--output-dir {directory} is not writable ({e.strerror}); give a writable directory") from None
     return directory

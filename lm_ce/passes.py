@@ -60,6 +60,7 @@ def run_documents(plan: Plan, run: Run, tokenizer) -> bool:
 def run_stream(plan: Plan, run: Run, tokenizer) -> bool:
     """One token stream of all documents joined by the separator, windows every `stride` tokens."""
     docs = list(data.iter_documents(plan.cfg, plan.rows))
+    refuse_blank(docs, plan.cfg.text_field)
     texts = [d.text for d in docs if d.text is not None]  # empty rows still add a separator, as in the recipe
     run.stream_bytes = len(plan.cfg.separator.join(texts).encode("utf-8"))
     joined = plan.cfg.separator.join(detokenized(plan.cfg.detokenizer, t) for t in texts)
@@ -80,6 +81,7 @@ def run_chunks(plan: Plan, run: Run, tokenizer) -> bool:
     max_length tokens (the remainder dropped, at most --chunks of them)."""
     cfg, n_ctx = plan.cfg, plan.setup.max_length
     docs = list(data.iter_documents(cfg, plan.rows))
+    refuse_blank(docs, cfg.text_field)
     joined = cfg.separator.join(detokenized(cfg.detokenizer, d.text) for d in docs if d.text is not None)
     seq, doubled = chunk_sequence(cfg.mode, tokenizer, joined)
     _say_doubled(run, int(doubled))
@@ -91,6 +93,10 @@ def run_chunks(plan: Plan, run: Run, tokenizer) -> bool:
         raise UsageError(f"--mode gptq: the text tokenizes to {len(seq)} tokens, less than one chunk of {n_ctx}; give "
                          "more text or a smaller --max-length")
     windows = windows_of(-1, seq, spans, plan.setup.window_first)
+    if not any(w.n_scored for w in windows):  # e.g. --mode llama-cpp --max-length 2
+        why = "a chunk scores the second half of its targets only" if cfg.mode == "llama-cpp" else "a chunk has no target"
+        raise UsageError(f"--mode {cfg.mode} --max-length {n_ctx}: chunks of {n_ctx} tokens score nothing ({why}); use "
+                         "--max-length 3 or more (llama.cpp's and GPTQ's own runs use 512 and 2048)")
     scored = [tokenizer.decode(w.seq[w.a + 1 : w.b + 1]) for w in windows]  # what the figures per byte/word cover
     run.stream_bytes = sum(len(t.encode("utf-8")) for t in scored)
     run.stream_words = sum(count_words(t) for t in scored)
@@ -113,13 +119,23 @@ def chunk_sequence(mode: str, tokenizer, text: str) -> tuple[list[int], bool]:
     return ids, False
 
 
+def refuse_blank(docs: list[data.Document], text_field: str) -> None:
+    """A joined pass of rows that are all empty or whitespace would score only separators and whitespace: refused."""
+    if any(data.has_text(d) for d in docs) or all(d.text is None for d in docs):  # the summary names the latter
+        return
+    raise UsageError(f"nothing to score: the {len(docs):,} rows of field '{text_field}' are empty or whitespace only; "
+                     "check --text-field")
+
+
 def _joined_documents(docs: list[data.Document], run: Run, plan: Plan, stopped: bool) -> None:
-    """The rows of a joined pass, for counts (documents, skipped, words); finished: its tokens written out."""
+    """The rows of a joined pass, for counts (documents, skipped, words); finished: its tokens written out. An empty
+    or whitespace-only row is part of the joined text, as in the recipe, but counted as a skipped (empty) document
+    with no words."""
     run.rows = RowSums()
     for d in docs:
         r = _document_result(d)
-        r.words = count_words(d.text) if d.text is not None else 0
-        r.skipped = "not_text" if d.text is None else None
+        r.skipped = "not_text" if d.text is None else None if data.has_text(d) else "empty"
+        r.words = count_words(d.text) if r.skipped is None else 0
         run.rows.add(r)
     if not stopped:
         plan.outputs.add_chunk(run, [])
@@ -137,7 +153,7 @@ def tokenize_share(docs: list[data.Document], tokenizer, prefix: int | None, ran
                    detokenizer: str = "none") -> dict[int, Sequence]:
     """{document index: Sequence} for this process's share (every world-th) of a chunk; each S an int64 tensor
     (8 bytes a token, where a list of Python ints takes about 36: a chunk's memory is its tokens)."""
-    mine = [d for i, d in enumerate(docs) if i % world == rank and d.text]
+    mine = [d for i, d in enumerate(docs) if i % world == rank and data.has_text(d)]
     plain = [d for d in mine if d.prompt is None]
     out = {}
     head = [prefix] if prefix is not None else []
@@ -163,6 +179,9 @@ def _score_chunk(docs: list[data.Document], future: Future, plan: Plan, run: Run
         r = results[d.index]
         if d.text is None:
             r.skipped = "not_text"
+            continue
+        if not data.has_text(d):  # "" or whitespace only: nothing to score, not even its tokens
+            r.skipped = "empty"
             continue
         sequence = sequences.get(d.index, Sequence([], 0))
         spans = document_spans(len(sequence.ids), sequence.first_target, plan.setup.max_length, plan.setup.stride)

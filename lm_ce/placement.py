@@ -89,11 +89,21 @@ def offload_folder(cfg: Config, sub: str = "") -> str:
     """Where weights mapped to disk are written when their files cannot be read in place (safetensors files are
     read in place): --offload-folder (a subfolder per process when several share a machine), else a temporary one."""
     if cfg.offload_folder:
-        folder = os.path.join(cfg.offload_folder, sub) if sub else cfg.offload_folder
-        os.makedirs(folder, exist_ok=True)
-        return folder
+        return writable_folder(os.path.join(cfg.offload_folder, sub) if sub else cfg.offload_folder)
     folder = tempfile.mkdtemp(prefix="lm_ce_offload_")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def writable_folder(folder: str) -> str:
+    """--offload-folder, created if missing and checked to take files before the model loads, or a UsageError."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UsageError(f"--offload-folder {folder} is a file, not a folder; give a folder (created if missing)")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=folder).close()  # what offloading does: write files there
+    except OSError as e:
+        raise UsageError(f"--offload-folder {folder} cannot be written ({e.strerror}); give a writable folder") from None
     return folder
 
 

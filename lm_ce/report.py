@@ -56,11 +56,23 @@ def fmt(value) -> str:
 
 def title(summary: dict) -> str:
     s, m = summary["settings"], summary["model"]
-    protocol = f"protocol {s['protocol']}, " if s.get("protocol") else ""
+    protocol = f"protocol {protocol_label(s)}, " if s.get("protocol") else ""
     return (
         f"{m['name']} ({m['dtype']}) on {data_source(summary['data'])}: {protocol}{s['mode']} mode, "
         f"max_length {s['max_length']}" + (f", stride {s['stride']}" if s.get("stride") else "")
     )
+
+
+def protocol_label(s: dict) -> str:
+    """The protocol's name, and the fields of it this run set otherwise: 'lm-eval (overridden: --mode stream)'."""
+    overrides = s.get("protocol_overrides") or {}
+    if not overrides:
+        return s["protocol"]
+    shown = []
+    for key, value in overrides.items():
+        text = repr(value) if isinstance(value, str) and value != value.strip() else value  # a separator: '\n'
+        shown.append(f"--{key.replace('_', '-')} {text}")
+    return f"{s['protocol']} (overridden: {', '.join(shown)})"
 
 
 def data_source(data: dict) -> str:
@@ -80,7 +92,7 @@ def what_was_run(summary: dict) -> list[tuple[str, str]]:
             if key == "files":
                 rows += [(f"data.files[{i}]", f"{f['path']} ({fmt(f['bytes'])} bytes, sha256 {f['sha256']})")
                          for i, f in enumerate(value)]
-            elif value is not None:
+            elif value is not None and value != {}:
                 rows.append((f"{section}.{key}", fmt(value)))
     return rows
 
@@ -96,7 +108,7 @@ def headline(summary: dict) -> tuple[str, str] | None:
     value = fmt(lookup(summary, f"metrics.{key}"))
     if error is not None:
         value = f"PPL = {summary['metrics']['perplexity']:.4f} +/- {error:.5f} (llama-perplexity's per-token error)"
-    return f"headline ({s['protocol']}: {key})", value
+    return f"headline ({protocol_label(s)}: {key})", value
 
 
 def suite_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
@@ -105,7 +117,7 @@ def suite_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for name, d in summary["suite"]["datasets"].items():
         key = d["settings"]["headline"]
-        rows.append([name + ("" if d["complete"] else " (interrupted)"), d["settings"]["protocol"],
+        rows.append([name + ("" if d["complete"] else " (interrupted)"), protocol_label(d["settings"]),
                      fmt(d["counts"]["tokens"]), fmt(d["metrics"]["mean_loss"]), fmt(d["metrics"]["perplexity"]),
                      fmt(d["metrics"]["bits_per_byte"]), f"{key} {fmt(d['metrics'][key])}"])
     micro, macro = summary["suite"]["micro"], summary["suite"]["macro"]

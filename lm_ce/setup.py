@@ -14,7 +14,7 @@ import torch
 from .config import Config
 from .errors import UsageError
 from .loss import Head, head_of, probe_head
-from .model import ModelInfo
+from .model import ModelInfo, check_vocabulary
 from .protocols import PROTOCOLS
 from .windows import adds_bos
 
@@ -41,7 +41,8 @@ class Setup:
 
 def resolve(cfg: Config, *, model: torch.nn.Module, tokenizer, info: ModelInfo, device: torch.device,
             processes: int, threads: int) -> Setup:
-    """The run's settings: checked against the model (lengths, prefix) and probed (head)."""
+    """The run's settings: checked against the model (vocabulary, lengths, prefix) and probed (head)."""
+    check_vocabulary(model, tokenizer, info.name)
     max_length, stride = resolve_lengths(cfg, info.max_positions)
     choice = probe_head(model, head_of(model), device)
     if device.type == "cpu":

@@ -17,7 +17,7 @@ from .config import Config
 from .errors import UsageError
 from .data import MEMORY, local_files
 from .model import ModelInfo, file_sha256
-from .protocols import PROTOCOLS
+from .protocols import PROTOCOLS, protocol_values
 from .outputs import Outputs
 from .records import Results, RowSums, Run, Tally, TokenSums
 from .setup import Setup
@@ -193,7 +193,8 @@ def _refuse_nothing_scored(cfg: Config, rows: RowSums) -> None:
     if rows.not_text == rows.rows:
         raise UsageError(f"nothing to score: no row has a string in field '{cfg.text_field}'; check --text-field")
     raise UsageError(
-        f"nothing to score: all {rows.rows} documents tokenize to nothing (check --text-field '{cfg.text_field}')"
+        f"nothing to score: all {rows.rows} documents tokenize to nothing (empty or whitespace only; check "
+        f"--text-field '{cfg.text_field}')"
     )
 
 
@@ -234,6 +235,7 @@ def data_summary(cfg: Config) -> dict:
 def _settings(cfg: Config, setup: Setup) -> dict:
     return {
         "protocol": cfg.protocol,
+        "protocol_overrides": protocol_overrides(cfg),
         "headline": PROTOCOLS[cfg.protocol].headline,
         "mode": cfg.mode,
         "max_length": setup.max_length,
@@ -249,6 +251,15 @@ def _settings(cfg: Config, setup: Setup) -> dict:
         "token_budget": setup.budget,
         "padding_side": cfg.padding_side,
     }
+
+
+def protocol_overrides(cfg: Config) -> dict:
+    """The fields the protocol sets that this run set otherwise (e.g. --mode stream under lm-eval, whose figure is
+    document-level): printed beside the protocol's name, so the figure is not quoted as the protocol's."""
+    values = protocol_values(cfg.protocol)
+    no_prefix = cfg.mode == "stream" and {cfg.prefix_token, values["prefix_token"]} <= {"auto", "none"}  # the same
+    return {k: getattr(cfg, k) for k, v in values.items()
+            if v is not None and getattr(cfg, k) != v and not (k == "prefix_token" and no_prefix)}
 
 
 def metrics(nll_sum: float, tokens: int, n_bytes: int, words: int) -> Metrics:

@@ -31,7 +31,8 @@ def reference(corpus, tiny_llama, llama_tokenizer):
     rows, _ = corpus
     out = []
     for row in rows:
-        seq, first = document_sequence(llama_tokenizer, row["text"], llama_tokenizer.bos_token_id)
+        text = row["text"] if row["text"].strip() else ""  # whitespace only: an empty document, not scored
+        seq, first = document_sequence(llama_tokenizer, text, llama_tokenizer.bos_token_id)
         out.append(reference_tokens(tiny_llama, seq, document_windows(len(seq), first, MAX_LEN, STRIDE)))
     return out
 
@@ -143,7 +144,8 @@ def test_compare_with_perturbed_copy_matches_direct_kl(corpus, reference, tiny_l
                           batch_size=4, progress=False))
     kls, agree, other_nll = [], [], 0.0
     for row in rows:
-        seq, first = document_sequence(llama_tokenizer, row["text"], llama_tokenizer.bos_token_id)
+        text = row["text"] if row["text"].strip() else ""  # whitespace only: an empty document, not scored
+        seq, first = document_sequence(llama_tokenizer, text, llama_tokenizer.bos_token_id)
         windows = document_windows(len(seq), first, MAX_LEN, STRIDE)
         for p, q in zip(reference_tokens(tiny_llama, seq, windows), reference_tokens(other, seq, windows)):
             kls.append(float((p["logprobs"].exp() * (p["logprobs"] - q["logprobs"])).sum()))

@@ -74,7 +74,7 @@ def env(tmp_path, tiny_llama_dir, no_specials_dir, monkeypatch) -> Env:
 def model_dir(e: Env, name: str, config: str | None = None, without: str = "weights") -> str:
     """A copy of the tiny llama's directory without its weights (or tokenizer), with this config.json if given."""
     path = e.tmp / name
-    drop = ("tokenizer*", "special_tokens_map.json") if without == "tokenizer" else ("*.safetensors", "*.bin")
+    drop = {"tokenizer": ("tokenizer*", "special_tokens_map.json"), "weights": ("*.safetensors", "*.bin"), "nothing": ()}[without]
     shutil.copytree(e.llama, path, ignore=shutil.ignore_patterns(*drop))
     if config is not None:
         (path / "config.json").write_text(config)
@@ -106,6 +106,24 @@ def remote_code_model(e: Env) -> str:
     return str(path)
 
 
+def more_ids_than_rows(e: Env) -> str:
+    """A copy of the tiny llama whose tokenizer gained 3 ids that the model's embedding has no rows for."""
+    from transformers import AutoTokenizer
+
+    path = e.tmp / "more_ids"
+    shutil.copytree(e.llama, path)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.add_tokens(["<new1>", "<new2>", "<new3>"])
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def fewer_positions(e: Env, positions: int = 64) -> str:
+    """A copy of the tiny llama (rotary positions) whose config says it was trained on 64 positions."""
+    return model_dir(e, "short_llama", config=json.dumps({**json.loads((Path(e.llama) / "config.json").read_text()),
+                                                         "max_position_embeddings": positions}), without="nothing")
+
+
 def base(e: Env) -> list[str]:
     """A command line that works; each case adds to it (later flags win)."""
     return ["--model", e.llama, "--data-files", e.good, "--progress", "false", "--batch-size", "4"]
@@ -130,8 +148,13 @@ REFUSED = [
     ("model-dir-no-tokenizer", lambda e: ["--model", model_dir(e, "no_tok", without="tokenizer")], ["cannot load model directory", "no_tok", "tokenizer"]),
     ("model-truncated-safetensors", lambda e: ["--model", truncated_weights(e)], ["truncated/model.safetensors is truncated or corrupt", "download or save the model again"]),
     ("model-remote-code", lambda e: ["--model", remote_code_model(e)], ["own Python code", "auto_map in config.json", "--trust-remote-code", "executes the model's code"]),
+    ("tokenizer-ids-beyond-embedding", lambda e: ["--model", more_ids_than_rows(e), "--data-files", e.file("new.jsonl", '{"text": "a <new3> b"}\n'), "--output-dir", str(e.tmp / "out")], ["its tokenizer has 515 ids, more than the model's 512 embedding rows"]),
+    ("compare-to-fewer-positions", lambda e: ["--compare-to", fewer_positions(e), "--max-length", "128"], ["--compare-to", "short_llama has 64 positions, fewer than --max-length 128", "--max-length 64 or less"]),
     ("compare-to-missing", lambda e: ["--compare-to", str(e.tmp / "no_such_model")], ["no_such_model does not exist; check --compare-to"]),
     ("model-hub-offline", lambda e: ["--model", "nobody-here/no-such-model"], ["nobody-here/no-such-model", "Offline?", "--model"]),
+    ("offload-folder-a-file", lambda e: ["--device-map", "auto", "--offload-folder", e.file("off", "x")], ["--offload-folder", "off is a file, not a folder"]),
+    ("offload-folder-not-writable", lambda e: ["--device-map", "auto", "--offload-folder", "/proc/self"], ["--offload-folder /proc/self cannot be written (", "writable folder"]),
+    ("offload-folder-under-a-file", lambda e: ["--device-map", "auto", "--offload-folder", e.file("f", "x") + "/sub"], ["--offload-folder", "f/sub cannot be written"]),
     # --- the data ---
     ("hub-dataset-offline", lambda e: ["--data-files", "none", "--dataset", "nobody-here/no-such-dataset"], ["nobody-here/no-such-dataset", "--data-files"]),
     ("data-files-empty-string", lambda e: ["--data-files", ""], ["--data-files is empty", "--dataset"]),
@@ -160,6 +183,7 @@ REFUSED = [
     ("stride-over-max-length", lambda e: ["--max-length", "16", "--stride", "32"], ["--stride 32 is larger than --max-length 16"]),
     ("max-length-beyond-model", lambda e: ["--max-length", "300"], ["--max-length 300 is beyond the model's 256 positions", "--max-length 256"]),
     ("stream-max-length-1", lambda e: ["--mode", "stream", "--max-length", "1"], ["--mode stream --max-length 1 scores nothing", "--max-length 2"]),
+    ("llama-cpp-max-length-2", lambda e: ["--protocol", "llama-cpp", "--max-length", "2"], ["--mode llama-cpp --max-length 2 scores nothing", "--max-length 3 or more"]),
     ("max-length-0", lambda e: ["--max-length", "0"], ["--max-length must be at least 1, got 0"]),
     ("batch-size-negative", lambda e: ["--batch-size", "-1"], ["--batch-size must be at least 1, got -1"]),
     # --- the command line and config files ---
@@ -187,6 +211,7 @@ REFUSED = [
 ABSENT = {
     "compare-to-missing": ["--model"],
     "stream-max-length-1": ["--text-field", "text field"],
+    "llama-cpp-max-length-2": ["--text-field"],
     "model-remote-code": ["hf.co", "config.json, the weights"],
 }
 
@@ -293,7 +318,7 @@ def test_a_small_stride_says_its_cost_before_scoring(env, capsys, mode):
 
 
 ODD = [
-    "   \t  ",  # whitespace only: real tokens, scored
+    "   \t  ",  # whitespace only: an empty document, counted as skipped ("empty"), its tokens not scored
     "a",  # one character: one target after the BOS
     "",  # empty: nothing to score, counted as skipped ("empty")
     "Le café était fermé. Ça va? 😀🎉 交叉熵损失函数。Ελληνικά, русский текст. 🐍🦀",
@@ -307,10 +332,11 @@ def test_odd_documents_are_scored_or_counted(env, mode):
     summary, documents = results_of(env, ["--data-files", path, "--mode", mode, "--max-length", "256", "--batch-size", "64"])
     counts = summary["counts"]
     assert counts["tokens"] > 20000
-    assert counts["bytes"] == len(("\n\n" if mode == "stream" else "").join(ODD).encode("utf-8"))
+    scored = ODD if mode == "stream" else ODD[1:]  # a stream's bytes are its joined text's, whitespace rows included
+    assert counts["bytes"] == len(("\n\n" if mode == "stream" else "").join(scored).encode("utf-8"))
+    assert (counts["documents"], counts["skipped_documents"]) == (3, 2)  # whitespace and "": empty documents
     if mode == "document":
-        assert [d["skipped"] for d in documents] == [None, None, "empty", None, None]
-        assert (counts["documents"], counts["skipped_documents"]) == (4, 1)
+        assert [d["skipped"] for d in documents] == ["empty", None, "empty", None, None]
     assert_finite(summary)
 
 
@@ -318,7 +344,7 @@ def test_odd_documents_in_a_text_file(env):
     """The same documents as lines of a .txt file: the empty line is counted as skipped."""
     path = env.file("odd.txt", "\n".join(ODD) + "\n")
     summary, documents = results_of(env, ["--data-files", path, "--max-length", "256", "--batch-size", "64"])
-    assert [d["skipped"] for d in documents] == [None, None, "empty", None, None]
+    assert [d["skipped"] for d in documents] == ["empty", None, "empty", None, None]
     assert_finite(summary)
 
 

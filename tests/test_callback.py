@@ -123,6 +123,42 @@ def test_mixed_precision_trainer_logs_the_figure_of_the_weights(tiny_llama_dir, 
     assert "_original_forward" in trainer.model.__dict__ and trainer.model.forward is not trainer.model._original_forward
 
 
+def without_processing_class(trainer):
+    """The Trainer as if made without processing_class=tokenizer."""
+    trainer.processing_class = trainer.callback_handler.processing_class = None
+    return trainer
+
+
+def test_the_tokenizer_is_found_from_the_models_name_or_path(tiny_llama_dir, llama_tokenizer, texts, tmp_path):
+    """Neither the callback nor the Trainer has a tokenizer: the one saved with the model (its name_or_path)."""
+    data = held_out_texts(texts)
+    trainer = without_processing_class(train_two_steps(tiny_llama_dir, llama_tokenizer, tmp_path,
+                                                       lambda t: lm_ce.PerplexityCallback(data, trainer=t, **SETTINGS)))
+    trainer.train()
+    logged = next(entry for entry in trainer.state.log_history if NAMES[0] in entry)
+    expected = lm_ce.evaluate(trainer.model, llama_tokenizer, data, progress=False, **SETTINGS).summary["metrics"]
+    assert logged[NAMES[0]] == pytest.approx(expected["perplexity"], rel=1e-9)
+
+
+def test_no_tokenizer_is_refused_before_the_first_training_step(tiny_llama_dir, llama_tokenizer, texts, tmp_path):
+    """Was found only at the first evaluation, after the training steps before it had run."""
+    from transformers import TrainerCallback
+
+    steps = []
+
+    class Steps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append(state.global_step)
+
+    trainer = without_processing_class(train_two_steps(tiny_llama_dir, llama_tokenizer, tmp_path,
+                                                       lambda t: lm_ce.PerplexityCallback(held_out_texts(texts), trainer=t)))
+    trainer.model.name_or_path = trainer.model.config._name_or_path = ""  # a model built from a config
+    trainer.add_callback(Steps())
+    with pytest.raises(lm_ce.UsageError, match="PerplexityCallback: no tokenizer to score with: give"):
+        trainer.train()
+    assert steps == [] and trainer.state.global_step == 0
+
+
 def test_bad_settings_are_refused_when_the_callback_is_made():
     with pytest.raises(lm_ce.UsageError, match="did you mean 'max_length'"):
         lm_ce.PerplexityCallback(["some text"], max_lenght=128)

@@ -196,3 +196,31 @@ def test_bad_json_line_is_named_when_reading(tmp_path):
     path.write_text('{"text": "a"}\n{"text": "b"\n', encoding="utf-8")
     with pytest.raises(UsageError, match=r"data\.jsonl:2: not valid JSON"):
         documents(path)
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "txt"])
+def test_a_file_swapped_with_its_mtime_kept_is_read_anew(tmp_path, suffix):
+    """datasets keys its Arrow cache by path and mtime: a file replaced by cp -p, rsync -t or tar (mtime kept) was
+    read from the old copy. The cache is keyed by content, so the current rows are read."""
+    import os
+
+    import datasets
+
+    path = tmp_path / f"d.{suffix}"
+
+    def write(n: int) -> None:
+        lines = [json.dumps({"text": f"row {i}"}) if suffix == "jsonl" else f"row {i}" for i in range(n)]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def plain() -> int:  # datasets alone, keyed by path and mtime
+        builder = "json" if suffix == "jsonl" else "text"
+        return len(datasets.load_dataset(builder, data_files=[str(path)], split="train", cache_dir=str(tmp_path / "c")))
+
+    write(40)
+    before = os.stat(path)
+    assert plain() == 40 and len(documents(path)) == 40
+    write(41)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # touch -r: the old time on the new content
+    assert plain() == 40  # the old rows: why the cache is keyed by content
+    assert [d.text for d in documents(path)] == [f"row {i}" for i in range(41)]
+    assert len(documents(path)) == 41  # the cache of the new content, read again

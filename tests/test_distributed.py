@@ -117,11 +117,13 @@ def texts_file(tmp_path, texts) -> str:
 @pytest.mark.slow  # a real 2-process launch: ~10 s unloaded, ~20 s on a busy 2-core machine
 def test_uneven_windows(tiny_llama_dir, texts_file, tmp_path, capsys):
     """(a) Windows and batches that do not divide evenly: one process takes an empty step at the end."""
-    args = ["--model", tiny_llama_dir, "--data-files", texts_file, "--id-field", "id", "--max-length", "32",
+    rows = [json.loads(line) for line in Path(texts_file).read_text().splitlines()] + [{"text": "Hello world.", "id": "x"}]
+    data = make_jsonl(tmp_path / "uneven.jsonl", rows)
+    args = ["--model", tiny_llama_dir, "--data-files", data, "--id-field", "id", "--max-length", "32",
             "--batch-size", "4"]  # 107 windows in 27 batches
     one, many, _ = compare(args, tmp_path, capsys)
     assert one["counts"]["windows"] % NPROC == 1
-    assert one["counts"]["skipped_documents"] == 2  # "" (no target after the prefix) and the row with no text
+    assert one["counts"]["skipped_documents"] == 3  # "" and "   \n" (empty documents) and the row with no text
     assert all(n > 0 for n in many["counts"]["tokens_per_process"])
 
 

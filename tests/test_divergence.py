@@ -477,6 +477,8 @@ def reference_pairs(base, other, tokenizer, rows: list[dict], *, max_length: int
 
     tokens = []
     for i, row in enumerate(rows):
+        if not row["text"].strip():  # whitespace only: an empty document, not scored
+            continue
         seq, first = document_sequence(tokenizer, row["text"], tokenizer.bos_token_id)
         windows = document_windows(len(seq), first, max_length, stride)
         for p, q in zip(reference_tokens(base, seq, windows), reference_tokens(other, seq, windows)):

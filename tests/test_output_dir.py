@@ -278,3 +278,36 @@ def test_the_python_api_holds_the_directory_and_a_callback_replaces_only_its_own
     with pytest.raises(UsageError, match="holds a finished run"):
         lm_ce.PerplexityCallback(texts, tokenizer=llama_tokenizer, output_dir=str(out), max_length=32).on_evaluate(
             None, TrainerState(global_step=30), TrainerControl(), model=tiny_llama, metrics={})
+
+
+@pytest.mark.parametrize("extra", [[], ["--overwrite"], ["--resume"]])
+def test_the_users_own_files_are_not_a_run_and_never_replaced(tiny_llama_dir, data, tmp_path, capsys, no_model_load,
+                                                              extra):
+    """A directory holding only the user's config.yaml, documents.jsonl or a results.json of another tool is no
+    finished run: refused (with --overwrite too), naming the files, and nothing is deleted."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    mine = {"config.yaml": "model: my-model\n", "documents.jsonl": '{"text": "my data"}\n',
+            "results.json": '{"accuracy": 0.9}\n'}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    assert cli.main(args(tiny_llama_dir, data, out, *extra)) == 2
+    line = one_error_line(capsys)
+    assert "holds results.json, config.yaml, documents.jsonl, not written by lm_ce" in line, line
+    assert "finished run" not in line and "move them elsewhere" in line, line
+    assert {p.name: p.read_text() for p in out.iterdir()} == mine
+    (out / "results.json").unlink()
+    assert cli.main(args(tiny_llama_dir, data, out, "--overwrite")) == 2
+    assert "holds config.yaml, documents.jsonl, not written by lm_ce" in one_error_line(capsys)
+
+
+def test_a_run_is_known_by_its_state_alone(tiny_llama_dir, data, tmp_path, capsys, monkeypatch):
+    """An interrupted run before its first report (state.pt only) is still a run: kept, resumable."""
+    out = tmp_path / "run"
+    stop_at_second_batch(monkeypatch)
+    assert cli.main(args(tiny_llama_dir, data, out)) == 130
+    monkeypatch.undo()
+    for name in outdir.REPORTS:
+        (out / name).unlink(missing_ok=True)
+    found = outdir.previous_run(out)
+    assert found.resumable and not found.foreign and found.words.startswith("an interrupted run")

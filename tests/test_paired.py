@@ -161,6 +161,24 @@ def test_command_line(runs, tmp_path, capsys):
     assert len(err) == 1 and "two run directories" in err[0]
 
 
+def test_command_line_refusals_are_one_line(runs, tmp_path, capsys):
+    """--output-dir a file, and a damaged documents.jsonl: one line and exit 2 (were tracebacks)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    assert cli.main(["compare", runs["a"], runs["b"], "--output-dir", str(a_file)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a_file is a file, not a directory" in err[0], err
+    assert a_file.read_text() == "mine"
+    for damage, expected in [(lambda text: text[: len(text) // 2], "documents.jsonl:"), (lambda text: "[1, 2]\n" + text, ":1: not a document row")]:
+        broken = tmp_path / f"broken{len(expected)}"
+        broken.mkdir()
+        (broken / "results.json").write_text(open(f"{runs['b']}/results.json").read())
+        (broken / "documents.jsonl").write_text(damage(open(f"{runs['b']}/documents.jsonl").read()))
+        assert cli.main(["compare", runs["a"], str(broken)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0] and "rerun that evaluation" in err[0], err
+
+
 def test_stream_runs_pair_blocks_of_tokens(make_run, tiny_llama_dir, perturbed_dir):
     a = make_run(tiny_llama_dir, mode="stream", save_tokens=True, group_field=None)
     b = make_run(perturbed_dir, mode="stream", save_tokens=True, group_field=None)
@@ -176,4 +194,7 @@ def test_stream_runs_pair_blocks_of_tokens(make_run, tiny_llama_dir, perturbed_d
     plain = paired.compare_runs(make_run(tiny_llama_dir, mode="stream", group_field=None),
                                 make_run(perturbed_dir, mode="stream", group_field=None))
     assert plain["delta"]["mean_loss"]["stderr"] is None and "only the totals" in plain["notes"][0]
+    footer = paired.markdown(plain).rstrip().splitlines()[-1]  # no standard error: the footer does not describe one
+    assert "SE²" not in footer and "no paired standard error" in footer, footer
+    assert "SE² = C/(C−1)" in paired.markdown(c)
     assert math.isclose(plain["delta"]["mean_loss"]["value"], mean, rel_tol=1e-6)

@@ -85,6 +85,16 @@ def test_resume_refuses_a_different_run(tiny_llama_dir, corpus, tmp_path, capsys
     assert cli.main(args + ["--resume"]) == 0  # the same run: reported again from its saved state
 
 
+def test_resume_knows_a_local_model_by_its_resolved_path(tiny_llama_dir, corpus, tmp_path, monkeypatch):
+    """./tiny/ and /abs/path/tiny are one model: a resume with the other spelling is the same run."""
+    out = tmp_path / "run"
+    monkeypatch.chdir(Path(tiny_llama_dir).parent)
+    relative = f"./{Path(tiny_llama_dir).name}/"
+    args = ["--data-files", corpus, "--max-length", "24", "--output-dir", str(out), "--no-progress", "--limit", "5"]
+    assert cli.main(["--model", relative, *args]) == 0
+    assert cli.main(["--model", str(Path(tiny_llama_dir).resolve()), *args, "--resume"]) == 0
+
+
 def test_sigterm_on_a_real_process_then_resume(tiny_llama_dir, corpus, tmp_path, uninterrupted):
     """A real run in its own process, signalled midway, resumed by a second process."""
     big = make_jsonl(tmp_path / "big.jsonl", [json.loads(line) for line in Path(corpus).read_text().splitlines()] * 8)
