@@ -108,6 +108,9 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
             raise UsageError(f"--resume: {cfg.output_dir} holds shard {run.shard} of the documents, not "
                              f"{shard}; resume it as that shard, or use another --output-dir")
         outputs.start(run)
+        if cfg.output_dir and accelerator.is_main_process and not state:  # lm_ce's marker before any row is written:
+            # a stop before the first periodic save leaves a run that resumes, not files that look like a stranger's
+            checkpoint.save(cfg.output_dir, checkpoint.state_of(cfg, run, setup.processes, complete=False))
         try:
             stopped = _passes(plan, run, tokenizer, done=bool(state and state.get("complete")))
         finally:

@@ -121,3 +121,30 @@ def test_sigterm_on_a_real_process_then_resume(tiny_llama_dir, corpus, tmp_path,
                             chunk_documents=16, progress=False))
     assert final["complete"] is True
     same_result(final, whole.summary)
+
+
+def test_kill_before_the_first_periodic_save_then_resume(tiny_llama_dir, corpus, tmp_path):
+    """Rows are appended to documents.jsonl as chunks finish, long before the first periodic save: a run killed
+    then still holds lm_ce's marker (the state saved at its start), so it resumes instead of being refused."""
+    big = make_jsonl(tmp_path / "big.jsonl", [json.loads(line) for line in Path(corpus).read_text().splitlines()] * 8)
+    out = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model", tiny_llama_dir, "--data-files", big,
+            "--max-length", "24", "--stride", "12", "--batch-size", "1", "--chunk-documents", "16",
+            "--output-dir", str(out), "--no-progress"]  # the default 300 s between saves: none before the kill
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    rows = out / "documents.jsonl"
+    deadline = time.monotonic() + 120
+    while not (rows.exists() and rows.stat().st_size) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the first chunk's rows are on disk
+    assert proc.poll() is None, "the run finished before it could be killed; give it more data"
+    proc.kill()
+    proc.communicate(timeout=60)
+    done = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    final = json.loads((out / "results.json").read_text())
+    whole = evaluate(Config(model=tiny_llama_dir, data_files=[big], max_length=24, stride=12, batch_size=1,
+                            chunk_documents=16, progress=False))
+    assert final["complete"] is True
+    same_result(final, whole.summary)
+    assert len(rows.read_text().splitlines()) == whole.summary["counts"]["documents"]
