@@ -6,7 +6,7 @@ prompt. Point L scores exactly those targets with the windows a plain run with -
 use, s_L = max(1, L // context_curve_divisor) (in stream mode at most L - 1), so point L equals that run restricted
 to the targets. Each target sees between L - s_L + 1 and L tokens of context (document mode), or between L - s_L
 and L - 1 (stream mode, whose windows never score their first token); a point reads about L / s_L input tokens
-per target, so the default divisor 8 gives every target 7/8 L to L tokens of context for 8 tokens read.
+per target, so the default divisor 4 gives every target 3/4 L to L tokens of context for 4 tokens read.
 """
 from __future__ import annotations
 
@@ -74,21 +74,23 @@ def context_curve(plan: Plan, tokenizer) -> dict | None:
     longest = cfg.context_curve[-1]
     points = [CurvePoint(n, curve_stride(n, cfg.context_curve_divisor, cfg.mode)) for n in cfg.context_curve]
     # Its own progress bar; no periodic saves (a saved state holds the run's own figures, never the curve's).
-    curve_plan = dataclasses.replace(plan, cfg=dataclasses.replace(cfg, output_dir=None),
-                                     setup=dataclasses.replace(plan.setup, max_length=longest),
+    curve_plan = dataclasses.replace(plan, setup=dataclasses.replace(plan.setup, max_length=longest),
                                      progress=Progress(plan.progress.enabled, main=plan.progress.main))
+    # The token budget bounds a batch's memory: short windows fill it (more of them than --batch-size).
+    plans = [dataclasses.replace(curve_plan, cfg=dataclasses.replace(
+        cfg, output_dir=None, batch_size=max(cfg.batch_size, plan.setup.budget // p.length))) for p in points]
     started, documents = time.perf_counter(), 0
     try:
         for sequences in _sequences(plan, tokenizer):
             documents += sum(len(s.ids) - 1 >= max(longest, s.first_target) for s in sequences.values())
-            for point in points:
+            for point, point_plan in zip(points, plans):
                 windows = []
                 for index in sorted(sequences):
                     s = sequences[index]
                     spans = curve_spans(cfg.mode, len(s.ids), s.first_target, point.length, point.stride, longest)
                     windows += windows_of(index, s.ids, spans, plan.setup.window_first)
                 results = {index: DocumentResult(index=index) for index in sequences}
-                if score_windows(windows, curve_plan, Run(tally=curve_plan.new_tally()), results):
+                if score_windows(windows, point_plan, Run(tally=curve_plan.new_tally()), results):
                     log.warning("stopped during --context-curve: results.json has no context_curve")
                     return None
                 for index in sorted(results):  # document order: the same float64 sum with any number of processes
