@@ -193,3 +193,27 @@ def test_two_processes_equal_one(tiny_llama_dir, data_file, tmp_path, capsys):
     assert many["nll_sum"] == pytest.approx(one["nll_sum"], rel=1e-6)
     assert "Traceback" not in launch.stderr
     assert (tmp_path / "many" / "context_curve.png").is_file()
+
+
+@pytest.mark.parametrize("case", ["prompt", "every-window"])
+def test_prompts_and_bos_in_every_window_match_the_reference(tiny_llama_dir, tiny_llama, llama_tokenizer, texts,
+                                                             tmp_path, case):
+    """Targets start after the prompt when it is longer than the longest length; with --bos-policy every-window
+    each window's first input is BOS, as in the plain run."""
+    rng = random.Random(3)
+    long_prompt = " ".join(rng.choice(texts[8].split()) for _ in range(60))  # more than 32 tokens
+    rows = [{"text": texts[8], "prompt": "Question: what comes next?"}, {"text": texts[9], "prompt": long_prompt}]
+    data = make_jsonl(tmp_path / "rows.jsonl", rows)
+    fields = dict(prompt_field="prompt") if case == "prompt" else dict(bos_policy="every-window")
+    curve = curve_of(tiny_llama_dir, data, batch_size=3, **fields)
+    bos = llama_tokenizer.bos_token_id
+    for k, length in enumerate(LENGTHS):
+        nll, tokens = 0.0, 0
+        for row in rows:
+            prompt = row["prompt"] if case == "prompt" else None
+            seq, first = document_sequence(llama_tokenizer, row["text"], bos, prompt)
+            windows = clip(document_windows(len(seq), first, length, length // DIVISOR), max(LENGTHS[-1], first))
+            part, n = reference_nll(tiny_llama, seq, windows, first_id=bos if case == "every-window" else None)
+            nll, tokens = nll + part, tokens + n
+        assert curve["tokens"][k] == tokens > 100
+        assert math.isclose(curve["nll_sum"][k], nll, rel_tol=REL), (case, length)
