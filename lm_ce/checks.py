@@ -14,7 +14,8 @@ def check(cfg: Config) -> None:
         value = getattr(cfg, name)
         if value not in CHOICES[name]:
             raise UsageError(f"field '{name}' is '{value}'; choose one of {', '.join(CHOICES[name])}")
-    for name in ("max_length", "stride", "batch_size", "token_budget", "limit", "chunk_documents", "threads", "checkpoint_seconds", "chunks"):
+    for name in ("max_length", "stride", "batch_size", "token_budget", "limit", "chunk_documents", "threads", "checkpoint_seconds", "chunks",
+                 "context_curve_divisor"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -74,6 +75,27 @@ def check(cfg: Config) -> None:
     if cfg.bos_policy == "every-window" and cfg.prefix_token == "none":
         raise UsageError("--bos-policy every-window puts the prefix token in every window; it needs --prefix-token "
                          "auto, bos or eos, not none")
+    check_context_curve(cfg)
+
+
+def check_context_curve(cfg: Config) -> None:
+    """--context-curve: increasing lengths of at least 1 (2 in stream mode), in document or stream mode, not resumed."""
+    lengths = cfg.context_curve
+    if lengths is None:
+        return
+    shown = ",".join(map(str, lengths))
+    least = 2 if cfg.mode == "stream" else 1
+    if not lengths:
+        raise UsageError("--context-curve is empty: give increasing context lengths, e.g. --context-curve 128,256,512")
+    if lengths[0] < least or any(b <= a for a, b in zip(lengths, lengths[1:])):
+        raise UsageError(f"--context-curve {shown}: give strictly increasing lengths of at least {least}, "
+                         "e.g. --context-curve 128,256,512")
+    if cfg.mode not in ("document", "stream"):
+        raise UsageError(f"--context-curve scores document or stream windows; --mode {cfg.mode} cuts fixed chunks "
+                         "(use --mode document or stream)")
+    if cfg.resume:
+        raise UsageError("--context-curve cannot be resumed yet (its sums are not saved): rerun without --resume, "
+                         "with --overwrite")
 
 
 def valid_shard(shard: str, mode: str) -> bool:

@@ -80,6 +80,11 @@ class Config:
                                                             "data (KL, top-1, delta perplexity)")
     save_tokens: bool = option(False, "analysis", "save every scored token's id, text, position, NLL and top-1 "
                                                   "(tokens.parquet)")
+    context_curve: list[int] | None = option(None, "analysis", "context lengths, increasing (128,256,512): the same "
+                                                               "targets scored with each (context_curve.png)")
+    context_curve_divisor: int = option(4, "analysis", "--context-curve windows of length L advance by L/N tokens: "
+                                                       "each target sees L - L/N + 1 to L tokens of context, "
+                                                       "N input tokens read per target")
     output_dir: str | None = option(None, "output", "directory of the run's reports and saved progress")
     resume: bool = option(False, "output", "continue the run saved in --output-dir (same model, data and settings)")
     overwrite: bool = option(False, "output", "replace the run in --output-dir: its files are deleted first "

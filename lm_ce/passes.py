@@ -63,17 +63,22 @@ def run_stream(plan: Plan, run: Run, tokenizer) -> bool:
     refuse_blank(docs, plan.cfg.text_field)
     texts = [d.text for d in docs if d.text is not None]  # empty rows still add a separator, as in the recipe
     run.stream_bytes = len(plan.cfg.separator.join(texts).encode("utf-8"))
-    joined = plan.cfg.separator.join(detokenized(plan.cfg.detokenizer, t) for t in texts)
-    ids, doubled = without_double_prefix(tokenizer(joined, add_special_tokens=False)["input_ids"] if joined else [],
-                                         plan.setup.prefix)
+    seq, doubled = stream_sequence(plan, tokenizer, texts)
     _say_doubled(run, int(doubled))
-    seq = ([plan.setup.prefix] if plan.setup.prefix is not None else []) + ids
     spans = stream_spans(len(seq), plan.setup.max_length, plan.setup.stride)
     windows = windows_of(-1, seq, spans, plan.setup.window_first)
     say_cost(windows, plan)
     stopped = score_windows(windows, plan, run, {-1: DocumentResult(index=-1)})
     _joined_documents(docs, run, plan, stopped)
     return stopped
+
+
+def stream_sequence(plan: Plan, tokenizer, texts: list[str]) -> tuple[list[int], bool]:
+    """(S, doubled) of stream mode: the prefix (if any) and the texts joined by the separator, tokenized once."""
+    joined = plan.cfg.separator.join(detokenized(plan.cfg.detokenizer, t) for t in texts)
+    ids, doubled = without_double_prefix(tokenizer(joined, add_special_tokens=False)["input_ids"] if joined else [],
+                                         plan.setup.prefix)
+    return ([plan.setup.prefix] if plan.setup.prefix is not None else []) + ids, doubled
 
 
 def run_chunks(plan: Plan, run: Run, tokenizer) -> bool:

@@ -294,6 +294,9 @@ def write(results: Results, output_dir: str, plot: bool = True) -> list[Path]:
     if plot and results.positions is not None and "suite" not in results.summary and int(results.positions.count.sum()):
         if plot_positions(results.positions, directory / "position_loss.png", title(results.summary)):
             written.append(directory / "position_loss.png")
+    if plot and "context_curve" in results.summary and any(results.summary["context_curve"]["tokens"]):
+        if plot_curve(results.summary["context_curve"], directory / "context_curve.png", title(results.summary)):
+            written.append(directory / "context_curve.png")
     written.append(_atomic(directory / "results.json", json.dumps(results.summary, indent=2, default=str) + "\n"))
     written.append(_atomic(directory / "results.md", markdown(results.summary)))
     config = yaml.safe_dump(results.summary["config"], sort_keys=False, allow_unicode=True)
@@ -339,6 +342,31 @@ def plot_positions(positions, path: Path, caption: str) -> bool:
     ax.set_ylabel("mean loss (nats/token)")
     ax.set_title(caption, fontsize=7)
     ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+def plot_curve(curve: dict, path: Path, caption: str) -> bool:
+    """Mean loss of the same targets against the context length (--context-curve), as a PNG; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(curve["lengths"], curve["mean_loss"], "o-")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(curve["lengths"], [str(n) for n in curve["lengths"]])
+    ax.minorticks_off()
+    ax.set_xlabel("context length L (tokens of context, at most one stride less; results.json: context_curve.context)")
+    ax.set_ylabel("mean loss (nats/token)")
+    ax.set_title(f"{caption}\n{curve['tokens'][0]:,} targets: {curve['targets']}", fontsize=7)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
     fig.savefig(tmp, dpi=120)

@@ -21,6 +21,7 @@ from . import checkpoint, model as model_lib, outdir, placement
 from .compare import compare_by_bytes, load_compared
 from .checks import check
 from .config import Config
+from .curve import check_lengths, context_curve
 from .errors import UsageError
 from .parallel import Plan
 from .passes import run_chunks, run_documents, run_stream
@@ -89,6 +90,8 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
     model, tokenizer, accelerator = loaded.model, loaded.tokenizer, loaded.accelerator
     setup = resolve(cfg, model=model, tokenizer=tokenizer, info=loaded.info, device=_device_of(model),
                     processes=accelerator.num_processes, threads=loaded.threads)
+    if cfg.context_curve:
+        check_lengths(cfg.context_curve, loaded.info.max_positions)
     if cfg.compile:  # compiled per new input shape on first use; pays on long runs of similar batches
         model.base_model.compile(dynamic=True)
     compared = load_compared(cfg, tokenizer=tokenizer, setup=setup, accelerator=accelerator)
@@ -115,7 +118,8 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
             stopped = _passes(plan, run, tokenizer, done=bool(state and state.get("complete")))
         finally:
             outputs.close()
-    finished = time.perf_counter()
+        finished = time.perf_counter()  # the run's timing; the curve times itself (context_curve.seconds)
+        curve = context_curve(plan, tokenizer) if cfg.context_curve and not stopped else None
     emit("scored")
     if cfg.output_dir and accelerator.is_main_process:
         checkpoint.save(cfg.output_dir, checkpoint.state_of(cfg, run, setup.processes, complete=not stopped))
@@ -124,6 +128,8 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
     durations = Durations(load=loaded_at - started, scoring=finished - loaded_at, total=finished - started)
     results = summarize(cfg, run=run, stopped=stopped, setup=setup, info=loaded.info, tokenizer=tokenizer,
                         durations=durations, outputs=outputs)
+    if curve is not None:
+        results.summary["context_curve"] = curve
     for name in compared.by_bytes:
         results.summary.setdefault("compare", {})[name] = compare_by_bytes(cfg, name, results, score=evaluate)
     return results

@@ -69,6 +69,7 @@ class Summary(TypedDict, total=False):
     config: dict
     groups: dict
     compare: dict
+    context_curve: dict
 
 
 @dataclass(frozen=True)
