@@ -80,6 +80,8 @@ class Config:
                                                             "data (KL, top-1, delta perplexity)")
     save_tokens: bool = option(False, "analysis", "save every scored token's id, text, position, NLL and top-1 "
                                                   "(tokens.parquet)")
+    min_k: float | None = option(None, "analysis", "K in (0, 1], e.g. 0.2: add membership signals to each document "
+                                                   "row (min_k, min_k_plus_plus, zlib_ratio over its lowest K of tokens)")
     output_dir: str | None = option(None, "output", "directory of the run's reports and saved progress")
     resume: bool = option(False, "output", "continue the run saved in --output-dir (same model, data and settings)")
     overwrite: bool = option(False, "output", "replace the run in --output-dir: its files are deleted first "
