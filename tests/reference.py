@@ -217,3 +217,28 @@ def reference_tokens(model: torch.nn.Module, seq: list[int], windows: list[tuple
             rows.append({"j": j, "nll": -row[seq[j]].item(), "top1": int(row.argmax()), "window_position": j - 1 - start,
                          "logprobs": row})
     return rows
+
+
+def reference_signals(model: torch.nn.Module, tokenizer, text: str, prefix_id: int | None, max_length: int,
+                      stride: int, k: float) -> dict | None:
+    """--min-k's signals of one document from float64 full log-probabilities: min_k (mean of the m = max(1,
+    floor(k n)) lowest log p(x_t)), min_k_plus_plus (the same of z_t = (log p(x_t) - mu_t) / sigma_t, mu_t and
+    sigma_t the mean and standard deviation of log p under p) and zlib_ratio; None for a document with no target."""
+    import zlib
+
+    seq, first_target = document_sequence(tokenizer, text, prefix_id)
+    rows = reference_tokens(model, seq, document_windows(len(seq), first_target, max_length, stride))
+    if not rows:
+        return None
+    lp = [-r["nll"] for r in rows]
+    z = []
+    for r, value in zip(rows, lp):
+        logp = r["logprobs"]
+        p = logp.exp()
+        mu = (p * logp).sum().item()
+        sigma = math.sqrt((p * (logp - mu) ** 2).sum().item())
+        z.append((value - mu) / sigma)
+    m = max(1, math.floor(k * len(rows)))
+    nll = -sum(lp)
+    return {"min_k": sum(sorted(lp)[:m]) / m, "min_k_plus_plus": sum(sorted(z)[:m]) / m,
+            "zlib_ratio": nll / len(rows) / len(zlib.compress(text.encode("utf-8")))}
