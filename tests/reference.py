@@ -227,18 +227,21 @@ def reference_signals(model: torch.nn.Module, tokenizer, text: str, prefix_id: i
     import zlib
 
     seq, first_target = document_sequence(tokenizer, text, prefix_id)
-    rows = reference_tokens(model, seq, document_windows(len(seq), first_target, max_length, stride))
-    if not rows:
+    model64 = as_float64(model)
+    lp, z = [], []
+    with torch.no_grad():
+        for start, a, b in document_windows(len(seq), first_target, max_length, stride):
+            input_ids = torch.tensor([seq[start:b]], dtype=torch.long, device=_device(model64))
+            logp = torch.log_softmax(model64(input_ids=input_ids, use_cache=False).logits[0].double(), dim=-1)
+            logp = logp[a - start : b - start]  # the rows predicting S[a+1..b]
+            p = logp.exp()
+            mu = (p * logp).sum(-1)
+            sigma = (p * (logp - mu[:, None]) ** 2).sum(-1).sqrt()
+            picked = logp.gather(1, torch.tensor(seq[a + 1 : b + 1], device=logp.device)[:, None]).squeeze(1)
+            lp += picked.tolist()
+            z += ((picked - mu) / sigma).tolist()
+    if not lp:
         return None
-    lp = [-r["nll"] for r in rows]
-    z = []
-    for r, value in zip(rows, lp):
-        logp = r["logprobs"]
-        p = logp.exp()
-        mu = (p * logp).sum().item()
-        sigma = math.sqrt((p * (logp - mu) ** 2).sum().item())
-        z.append((value - mu) / sigma)
-    m = max(1, math.floor(k * len(rows)))
-    nll = -sum(lp)
+    m = max(1, math.floor(k * len(lp)))
     return {"min_k": sum(sorted(lp)[:m]) / m, "min_k_plus_plus": sum(sorted(z)[:m]) / m,
-            "zlib_ratio": nll / len(rows) / len(zlib.compress(text.encode("utf-8")))}
+            "zlib_ratio": -sum(lp) / len(lp) / len(zlib.compress(text.encode("utf-8")))}

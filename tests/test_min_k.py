@@ -213,7 +213,7 @@ def test_real_model_equals_the_float64_reference(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "run"
-    assert cli.main(["--config", str(root / "configs" / "embedded.yaml"), "--limit", "5", "--max-length", "256",
+    assert cli.main(["--config", str(root / "configs" / "embedded.yaml"), "--limit", "5", "--max-length", "256", "--stride", "256",
                      "--min-k", str(K), "--output-dir", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     rows = [json.loads(x) for x in (out / "documents.jsonl").read_text().splitlines()]
