@@ -21,7 +21,7 @@ FINGERPRINTED = (
     "model", "revision", "dtype", "dataset", "dataset_config", "split", "data_files", "text_field", "prompt_field",
     "group_field", "id_field", "join_by", "streaming", "limit", "mode", "max_length", "stride", "prefix_token",
     "separator", "batch_size", "token_budget", "padding_side", "chunk_documents", "compare_to", "save_tokens",
-    "protocol", "bos_policy", "chunks", "detokenizer", "shard",
+    "protocol", "bos_policy", "chunks", "detokenizer", "shard", "min_k",
 )
 
 

@@ -27,6 +27,9 @@ def check(cfg: Config) -> None:
     if cfg.shard is not None and not valid_shard(cfg.shard, cfg.mode):
         raise UsageError(f"--shard {cfg.shard}: give K/N with 0 <= K < N (or auto, from SLURM_ARRAY_TASK_ID and "
                          "SLURM_ARRAY_TASK_COUNT), in --mode document")
+    if cfg.min_k is not None and not (0 < cfg.min_k <= 1 and cfg.mode == "document"):
+        raise UsageError(f"--min-k {cfg.min_k}: give the fraction K of each document's lowest tokens, 0 < K <= 1 "
+                         f"(e.g. 0.2), in --mode document (the signals are per document; --mode is {cfg.mode})")
     if cfg.resume and not cfg.output_dir:
         raise UsageError("--resume needs --output-dir: the directory of the run to continue")
     if cfg.data_cache == "output" and not cfg.output_dir:

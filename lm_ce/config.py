@@ -85,6 +85,8 @@ class Config:
     context_curve_divisor: int = option(4, "analysis", "--context-curve windows of length L advance by L/N tokens: "
                                                        "each target sees L - L/N + 1 to L tokens of context, "
                                                        "N input tokens read per target")
+    min_k: float | None = option(None, "analysis", "K in (0, 1], e.g. 0.2: add membership signals to each document "
+                                                   "row (min_k, min_k_plus_plus, zlib_ratio over its lowest K of tokens)")
     output_dir: str | None = option(None, "output", "directory of the run's reports and saved progress")
     resume: bool = option(False, "output", "continue the run saved in --output-dir (same model, data and settings)")
     overwrite: bool = option(False, "output", "replace the run in --output-dir: its files are deleted first "

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .signals import TileMoments, logprob_moments, wide
 
 log = logging.getLogger("lm_ce")
 
@@ -133,6 +134,8 @@ class TokenLosses:
 
     nll: torch.Tensor
     top1: torch.Tensor | None = None
+    mean: torch.Tensor | None = None  # mu_t = sum_v p_v log p_v, float64 (with want_moments: --min-k)
+    std: torch.Tensor | None = None  # sigma_t, the standard deviation of log p_v under p
 
 
 def token_losses(
@@ -142,26 +145,31 @@ def token_losses(
     rows: int | None = None,
     want_top1: bool = False,
     vocab_block: int | None = None,
+    want_moments: bool = False,
 ) -> TokenLosses:
     """nll[i] = logsumexp(head(hidden[i])) - head(hidden[i])[targets[i]], one tile at a time.
 
     Blocks of `rows` rows; within a block, slices of `vocab_block` logits whose log-sum-exps are
-    combined with logaddexp (and whose maxima give the top-1)."""
+    combined with logaddexp (and whose maxima give the top-1). With want_moments, also the mean and standard
+    deviation of log p over the vocabulary, accumulated over the same tiles (signals.TileMoments)."""
     with head.loaded() as head:  # an offloaded head is brought in once for the whole batch
         return _token_losses(hidden.to(head.weight.device), targets.to(head.weight.device), head, rows, want_top1,
-                             vocab_block)
+                             vocab_block, want_moments)
 
 
-def _token_losses(hidden, targets, head: Head, rows, want_top1, vocab_block) -> TokenLosses:
+def _token_losses(hidden, targets, head: Head, rows, want_top1, vocab_block, want_moments=False) -> TokenLosses:
     n, vocab = hidden.shape[0], head.vocab_size
     rows = rows or min(max(n, 1), ROW_BLOCK)
     cols = min(vocab, vocab_block or tile_columns(rows))
     nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
     top1 = torch.empty(n, dtype=torch.long, device=hidden.device) if want_top1 else None
+    mean = torch.empty(n, dtype=wide(hidden.device), device=hidden.device) if want_moments else None
+    std = torch.empty_like(mean) if want_moments else None
     for start in range(0, n, rows):
         block = slice(start, min(start + rows, n))
         h, t = hidden[block], targets[block]
         lse = target = best = None
+        moments = TileMoments() if want_moments else None
         for v0 in range(0, vocab, cols):
             logits = head.logits(h, slice(v0, v0 + cols))
             inside = (t >= v0) & (t < v0 + logits.shape[1])
@@ -177,10 +185,12 @@ def _token_losses(hidden, targets, head: Head, rows, want_top1, vocab_block) -> 
                     top1[block] = torch.where(better, index + v0, top1[block])
             else:
                 value = logits.amax(dim=-1)
-            part = _logsumexp_(logits, value)
+            part = _logsumexp_(logits, value) if moments is None else moments.add(logits, value)
             lse = part if lse is None else torch.logaddexp(lse, part)
         nll[block] = lse - target
-    return TokenLosses(nll, top1)
+        if moments is not None:
+            mean[block], std[block] = moments.mean_and_std()
+    return TokenLosses(nll, top1, mean, std)
 
 
 def _logsumexp_(logits: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
@@ -190,11 +200,13 @@ def _logsumexp_(logits: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
     return logits.sub_(shift[:, None]).exp_().sum(dim=-1).log_().add_(shift)
 
 
-def logits_losses(logits: torch.Tensor, targets: torch.Tensor, want_top1: bool = False) -> TokenLosses:
+def logits_losses(logits: torch.Tensor, targets: torch.Tensor, want_top1: bool = False,
+                  want_moments: bool = False) -> TokenLosses:
     """The same quantities from logits the model already computed (the fallback path)."""
     logits = logits.float()
     nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, targets[:, None]).squeeze(1)
-    return TokenLosses(nll, logits.argmax(dim=-1) if want_top1 else None)
+    mean, std = logprob_moments(torch.log_softmax(logits, dim=-1)) if want_moments else (None, None)
+    return TokenLosses(nll, logits.argmax(dim=-1) if want_top1 else None, mean, std)
 
 
 @dataclass
@@ -206,28 +218,36 @@ class PairLosses:
     other_nll: torch.Tensor
     other_top1: torch.Tensor
     kl: torch.Tensor
+    mean: torch.Tensor | None = None  # the first model's mu_t and sigma_t (with want_moments: --min-k)
+    std: torch.Tensor | None = None
 
 
 def pair_losses(
-    hidden: torch.Tensor, head: Head, other_hidden: torch.Tensor, other_head: Head, targets: torch.Tensor, rows: int | None = None
+    hidden: torch.Tensor, head: Head, other_hidden: torch.Tensor, other_head: Head, targets: torch.Tensor, rows: int | None = None,
+    want_moments: bool = False,
 ) -> PairLosses:
     """Per-token NLL of both models and KL(P_first || P_second) = sum_v p(v) (log p(v) - log q(v)), chunked."""
     with head.loaded() as head, other_head.loaded() as other_head:
         device = head.weight.device
         return _pair_losses(hidden.to(device), head, other_hidden.to(other_head.weight.device), other_head,
-                            targets.to(device), rows)
+                            targets.to(device), rows, want_moments)
 
 
-def _pair_losses(hidden, head: Head, other_hidden, other_head: Head, targets, rows) -> PairLosses:
+def _pair_losses(hidden, head: Head, other_hidden, other_head: Head, targets, rows, want_moments=False) -> PairLosses:
     n = hidden.shape[0]
     rows = rows or max(8, chunk_rows(head.vocab_size) // 3)  # three vocab-wide blocks live at once
     out = PairLosses(*(torch.empty(n, dtype=dt, device=hidden.device) for dt in (torch.float32, torch.long, torch.float32, torch.long, torch.float32)))
+    if want_moments:
+        out.mean = torch.empty(n, dtype=wide(hidden.device), device=hidden.device)
+        out.std = torch.empty_like(out.mean)
     for start in range(0, n, rows):
         s = slice(start, min(start + rows, n))
         t = targets[s, None]
         logp = torch.log_softmax(head.logits(hidden[s]), dim=-1)
         logq = torch.log_softmax(other_head.logits(other_hidden[s]), dim=-1).to(logp.device)
         out.nll[s] = -logp.gather(1, t).squeeze(1)
+        if want_moments:
+            out.mean[s], out.std[s] = logprob_moments(logp)
         out.other_nll[s] = -logq.gather(1, t).squeeze(1)
         out.top1[s] = logp.argmax(dim=-1)
         out.other_top1[s] = logq.argmax(dim=-1)

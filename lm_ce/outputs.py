@@ -18,16 +18,19 @@ from pathlib import Path
 import torch
 
 from .records import DocumentResult, Run
+from .signals import Signals
 
 DOCUMENTS = "documents.jsonl"
 TOKENS = "tokens.parquet"
 PART_PREFIX = f".{TOKENS}.tmp-part"  # hidden parts, one per chunk: --overwrite clears them with the temporaries
-FIELDS = tuple(f.name for f in dataclasses.fields(DocumentResult))
+FIELDS = tuple(f.name for f in dataclasses.fields(DocumentResult) if f.name != "signals")
+SIGNALS = tuple(f.name for f in dataclasses.fields(Signals))
 
 
 def row_line(d: DocumentResult) -> str:
-    """One line of documents.jsonl: the row, with its perplexity and bits per byte."""
+    """One line of documents.jsonl: the row, with its perplexity and bits per byte (and its signals: --min-k)."""
     row = dataclasses.asdict(d)
+    row.update(row.pop("signals") or {})
     row["perplexity"] = math.exp(d.nll_sum / d.tokens) if d.tokens else None
     row["bits_per_byte"] = d.nll_sum / (d.bytes * math.log(2)) if d.tokens and d.bytes else None
     return json.dumps(row, ensure_ascii=False)
@@ -36,7 +39,8 @@ def row_line(d: DocumentResult) -> str:
 def row_of(line: str) -> DocumentResult:
     """A documents.jsonl line read back (the float64 sums survive JSON exactly)."""
     row = json.loads(line)
-    return DocumentResult(**{k: row[k] for k in FIELDS})
+    signals = Signals(**{k: row[k] for k in SIGNALS}) if SIGNALS[0] in row else None
+    return DocumentResult(**{k: row[k] for k in FIELDS}, signals=signals)
 
 
 class DocumentRows(Sequence):

@@ -18,6 +18,7 @@ from .errors import UsageError
 from .parallel import Plan, gather, score_windows
 from .protocols import detokenized
 from .records import DocumentResult, RowSums, Run
+from .signals import add_to_rows
 from .windows import (Window, adds_bos, document_sequence, document_spans, gptq_spans, llama_cpp_spans,
                       stream_spans, windows_of, without_double_prefix)
 
@@ -201,6 +202,8 @@ def _score_chunk(docs: list[data.Document], future: Future, plan: Plan, run: Run
         return True
     _say_doubled(run, doubled)
     rows = [results[d.index] for d in docs]
+    if plan.cfg.min_k is not None:
+        add_to_rows(rows, docs, run.tally, plan.cfg.min_k)
     plan.outputs.add_chunk(run, rows)
     for r in rows:
         run.rows.add(r)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from . import stats
+from .signals import SignalSums, Signals, TokenSignals
 
 
 @dataclass
@@ -26,6 +27,7 @@ class DocumentResult:
     words: int = 0
     windows: int = 0
     skipped: str | None = None  # why nothing was scored: "empty" (no targets) or "not_text"
+    signals: Signals | None = None  # with --min-k: written as the row's min_k, min_k_plus_plus, zlib_ratio
 
 
 @dataclass
@@ -64,6 +66,7 @@ class Tally:
     padding: int = 0
     inputs: int = 0
     batches_done: list[int] = field(default_factory=list)  # global batch ids of the current chunk
+    signals: TokenSignals | None = None  # per-token (lp, z) of the chunk's documents (with --min-k)
 
     def doc(self, index: int) -> DocSums:
         """The sums of document `index`, created empty on first use."""
@@ -88,6 +91,9 @@ class Tally:
         self.padding += other.padding
         self.inputs += other.inputs
         self.batches_done += other.batches_done
+        if other.signals is not None:
+            self.signals = self.signals or TokenSignals()
+            self.signals.merge(other.signals)
 
 
 @dataclass
@@ -126,6 +132,7 @@ class RowSums:
     words: int = 0
     by_document: stats.Clustered = field(default_factory=stats.Clustered)
     groups: dict[str, stats.GroupSums] = field(default_factory=dict)
+    signals: dict[str | None, SignalSums] | None = None  # --min-k: None -> the run's, group -> the group's
 
     @property
     def skipped(self) -> int:
@@ -141,6 +148,10 @@ class RowSums:
         self.words += d.words
         self.by_document.add(d.nll_sum, d.tokens)
         stats.add_to_groups(self.groups, d)
+        if d.signals is not None:
+            self.signals = self.signals or {}
+            self.signals.setdefault(None, SignalSums()).add(d.signals)
+            self.signals.setdefault(stats.NULL_GROUP if d.group is None else d.group, SignalSums()).add(d.signals)
 
     def merge(self, other: RowSums) -> None:
         self.rows += other.rows
@@ -151,6 +162,9 @@ class RowSums:
         self.by_document.merge(other.by_document)
         for name, g in other.groups.items():
             self.groups.setdefault(name, stats.GroupSums()).merge(g)
+        for name, sums in (other.signals or {}).items():
+            self.signals = self.signals or {}
+            self.signals.setdefault(name, SignalSums()).merge(sums)
 
 
 @dataclass

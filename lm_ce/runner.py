@@ -96,7 +96,7 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
         model.base_model.compile(dynamic=True)
     compared = load_compared(cfg, tokenizer=tokenizer, setup=setup, accelerator=accelerator)
     scorer = Scorer(model, setup.head, setup.device, cfg.padding_side == "left", compared.same_tokens,
-                    want_top1=cfg.save_tokens)
+                    want_top1=cfg.save_tokens, want_signals=cfg.min_k is not None)
     accelerator.wait_for_everyone()  # processes finish loading at different times: scoring starts when all have
     emit("scoring")
     loaded_at = time.perf_counter()

@@ -13,6 +13,7 @@ import torch
 from .divergence import TokenPairs
 from .loss import Head, TokenLosses, logits_losses, pair_losses, token_losses
 from .records import Tally, WindowSums
+from .signals import TokenSignals
 from .windows import Window
 
 log = logging.getLogger("lm_ce")
@@ -47,6 +48,7 @@ class Scorer:
     pad_left: bool
     others: list[ComparedModel] = field(default_factory=list)
     want_top1: bool = False
+    want_signals: bool = False  # --min-k: each token's log p and z (the head's mean and spread of log p too)
     _warned: bool = False
 
     @torch.inference_mode()
@@ -73,17 +75,22 @@ class Scorer:
         compared = []
         if self.others:
             hidden = final_hidden(self.model, inputs, rows)
-            for other in self.others:
-                compared.append(pair_losses(hidden, self.head, final_hidden(other.model, inputs, rows), other.head, targets))
-            out = TokenLosses(compared[0].nll, compared[0].top1)
+            for k, other in enumerate(self.others):
+                compared.append(pair_losses(hidden, self.head, final_hidden(other.model, inputs, rows), other.head, targets,
+                                            want_moments=self.want_signals and k == 0))
+            out = TokenLosses(compared[0].nll, compared[0].top1, compared[0].mean, compared[0].std)
         elif self.head is not None:
-            out = token_losses(final_hidden(self.model, inputs, rows), targets, self.head, want_top1=self.want_top1)
+            out = token_losses(final_hidden(self.model, inputs, rows), targets, self.head, want_top1=self.want_top1,
+                               want_moments=self.want_signals)
         else:
             logits = self.model(**inputs, use_cache=False).logits
             logits = logits.reshape(-1, logits.shape[-1]).index_select(0, rows.to(logits.device))
-            out = logits_losses(logits, targets.to(logits.device), self.want_top1)
+            out = logits_losses(logits, targets.to(logits.device), self.want_top1, self.want_signals)
         nll = out.nll.cpu()
         sums = _add_windows(batch, nll, tally)
+        if self.want_signals:
+            tally.signals = tally.signals or TokenSignals()
+            tally.signals.add_batch(batch, nll, out.mean, out.std)
         tally.positions.add(in_window, nll)
         if compared:
             _add_divergences(batch, compared, tally)

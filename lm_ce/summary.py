@@ -21,6 +21,7 @@ from .protocols import PROTOCOLS, protocol_values
 from .outputs import Outputs
 from .records import Results, RowSums, Run, Tally, TokenSums
 from .setup import Setup
+from .signals import SignalSums
 
 
 class Counts(TypedDict):
@@ -70,6 +71,7 @@ class Summary(TypedDict, total=False):
     groups: dict
     compare: dict
     context_curve: dict
+    signals: dict
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ def summarize(cfg: Config, *, run: Run, stopped: bool, setup: Setup, info: Model
         "settings": _settings(cfg, setup),
         "environment": environment(setup),
         "config": cfg.resolved(),
-        **found,  # groups, compare, shard: when there are some
+        **found,  # groups, compare, shard, signals: when there are some
     }
     documents, table, files = outputs.results() if outputs is not None else ([], None, [])
     return Results(summary, documents, tally.positions, table, token_files=files)
@@ -152,6 +154,11 @@ def figures(cfg: Config, run: Run, stopped: bool) -> tuple[dict, Tally]:
     }
     if cfg.group_field and document:
         out["groups"] = stats.group_table(rows.groups)
+    if cfg.min_k is not None and document:  # the means of the finished documents' signals, run-wide and per group
+        signals = rows.signals or {}
+        out["signals"] = {"k": cfg.min_k, **signals.get(None, SignalSums()).means()}
+        for name, row in out.get("groups", {}).items():
+            row.update({k: v for k, v in signals.get(name, SignalSums()).means().items() if k != "documents"})
     if tally.compares:
         out["compare"] = {name: c.summary(n_bytes=totals.bytes) for name, c in zip(cfg.compare_to, tally.compares)}
     if run.shard is not None:

@@ -48,7 +48,7 @@ def coerce(name: str, value, source: str):
     return value
 
 
-KINDS = {bool: "true or false", int: "a whole number", str: "a string"}
+KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
 
 
 def label(name: str, source: str) -> str:
@@ -71,6 +71,14 @@ def _coerce_scalar(name: str, kind: type, value, source: str):
         if isinstance(value, str):
             try:
                 return int(value.strip())
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
             except ValueError:
                 pass
     elif kind is str:

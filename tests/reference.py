@@ -217,3 +217,31 @@ def reference_tokens(model: torch.nn.Module, seq: list[int], windows: list[tuple
             rows.append({"j": j, "nll": -row[seq[j]].item(), "top1": int(row.argmax()), "window_position": j - 1 - start,
                          "logprobs": row})
     return rows
+
+
+def reference_signals(model: torch.nn.Module, tokenizer, text: str, prefix_id: int | None, max_length: int,
+                      stride: int, k: float) -> dict | None:
+    """--min-k's signals of one document from float64 full log-probabilities: min_k (mean of the m = max(1,
+    floor(k n)) lowest log p(x_t)), min_k_plus_plus (the same of z_t = (log p(x_t) - mu_t) / sigma_t, mu_t and
+    sigma_t the mean and standard deviation of log p under p) and zlib_ratio; None for a document with no target."""
+    import zlib
+
+    seq, first_target = document_sequence(tokenizer, text, prefix_id)
+    model64 = as_float64(model)
+    lp, z = [], []
+    with torch.no_grad():
+        for start, a, b in document_windows(len(seq), first_target, max_length, stride):
+            input_ids = torch.tensor([seq[start:b]], dtype=torch.long, device=_device(model64))
+            logp = torch.log_softmax(model64(input_ids=input_ids, use_cache=False).logits[0].double(), dim=-1)
+            logp = logp[a - start : b - start]  # the rows predicting S[a+1..b]
+            p = logp.exp()
+            mu = (p * logp).sum(-1)
+            sigma = (p * (logp - mu[:, None]) ** 2).sum(-1).sqrt()
+            picked = logp.gather(1, torch.tensor(seq[a + 1 : b + 1], device=logp.device)[:, None]).squeeze(1)
+            lp += picked.tolist()
+            z += ((picked - mu) / sigma).tolist()
+    if not lp:
+        return None
+    m = max(1, math.floor(k * len(lp)))
+    return {"min_k": sum(sorted(lp)[:m]) / m, "min_k_plus_plus": sum(sorted(z)[:m]) / m,
+            "zlib_ratio": -sum(lp) / len(lp) / len(zlib.compress(text.encode("utf-8")))}

@@ -25,7 +25,7 @@ def child_main(mode: str, spec_file: str) -> int:
         from .prepare import prepare as run
     elif mode in HF_PATHS:
         from .hf_paths import run_hf as run
-    elif mode == "lm_ce":
+    elif mode in ("lm_ce", "lm_ce-min-k"):
         from .lm_ce_path import run_lm_ce as run
     elif mode == "lmeval":
         from .lm_eval_path import run_lm_eval as run

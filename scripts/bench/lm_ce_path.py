@@ -13,14 +13,17 @@ import time
 from .child import profiler, save_profile, status_mb
 
 
-def lm_ce_config(spec: dict, data: str):
-    """The case's settings as an lm_ce Config: document mode, windows of max_length, no overlap."""
+def lm_ce_config(spec: dict, data: str, mode: str = "lm_ce"):
+    """The case's settings as an lm_ce Config: document mode, windows of max_length, no overlap (the lm_ce-min-k
+    path: with --min-k)."""
     from lm_ce.config import Config
+
+    from .spec import MIN_K
 
     L = spec["max_length"]
     return Config(model=spec["gguf"], dtype=spec["dtype"], text_field="text", mode="document", max_length=L, stride=L,
                   prefix_token="auto", batch_size=spec["batch_size"], threads=spec["threads"], progress=False,
-                  data_files=[data], **spec.get("lm_ce_options", {}))
+                  data_files=[data], **spec.get("lm_ce_options", {}), **({"min_k": MIN_K} if mode == "lm_ce-min-k" else {}))
 
 
 def warm_up(spec: dict) -> None:
@@ -58,7 +61,7 @@ def run_lm_ce(spec: dict, mode: str) -> dict:
     if spec["warmup"]:
         warm_up(spec)
     memory["after_warmup_mb"] = status_mb("VmRSS")
-    results = runner.evaluate(lm_ce_config(spec, spec["data"]), on_event=on_event)
+    results = runner.evaluate(lm_ce_config(spec, spec["data"], mode), on_event=on_event)
     prof = marks.get("profiler")
     if prof is not None:
         prof.__exit__(None, None, None)

@@ -18,7 +18,9 @@ PATH_NAMES = {
     "body": "model body alone, length-sorted, masked",
     "plan-body": "model body alone, lm_ce's batches, no mask",
     "lm_ce": "lm_ce evaluate",
+    "lm_ce-min-k": "lm_ce evaluate --min-k 0.2",
 }
+MIN_K = 0.2  # the lm_ce-min-k path's --min-k
 HF_PATHS = ("file-order", "labels", "body", "plan-body")
 BASELINE = "43038f4"  # the commit issue 17 was measured on: its lm_ce CLI is the "before" of the Gemma targets
 
@@ -51,6 +53,8 @@ CASES = {
                  max_length=1024, batch_size=2, tokens=4096),
         CaseSpec(name="smollm2-2048", title="SmolLM2-135M, long documents, L=2048", model="smollm2", docs="long",
                  max_length=2048, batch_size=2, tokens=4096),
+        CaseSpec(name="smollm2-min-k", title="SmolLM2-135M, KJV chapters, with and without --min-k", model="smollm2",
+                 docs="chapters", max_length=1024, batch_size=8, tokens=8000, paths=("lm_ce", "lm_ce-min-k")),
         CaseSpec(name="gemma-2048", title="Gemma-3-270M (262k vocabulary), long documents", model="gemma", docs="long",
                  max_length=2048, batch_size=1, tokens=4096, peer=True),
     )
@@ -79,6 +83,7 @@ TARGETS = (
     Target("smollm2-short", "lm-eval wall/lm_ce wall", 1.3, "short documents: whole process 1.3x faster than lm-eval"),
     Target("smollm2-1024", "lm_ce/labels", 1.0, "long documents (L=1024): at least 1.0x the labels path"),
     Target("smollm2-2048", "lm_ce/labels", 1.0, "long documents (L=2048): at least 1.0x the labels path"),
+    Target("smollm2-min-k", "lm_ce-min-k/lm_ce", 1 / 1.15, "--min-k costs at most 15% over the plain run"),
     Target("gemma-2048", "baseline scoring s/lm_ce scoring s", 1.0, f"Gemma-3: scoring no slower than before (the CLI at {BASELINE})"),
     Target("gemma-2048", "baseline MB/lm_ce MB", 1.0, f"Gemma-3: peak memory no higher than before (the CLI at {BASELINE})"),
 )

@@ -105,6 +105,8 @@ def ratios(entry: dict) -> dict[str, float]:
     out = {}
     if "lm_ce" in rate:
         out.update({f"lm_ce/{p}": rate["lm_ce"] / r for p, r in rate.items() if p != "lm_ce"})
+    if "lm_ce" in rate and "lm_ce-min-k" in rate:
+        out["lm_ce-min-k/lm_ce"] = rate["lm_ce-min-k"] / rate["lm_ce"]
     if "labels" in rate and "body" in rate:
         out["labels/body"] = rate["labels"] / rate["body"]
     if "limit" in rate:
