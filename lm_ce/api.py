@@ -46,7 +46,7 @@ def evaluate_with(model: torch.nn.Module, tokenizer, data, settings: dict, *, ac
         with kept_state(model):
             results = runner.evaluate(cfg, model=model, tokenizer=tokenizer, rows=rows, accelerator=accelerator)
         if cfg.output_dir and _main_process(accelerator):
-            report.write(results, cfg.output_dir, plot=cfg.plot)
+            report.write(results, cfg.output_dir, plot=cfg.plot, page=cfg.page)
     return results
 
 

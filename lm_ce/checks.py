@@ -19,6 +19,8 @@ def check(cfg: Config) -> None:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if cfg.page_documents < 0:
+        raise UsageError(f"--page-documents must be 0 or more, got {cfg.page_documents}")
     if cfg.max_length and cfg.stride and cfg.stride > cfg.max_length:
         raise UsageError(
             f"--stride {cfg.stride} is larger than --max-length {cfg.max_length}: tokens between windows "

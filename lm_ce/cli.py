@@ -195,7 +195,8 @@ def report_run(results, cfg) -> None:
     print(report.table(results.summary))
     if cfg.output_dir:
         # names relative to the output directory (a suite's datasets write into NAME/)
-        names = [str(p.relative_to(cfg.output_dir)) for p in report.write(results, cfg.output_dir, plot=cfg.plot)]
+        written = report.write(results, cfg.output_dir, plot=cfg.plot, page=cfg.page)
+        names = [str(p.relative_to(cfg.output_dir)) for p in written]
         if (Path(cfg.output_dir) / "state.pt").is_file():  # saved by the run itself, for --resume
             names.append("state.pt")
         print(f"wrote {Path(cfg.output_dir)}/: {', '.join(names)}")

@@ -94,6 +94,10 @@ class Config:
     checkpoint_seconds: int = option(300, "output", "save progress to --output-dir this often (and on Ctrl-C "
                                                     "or SIGTERM)")
     plot: bool = option(True, "output", "plot the loss by position in the window (position_loss.png)")
+    page: bool = option(True, "output", "write results.html: the figures, the plot and the documents of highest "
+                                        "and lowest loss, coloured token by token (one offline file)")
+    page_documents: int = option(5, "output", "documents of highest and of lowest mean loss shown in results.html "
+                                              "(0: none; document mode)")
     progress: bool = option(True, "output", "show a progress bar")
     seed: int = option(0, "output", "torch's random seed, set before the model loads")
     suite: list[dict] | None = option(None, "suite", "datasets scored one after the other with one model load: "

@@ -18,6 +18,7 @@ import torch
 from .checkpoint import FINGERPRINTED, STATE
 from .config import Config
 from .errors import UsageError
+from .extremes import Extremes
 from .outdir import RUN_FILES
 from .outputs import DOCUMENTS, TOKENS, DocumentRows
 from .records import Results, Run, Tally
@@ -197,6 +198,7 @@ def merge(directories: list[str], output_dir: str) -> Results:
     out.mkdir(parents=True, exist_ok=True)
     merge_documents(shards, cfg.chunk_documents, out / DOCUMENTS)
     token_files = [str(out / TOKENS)] if cfg.save_tokens and merge_tokens(shards, out / TOKENS) else []
-    results = Results(summary, DocumentRows(out / DOCUMENTS), tally.positions, token_files=token_files)
-    report.write(results, str(out), plot=cfg.plot)
+    results = Results(summary, DocumentRows(out / DOCUMENTS), tally.positions, token_files=token_files,
+                      extremes=Extremes.merged([s.run.extremes for s in shards]))
+    report.write(results, str(out), plot=cfg.plot, page=cfg.page)
     return results

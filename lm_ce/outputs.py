@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .extremes import SHOWN_TOKENS
 from .records import DocumentResult, Run
 from .signals import Signals
 
@@ -89,6 +90,7 @@ class Outputs:
     main: bool
     document_mode: bool
     tokenizer: object = None
+    save_tokens: bool = False  # write the token tables (--save-tokens); else they only feed results.html's documents
     documents: list[DocumentResult] = field(default_factory=list)  # in memory (no directory)
     tables: list[dict] = field(default_factory=list)  # token tables in memory (no directory)
     vocab: dict[int, str] = field(default_factory=dict)  # token id -> text, decoded once
@@ -113,8 +115,10 @@ class Outputs:
     def add_chunk(self, run: Run, rows: list[DocumentResult]) -> None:
         """A finished chunk's rows and token table (taken from the run's tally), in document order."""
         blocks, run.tally.token_blocks = run.tally.token_blocks, []
-        if blocks:
+        if blocks and self.save_tokens:
             self._add_tokens(blocks, rows, run.chunks_done)
+        if blocks and run.extremes is not None and self.document_mode:
+            run.extremes.keep(rows, lambda wanted: shown_tokens(blocks, wanted, rows, self.tokenizer, self.vocab))
         if not self.document_mode:
             return
         if self.directory is None:
@@ -176,6 +180,48 @@ def token_table(blocks: list[dict], documents: list[DocumentResult], tokenizer,
     out["doc_id"] = [ids.get(d) for d in out["doc"]]
     out["token"] = [text(i) for i in out["token_id"]]
     out["top1"] = [text(i) for i in out["top1_id"]]
+    return out
+
+
+def shown_tokens(blocks: list[dict], docs: set[int], rows: list[DocumentResult], tokenizer,
+                 vocab: dict[int, str]) -> dict[str, list] | None:
+    """The token table of these documents' first SHOWN_TOKENS tokens, each token's text as it reads in its
+    document (`readable_texts`)."""
+    table = token_table(only(blocks, docs), rows, tokenizer, vocab)
+    if table is None:
+        return None
+    keep, start = [], 0
+    for end in range(1, len(table["doc"]) + 1):
+        if end == len(table["doc"]) or table["doc"][end] != table["doc"][start]:
+            keep.append(slice(start, min(end, start + SHOWN_TOKENS)))
+            start = end
+    texts = [t for part in keep for t in readable_texts(table["token_id"][part], tokenizer.decode)]
+    return {**{k: [x for part in keep for x in v[part]] for k, v in table.items()}, "token": texts}
+
+
+def readable_texts(ids: list[int], decode) -> list[str]:
+    """Each token's share of the decoded text: a character split across tokens (byte-level BPE) goes whole to the
+    token that completes it, the tokens before it get "" (decoded alone, each would read as U+FFFD)."""
+    out: list[str] = []
+    prefix = read = 0  # decode(ids[prefix:read]) is text already given out; ids[prefix:] give later tokens context
+    for i in range(len(ids)):
+        whole, before = decode(ids[prefix : i + 1]), decode(ids[prefix:read])
+        if whole.endswith("\ufffd") and i + 1 - read < 4:  # an unfinished character: wait for the next token
+            out.append("")
+            continue
+        out.append(whole[len(before):] if whole.startswith(before) else decode(ids[read : i + 1]))
+        prefix, read = read, i + 1
+    return out
+
+
+def only(blocks: list[dict], docs: set[int]) -> list[dict]:
+    """The token columns of these documents alone."""
+    wanted = torch.tensor(sorted(docs))
+    out = []
+    for b in blocks:
+        mask = torch.isin(b["doc"], wanted)
+        if mask.any():
+            out.append({k: v[mask] for k, v in b.items()})
     return out
 
 

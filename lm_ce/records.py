@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from . import stats
+from .extremes import Extremes
 from .signals import SignalSums, Signals, TokenSignals
 
 
@@ -184,6 +185,7 @@ class Run:
     tokens_per_process: list[int] = field(default_factory=list)
     rows_offset: int = 0  # bytes of documents.jsonl holding the rows of the finished chunks
     shard: str | None = None  # "K/N" when this run scores one shard of the documents
+    extremes: Extremes | None = None  # results.html's documents of highest and lowest loss, with their tokens
 
     @property
     def tokens(self) -> int:
@@ -201,3 +203,4 @@ class Results:
     token_table: dict[str, list] | None = None  # column -> values, document order (with --save-tokens, in memory)
     parts: dict[str, Results] = field(default_factory=dict)  # a suite: each dataset's own results, by name
     token_files: list[str] = field(default_factory=list)  # tokens.parquet's parts, in document order (--save-tokens)
+    extremes: Extremes | None = None  # results.html's documents of highest and lowest loss

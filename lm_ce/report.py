@@ -13,6 +13,7 @@ import yaml
 
 from .outdir import REPORTS
 from .outputs import DOCUMENTS, TOKENS, DocumentRows, join_parquet, row_line
+from .page import PageParts, render as render_page
 from .records import Results
 
 ROWS = [
@@ -263,9 +264,9 @@ def markdown(summary: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def write(results: Results, output_dir: str, plot: bool = True) -> list[Path]:
+def write(results: Results, output_dir: str, plot: bool = True, page: bool = True) -> list[Path]:
     """results.json, results.md, config.yaml (the resolved config), documents.jsonl (document mode), and with
-    them tokens.parquet (--save-tokens) and position_loss.png (loss by position in the window).
+    them tokens.parquet (--save-tokens), position_loss.png (loss by position in the window) and results.html.
 
     Returns the files written. A report file of ours that this run does not write (left by the interrupted
     part of a resumed run) is deleted, so the directory describes one run only.
@@ -274,7 +275,7 @@ def write(results: Results, output_dir: str, plot: bool = True) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for name, part in results.parts.items():  # a suite: each dataset's own files in OUTPUT_DIR/NAME
-        written += write(part, str(directory / name), plot=plot)
+        written += write(part, str(directory / name), plot=plot, page=page)
     if results.token_files:  # written chunk by chunk as the run went: joined, the parts kept until it is complete
         path = directory / TOKENS
         if results.token_files != [str(path)]:
@@ -299,6 +300,8 @@ def write(results: Results, output_dir: str, plot: bool = True) -> list[Path]:
             written.append(directory / "context_curve.png")
     written.append(_atomic(directory / "results.json", json.dumps(results.summary, indent=2, default=str) + "\n"))
     written.append(_atomic(directory / "results.md", markdown(results.summary)))
+    if page and "suite" not in results.summary:  # a suite: each dataset's own page
+        written.append(_atomic(directory / "results.html", render_page(page_parts(results))))
     config = yaml.safe_dump(results.summary["config"], sort_keys=False, allow_unicode=True)
     written.append(_atomic(directory / "config.yaml", config))
     if isinstance(results.documents, DocumentRows) and results.documents.path == directory / DOCUMENTS:
@@ -311,6 +314,38 @@ def write(results: Results, output_dir: str, plot: bool = True) -> list[Path]:
         if directory / name not in written and (directory / name).is_file():
             (directory / name).unlink()
     return written
+
+
+def page_parts(results: Results) -> PageParts:
+    """What results.html shows: the figures and tables of results.md, the loss by position, the documents."""
+    summary = results.summary
+    figures = [(label, fmt(lookup(summary, path))) for label, path in ROWS]
+    figures.insert(2, ("perplexity 95% interval", interval(summary)))
+    if headline(summary):
+        figures.insert(0, headline(summary))
+    mode = summary.get("settings", {}).get("mode", "document")
+    no_documents = None
+    if mode != "document":
+        no_documents = (f"No documents are shown: in {mode} mode the documents are joined into one text, so no "
+                        "document has a loss of its own (document mode shows them).")
+    elif results.extremes is None:
+        no_documents = ("No documents are shown: --page-documents is 0." if summary.get("config", {}).get("page_documents") == 0
+                        else "No documents are shown: these results were made without keeping their tokens.")
+    return PageParts(title=title(summary), interrupted=not summary.get("complete", True), figures=figures,
+                     tables=[t for t in sections(summary) if not t[0].startswith("Mean loss by position")],
+                     what_was_run=what_was_run(summary), buckets=summary.get("by_position") or [],
+                     per_position=per_position(results.positions), extremes=results.extremes, no_documents=no_documents)
+
+
+def per_position(positions, at_most: int = 2048) -> list[tuple[int, float]]:
+    """(position, mean loss) of the positions seen; beyond `at_most` of them, a log-spaced selection."""
+    if positions is None:
+        return []
+    seen = (positions.count > 0).nonzero().squeeze(1).tolist()
+    if len(seen) > at_most:
+        step = (len(seen) - 1) ** (1 / at_most)
+        seen = sorted({seen[min(len(seen) - 1, round(step**k) - 1)] for k in range(at_most + 1)} | {seen[0]})
+    return [(p, float(positions.nll[p]) / int(positions.count[p])) for p in seen]
 
 
 def _atomic(path: Path, text: str) -> Path:

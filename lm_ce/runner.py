@@ -23,6 +23,7 @@ from .checks import check
 from .config import Config
 from .curve import check_lengths, context_curve
 from .errors import UsageError
+from .extremes import Extremes, for_resumed_run
 from .parallel import Plan
 from .passes import run_chunks, run_documents, run_stream
 from .progress import Progress, StopRequest
@@ -95,18 +96,24 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
     if cfg.compile:  # compiled per new input shape on first use; pays on long runs of similar batches
         model.base_model.compile(dynamic=True)
     compared = load_compared(cfg, tokenizer=tokenizer, setup=setup, accelerator=accelerator)
+    shows = shows_documents(cfg)
     scorer = Scorer(model, setup.head, setup.device, cfg.padding_side == "left", compared.same_tokens,
-                    want_top1=cfg.save_tokens, want_signals=cfg.min_k is not None)
+                    want_top1=cfg.save_tokens or shows, want_signals=cfg.min_k is not None)
     accelerator.wait_for_everyone()  # processes finish loading at different times: scoring starts when all have
     emit("scoring")
     loaded_at = time.perf_counter()
     progress = Progress(accelerator.is_main_process and cfg.progress, main=accelerator.is_main_process)
     shard = shard_of(cfg)
     outputs = Outputs(Path(cfg.output_dir) if cfg.output_dir else None, accelerator.is_main_process,
-                      cfg.mode == "document", tokenizer)
+                      cfg.mode == "document", tokenizer, save_tokens=cfg.save_tokens)
     with StopRequest() as stop:
         plan = Plan(cfg, setup, scorer, accelerator, progress, stop, rows, outputs=outputs, shard=shard)
         run = state["run"] if state else Run(tally=plan.new_tally(), shard=str(shard) if shard else None)
+        if state:
+            begun = run.chunks_done > 0 or run.partial is not None
+            run.extremes = for_resumed_run(run.extremes, cfg.page_documents, begun) if shows else None
+        elif shows:
+            run.extremes = Extremes(cfg.page_documents)
         if state and run.shard != (str(shard) if shard else None):
             raise UsageError(f"--resume: {cfg.output_dir} holds shard {run.shard} of the documents, not "
                              f"{shard}; resume it as that shard, or use another --output-dir")
@@ -133,6 +140,12 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
     for name in compared.by_bytes:
         results.summary.setdefault("compare", {})[name] = compare_by_bytes(cfg, name, results, score=evaluate)
     return results
+
+
+def shows_documents(cfg: Config) -> bool:
+    """Whether the run keeps the tokens of results.html's documents of highest and lowest loss (document mode, with
+    an output directory to write the page to)."""
+    return bool(cfg.page and cfg.page_documents > 0 and cfg.mode == "document" and cfg.output_dir)
 
 
 def _resumable(cfg: Config, processes: int) -> dict | None:

@@ -123,7 +123,7 @@ def summarize(cfg: Config, *, run: Run, stopped: bool, setup: Setup, info: Model
         **found,  # groups, compare, shard, signals: when there are some
     }
     documents, table, files = outputs.results() if outputs is not None else ([], None, [])
-    return Results(summary, documents, tally.positions, table, token_files=files)
+    return Results(summary, documents, tally.positions, table, token_files=files, extremes=run.extremes)
 
 
 def figures(cfg: Config, run: Run, stopped: bool) -> tuple[dict, Tally]:

@@ -148,7 +148,8 @@ def test_write_writes_every_file(tmp_path):
     write(results_of(copy.deepcopy(summary)), str(tmp_path / "out"))
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.yaml", "documents.jsonl", "position_loss.png", "results.json", "results.md", "tokens.parquet",
+        "config.yaml", "documents.jsonl", "position_loss.png", "results.html", "results.json", "results.md",
+        "tokens.parquet",
     ]  # no temporary files left behind
     assert json.loads((out / "results.json").read_text(encoding="utf-8")) == summary
     assert (out / "results.md").read_text(encoding="utf-8") == markdown(summary)
@@ -168,10 +169,10 @@ def test_write_writes_every_file(tmp_path):
 def test_write_leaves_out_what_there_is_not(tmp_path):
     written = write(results_of(summary_dict(), tokens=False), str(tmp_path / "no_plot"), plot=False)
     assert sorted(p.name for p in (tmp_path / "no_plot").iterdir()) == [
-        "config.yaml", "documents.jsonl", "results.json", "results.md"]
+        "config.yaml", "documents.jsonl", "results.html", "results.json", "results.md"]
     assert sorted(p.name for p in written) == sorted(p.name for p in (tmp_path / "no_plot").iterdir())
     bare = Results(summary_dict(), [], PositionLoss.zeros(8), None)  # stream mode: no documents, nothing by position
-    written = write(bare, str(tmp_path / "bare"))
+    written = write(bare, str(tmp_path / "bare"), page=False)
     assert sorted(p.name for p in (tmp_path / "bare").iterdir()) == ["config.yaml", "results.json", "results.md"]
     assert sorted(p.name for p in written) == ["config.yaml", "results.json", "results.md"]  # what the CLI lists
 
