@@ -93,9 +93,9 @@ def test_every_protocol_sets_every_window_field_and_flags_override():
     assert resolve_lengths(config_for(protocol="hf-docs", max_length=64), 128) == (64, 32)
     assert resolve_lengths(config_for(protocol="hf-docs", max_length=64, stride=48), 128) == (64, 48)
     assert resolve_lengths(config_for(max_length=64), 128) == (64, 64)
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    for name, p in PROTOCOLS.items():  # the README's protocol table says what to quote each one as
-        assert f"| `{name}`" in readme and p.quote in readme, name
+    manual = (Path(__file__).parent.parent / "docs" / "windows-and-protocols.md").read_text()
+    for name, p in PROTOCOLS.items():  # the manual's protocol table says what to quote each one as
+        assert f"| `{name}`" in manual and p.quote in manual, name
 
 
 @pytest.mark.parametrize("args,needle", [
