@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 from collections.abc import Iterator
@@ -210,9 +211,11 @@ def load_rows(cfg: Config):
         ) from None
 
 
-def iter_documents(cfg: Config, rows=None) -> Iterator[Document]:
-    """The documents of the run, in order: rows joined by --join-by, at most --limit of them. `rows` (dicts, a
-    Dataset or an IterableDataset) are read instead of what the config names (the Python API's data in memory)."""
+def iter_documents(cfg: Config, rows=None, *, start: int = 0) -> Iterator[Document]:
+    """The documents of the run, in order, from index `start` on: rows joined by --join-by, at most --limit of
+    them. `rows` (dicts, a Dataset or an IterableDataset) are read instead of what the config names (the Python
+    API's data in memory). A resumed run starts after its finished documents: the rows before them are skipped
+    unread where the data allows it (a Dataset, an IterableDataset, a list), not turned into documents."""
     if rows is None:
         rows = load_rows(cfg)
         source = ", ".join(cfg.data_files) if cfg.data_files else f"dataset '{cfg.dataset}'"
@@ -225,9 +228,11 @@ def iter_documents(cfg: Config, rows=None) -> Iterator[Document]:
                 raise UsageError(
                     f"{source} has no field '{name}'; its fields are: {', '.join(columns)} (set --text-field etc.)"
                 )
-    rows = _guarded(rows, cfg)
-    documents = _join(rows, cfg) if cfg.join_by else _plain(rows, cfg)
-    count = 0
+    if cfg.join_by:  # documents span rows: the rows before `start` are read to find where it begins
+        documents = (d for d in _join(_guarded(rows, cfg), cfg) if d.index >= start)
+    else:
+        documents = _plain(_guarded(rows_from(rows, start), cfg), cfg, first=start)
+    count = start
     for doc in documents:
         if cfg.limit is not None and count >= cfg.limit:
             return
@@ -235,6 +240,20 @@ def iter_documents(cfg: Config, rows=None) -> Iterator[Document]:
         count += 1
     if count == 0:
         raise UsageError(f"{source} has no rows; point at a dataset with text in field '{cfg.text_field}'")
+
+
+def rows_from(rows, start: int):
+    """The rows from index `start` on: a Dataset's contiguous selection, an IterableDataset's skip, a list's
+    slice; anything else is read past the first `start`."""
+    if not start:
+        return rows
+    if hasattr(rows, "select") and hasattr(rows, "__len__"):  # datasets.Dataset
+        return rows.select(range(start, len(rows))) if start < len(rows) else []
+    if hasattr(rows, "skip"):  # datasets.IterableDataset (streaming)
+        return rows.skip(start)
+    if isinstance(rows, (list, tuple)):
+        return rows[start:]
+    return itertools.islice(rows, start, None)
 
 
 def _guarded(rows, cfg: Config) -> Iterator[dict]:
@@ -266,8 +285,8 @@ def _field(row: dict, name: str | None) -> str | None:
     return str(value)
 
 
-def _plain(rows, cfg: Config) -> Iterator[Document]:
-    for index, row in enumerate(rows):
+def _plain(rows, cfg: Config, *, first: int = 0) -> Iterator[Document]:
+    for index, row in enumerate(rows, start=first):
         yield Document(
             index=index,
             text=_text(row.get(cfg.text_field)),

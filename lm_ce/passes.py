@@ -42,13 +42,14 @@ TOKENIZE_BATCH = 64  # documents per tokenizer call in the background tokenizati
 def run_documents(plan: Plan, run: Run, tokenizer) -> bool:
     """Chunks of documents: tokenize the next chunk while this one is scored. True when stopped early."""
     rank, world = plan.accelerator.process_index, plan.accelerator.num_processes
-    source = data.iter_documents(plan.cfg, plan.rows)
-    mine = (docs for c, docs in enumerate(chunks(source, plan.cfg.chunk_documents)) if not plan.shard or plan.shard.owns(c))
+    # A resumed run starts at its first unfinished chunk: the documents before it are skipped, not read
+    first = plan.shard.chunk(run.chunks_done) if plan.shard else run.chunks_done
+    source = data.iter_documents(plan.cfg, plan.rows, start=first * plan.cfg.chunk_documents)
+    mine = (docs for c, docs in enumerate(chunks(source, plan.cfg.chunk_documents), start=first)
+            if not plan.shard or plan.shard.owns(c))
     with ThreadPoolExecutor(1) as pool:
         pending = None
-        for index, docs in enumerate(mine):
-            if index < run.chunks_done:  # finished before a resume: read, not tokenized
-                continue
+        for docs in mine:
             future = pool.submit(tokenize_share, docs, tokenizer, plan.setup.prefix, rank, world, plan.cfg.detokenizer)
             if pending is not None and _score_chunk(*pending, plan, run):
                 return True

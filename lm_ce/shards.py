@@ -21,6 +21,10 @@ class Shard:
     def owns(self, chunk: int) -> bool:
         return chunk % self.count == self.index
 
+    def chunk(self, j: int) -> int:
+        """The index, among all the data's chunks, of this shard's j-th chunk (from 0)."""
+        return self.index + j * self.count
+
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lm_ce import cli
+from lm_ce import cli, data
 from lm_ce.config import Config
 from lm_ce.runner import evaluate
 from lm_ce.scoring import Scorer
@@ -141,6 +141,41 @@ def test_saved_tokens_are_written_as_they_go(tiny_llama_dir, corpus, tmp_path, m
 
 def run_cli(args: list[str]) -> int:
     return cli.main(args)
+
+
+def test_a_resumed_shard_starts_at_its_first_unfinished_chunk(tiny_llama_dir, corpus, tmp_path, monkeypatch):
+    """A shard stopped inside a later chunk resumes to the uninterrupted shard's figures and rows, reading the data
+    from its first unfinished chunk on (its chunk index among all the data's chunks, times the chunk size)."""
+    calls = {"n": 0, "stop": None}
+    score = Scorer.score
+
+    def score_then_signal(self, batch, tally):
+        calls["n"] += 1
+        if calls["n"] == calls["stop"]:  # inside the shard's last chunk
+            os.kill(os.getpid(), signal.SIGINT)
+        return score(self, batch, tally)
+
+    monkeypatch.setattr(Scorer, "score", score_then_signal)
+    whole = evaluate(settings(tiny_llama_dir, corpus, tmp_path / "whole", shard="1/3"))
+    calls.update(stop=calls["n"] - 2, n=0)
+    out = tmp_path / "stopped"
+    assert not evaluate(settings(tiny_llama_dir, corpus, out, shard="1/3")).summary["complete"]
+    monkeypatch.setattr(Scorer, "score", score)
+    done = torch.load(out / "state.pt", weights_only=False)["run"].chunks_done
+    assert done >= 1
+    starts = []
+    read = data.iter_documents
+
+    def spy(cfg, rows=None, *, start=0):
+        starts.append(start)
+        return read(cfg, rows, start=start)
+
+    monkeypatch.setattr(data, "iter_documents", spy)
+    resumed = evaluate(settings(tiny_llama_dir, corpus, out, shard="1/3", resume=True))
+    assert starts == [(1 + 3 * done) * 8]  # chunk 1 + 3 * done of all chunks: this shard's chunk `done`
+    assert resumed.summary["nll_sum"] == whole.summary["nll_sum"]
+    assert resumed.summary["counts"] == whole.summary["counts"]
+    assert (out / "documents.jsonl").read_text() == (tmp_path / "whole" / "documents.jsonl").read_text()
 
 
 def test_shards_merged_equal_the_single_run(tiny_llama_dir, corpus, tmp_path, capsys):

@@ -224,3 +224,17 @@ def test_a_file_swapped_with_its_mtime_kept_is_read_anew(tmp_path, suffix):
     assert plain() == 40  # the old rows: why the cache is keyed by content
     assert [d.text for d in documents(path)] == [f"row {i}" for i in range(41)]
     assert len(documents(path)) == 41  # the cache of the new content, read again
+
+
+@pytest.mark.parametrize("how", ["dataset", "streaming", "list", "join_by", "limit"])
+def test_documents_from_a_start_are_the_tail(tmp_path, how):
+    """A resumed run reads its documents from its first unfinished one: the same documents, indices included, as
+    the whole run's from there, however the rows come (a Dataset's selection, a stream's skip, a list's slice)."""
+    rows = [{"text": f"row {i}", "id": str(i), "book": i // 3} for i in range(20)]
+    path = make_jsonl(tmp_path / "data.jsonl", rows)
+    fields = {"join_by": ["book"]} if how == "join_by" else {"limit": 15} if how == "limit" else {}
+    cfg = Config(data_files=[path], id_field="id", streaming=how == "streaming", **fields)
+    given = rows if how == "list" else None
+    whole = list(iter_documents(cfg, given))
+    for start in (0, 1, 5, len(whole) - 1, len(whole), len(whole) + 3):
+        assert list(iter_documents(cfg, given, start=start)) == whole[start:], start
