@@ -4,6 +4,10 @@ document order, so that neither is held in memory. Without an output directory b
 
 A resumed run continues the files where its saved state says: documents.jsonl is cut back to the rows of the
 chunks it had finished, and token parts of later chunks are deleted.
+
+The token parts are what a resume reads; tokens.parquet is written beside them as they go (each part appended
+to one open file), so finishing only renames it, whatever the number of tokens. A resumed run writes that file
+again from the parts it keeps.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from .signals import Signals
 DOCUMENTS = "documents.jsonl"
 TOKENS = "tokens.parquet"
 PART_PREFIX = f".{TOKENS}.tmp-part"  # hidden parts, one per chunk: --overwrite clears them with the temporaries
+JOINED = f".{TOKENS}.tmp-joined"  # the parts so far as one file, appended as they finish (renamed at the end)
 FIELDS = tuple(f.name for f in dataclasses.fields(DocumentResult) if f.name != "signals")
 SIGNALS = tuple(f.name for f in dataclasses.fields(Signals))
 
@@ -95,6 +100,7 @@ class Outputs:
     tables: list[dict] = field(default_factory=list)  # token tables in memory (no directory)
     vocab: dict[int, str] = field(default_factory=dict)  # token id -> text, decoded once
     _file: object = None
+    _joined: object = None  # pyarrow.parquet.ParquetWriter of JOINED, open while the run writes tokens
 
     @property
     def writes(self) -> bool:
@@ -111,6 +117,12 @@ class Outputs:
         for part in token_parts(self.directory):
             if int(part.name[len(PART_PREFIX):-len(".parquet")]) >= run.chunks_done:
                 part.unlink()
+        if self.save_tokens:
+            import pyarrow.parquet as pq
+
+            (self.directory / JOINED).unlink(missing_ok=True)
+            for part in token_parts(self.directory):  # a resumed run's finished chunks, joined again
+                self._join(pq.read_table(part))
 
     def add_chunk(self, run: Run, rows: list[DocumentResult]) -> None:
         """A finished chunk's rows and token table (taken from the run's tally), in document order."""
@@ -138,26 +150,41 @@ class Outputs:
 
             path = part_path(self.directory, chunk)
             tmp = path.with_name(path.name + f".{os.getpid()}")
-            pq.write_table(pa.table(table), tmp)
+            arrow = pa.table(table)
+            pq.write_table(arrow, tmp)
             os.replace(tmp, path)
+            self._join(arrow)
+
+    def _join(self, table) -> None:
+        """Append a part's table to the joined file (opened with the first part's columns)."""
+        import pyarrow.parquet as pq
+
+        if self._joined is None:
+            self._joined = pq.ParquetWriter(self.directory / JOINED, table.schema)
+        self._joined.write_table(table)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._joined is not None:
+            self._joined.close()
+            self._joined = None
 
-    def results(self) -> tuple[Sequence[DocumentResult], dict | None, list[str]]:
-        """(documents, token table in memory, token files on disk) for the Results."""
+    def results(self) -> tuple[Sequence[DocumentResult], dict | None, list[str], str | None]:
+        """(documents, token table in memory, token files on disk, the closed joined file of those parts) for the
+        Results."""
         if self.directory is None:
             table = None
             if self.tables:
                 table = {k: [v for t in self.tables for v in t[k]] for k in self.tables[0]}
-            return (self.documents if self.document_mode else []), table, []
+            return (self.documents if self.document_mode else []), table, [], None
         documents = DocumentRows(self.directory / DOCUMENTS) if self.document_mode else []
         files = [str(p) for p in token_parts(self.directory)]
         if not files and (self.directory / TOKENS).is_file():  # a finished run reported again: already joined
             files = [str(self.directory / TOKENS)]
-        return documents, None, files
+        joined = self.directory / JOINED
+        return documents, None, files, str(joined) if joined.is_file() and self._joined is None else None
 
 
 def token_table(blocks: list[dict], documents: list[DocumentResult], tokenizer,

@@ -203,4 +203,5 @@ class Results:
     token_table: dict[str, list] | None = None  # column -> values, document order (with --save-tokens, in memory)
     parts: dict[str, Results] = field(default_factory=dict)  # a suite: each dataset's own results, by name
     token_files: list[str] = field(default_factory=list)  # tokens.parquet's parts, in document order (--save-tokens)
+    joined_tokens: str | None = None  # those parts already joined into one file, renamed to tokens.parquet
     extremes: Extremes | None = None  # results.html's documents of highest and lowest loss

@@ -279,7 +279,10 @@ def write(results: Results, output_dir: str, plot: bool = True, page: bool = Tru
     if results.token_files:  # written chunk by chunk as the run went: joined, the parts kept until it is complete
         path = directory / TOKENS
         if results.token_files != [str(path)]:
-            join_parquet(results.token_files, path)
+            if results.joined_tokens and Path(results.joined_tokens).is_file():  # joined as the run went
+                os.replace(results.joined_tokens, path)
+            else:
+                join_parquet(results.token_files, path)
             if results.summary.get("complete", True):
                 for name in results.token_files:
                     Path(name).unlink()

@@ -122,8 +122,9 @@ def summarize(cfg: Config, *, run: Run, stopped: bool, setup: Setup, info: Model
         "config": cfg.resolved(),
         **found,  # groups, compare, shard, signals: when there are some
     }
-    documents, table, files = outputs.results() if outputs is not None else ([], None, [])
-    return Results(summary, documents, tally.positions, table, token_files=files, extremes=run.extremes)
+    documents, table, files, joined = outputs.results() if outputs is not None else ([], None, [], None)
+    return Results(summary, documents, tally.positions, table, token_files=files, joined_tokens=joined,
+                   extremes=run.extremes)
 
 
 def figures(cfg: Config, run: Run, stopped: bool) -> tuple[dict, Tally]:
