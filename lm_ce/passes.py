@@ -6,6 +6,7 @@ background thread while the current chunk is scored.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +24,12 @@ from .windows import (Window, adds_bos, document_sequence, document_spans, gptq_
                       stream_spans, windows_of, without_double_prefix)
 
 log = logging.getLogger("lm_ce")
+
+try:  # glibc's malloc_trim (give_back_freed_memory); absent elsewhere
+    _LIBC = ctypes.CDLL("libc.so.6")
+    _LIBC.malloc_trim  # noqa: B018
+except (OSError, AttributeError):
+    _LIBC = None
 
 COSTLY = 8  # input tokens read per token scored from which the cost is said before scoring (a small --stride)
 
@@ -209,7 +216,17 @@ def _score_chunk(docs: list[data.Document], future: Future, plan: Plan, run: Run
     for r in rows:
         run.rows.add(r)
     run.chunks_done += 1
+    give_back_freed_memory()
     return False
+
+
+def give_back_freed_memory() -> None:
+    """Return the heap's free pages to the system after a chunk. glibc keeps them: a chunk's tensors and lists of
+    other sizes than the last one's then take new pages, and resident memory crept up by about 1.4 KB a document
+    (552 to 594 MB from 10^4 to 4*10^4 documents; flat with this). A no-op without glibc."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
 
 
 def say_cost(windows: list[Window], plan: Plan, which: str = "") -> None:
