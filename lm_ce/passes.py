@@ -228,7 +228,6 @@ def give_back_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-
 def say_cost(windows: list[Window], plan: Plan, which: str = "") -> None:
     """Once per run, before scoring: when the windows read COSTLY times more tokens than they score, say how
     many windows and tokens that is, and estimate the time after the first batch."""
