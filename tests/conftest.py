@@ -50,6 +50,25 @@ LLAMA_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 GPT2_EOT = "<|endoftext|>"
 
 
+def corpus_rows(count: int) -> list[dict]:
+    """`count` documents of 1-5 sentences with ids and three groups (one of them null); document 5 is empty and
+    document 9 is not text, so that a run counts both as skipped."""
+    rows = [{"text": " ".join(SENTENCES[(i * 7 + k) % len(SENTENCES)] for k in range(1 + i % 5)), "id": f"d{i}",
+             "group": ["a", "b", None][i % 3]} for i in range(count)]
+    rows[5]["text"] = ""
+    rows[9]["text"] = None
+    return rows
+
+
+def chunked_settings(model: str, data: str, out, **fields):
+    """A Config of corpus_rows scored in chunks of 8 documents, 2 windows a batch, windows of 24 tokens."""
+    from lm_ce.config import Config
+
+    return Config(**{"model": model, "data_files": [data], "id_field": "id", "group_field": "group", "max_length": 24,
+                     "stride": 12, "batch_size": 2, "chunk_documents": 8, "output_dir": str(out) if out else None,
+                     "progress": False, **fields})
+
+
 def make_jsonl(path: str | os.PathLike, rows: list[dict]) -> str:
     """Write rows as JSON Lines (UTF-8, non-ASCII kept) and return the path as a string."""
     path = Path(path)

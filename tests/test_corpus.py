@@ -15,12 +15,11 @@ import pytest
 import torch
 
 from lm_ce import cli, data
-from lm_ce.config import Config
 from lm_ce.runner import evaluate
 from lm_ce.scoring import Scorer
 from lm_ce.stats import Clustered, ExactSum, uncertainty
 
-from .conftest import SENTENCES, make_jsonl
+from .conftest import chunked_settings, corpus_rows, make_jsonl
 
 
 def test_exact_sum_is_fsum_in_any_order_and_merged():
@@ -53,17 +52,7 @@ def test_clustered_sums_merge_to_the_whole():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    rows = [{"text": " ".join(SENTENCES[(i * 7 + k) % len(SENTENCES)] for k in range(1 + i % 5)), "id": f"d{i}",
-             "group": ["a", "b", None][i % 3]} for i in range(70)]
-    rows[5]["text"] = ""  # skipped: empty
-    rows[9]["text"] = None  # skipped: not text
-    return make_jsonl(tmp_path_factory.mktemp("corpus") / "docs.jsonl", rows)
-
-
-def settings(model: str, data: str, out: Path | None, **fields) -> Config:
-    return Config(**{"model": model, "data_files": [data], "id_field": "id", "group_field": "group", "max_length": 24,
-                     "stride": 12, "batch_size": 2, "chunk_documents": 8, "output_dir": str(out) if out else None,
-                     "progress": False, **fields})
+    return make_jsonl(tmp_path_factory.mktemp("corpus") / "docs.jsonl", corpus_rows(70))
 
 
 def state_bytes(out: Path) -> int:
@@ -73,15 +62,15 @@ def state_bytes(out: Path) -> int:
 
 
 def test_rows_go_to_disk_and_the_state_does_not_grow(tiny_llama_dir, corpus, tmp_path):
-    in_memory = evaluate(settings(tiny_llama_dir, corpus, None))
-    on_disk = evaluate(settings(tiny_llama_dir, corpus, tmp_path / "all"))
+    in_memory = evaluate(chunked_settings(tiny_llama_dir, corpus, None))
+    on_disk = evaluate(chunked_settings(tiny_llama_dir, corpus, tmp_path / "all"))
     assert on_disk.summary["nll_sum"] == in_memory.summary["nll_sum"]
     assert on_disk.summary["uncertainty"] == in_memory.summary["uncertainty"]
     assert on_disk.summary["groups"] == in_memory.summary["groups"]
     assert list(on_disk.documents) == list(in_memory.documents)  # read back from documents.jsonl
     assert len(in_memory.documents) == 70
     # the saved state holds running sums, not rows: 16 documents and 70 save (nearly) the same bytes
-    few = evaluate(settings(tiny_llama_dir, corpus, tmp_path / "few", limit=16))
+    few = evaluate(chunked_settings(tiny_llama_dir, corpus, tmp_path / "few", limit=16))
     assert few.summary["counts"]["documents"] < on_disk.summary["counts"]["documents"]
     assert state_bytes(tmp_path / "all") - state_bytes(tmp_path / "few") < 1000
     run = torch.load(tmp_path / "all" / "state.pt", weights_only=False)["run"]
@@ -100,7 +89,7 @@ def test_a_stopped_report_shows_what_was_saved(tiny_llama_dir, corpus, tmp_path,
         return score(self, batch, tally)
 
     monkeypatch.setattr(Scorer, "score", score_then_signal)
-    stopped = evaluate(settings(tiny_llama_dir, corpus, tmp_path))
+    stopped = evaluate(chunked_settings(tiny_llama_dir, corpus, tmp_path))
     run = torch.load(tmp_path / "state.pt", weights_only=False)["run"]
     assert run.partial is not None and run.partial.tokens > 0
     assert stopped.summary["counts"]["tokens"] == run.tokens == run.sums.tokens + run.partial.tokens
@@ -113,7 +102,7 @@ def test_a_stopped_report_shows_what_was_saved(tiny_llama_dir, corpus, tmp_path,
 def test_saved_tokens_are_written_as_they_go(tiny_llama_dir, corpus, tmp_path, monkeypatch):
     """tokens.parquet from chunk parts equals the table kept in memory; a stop and resume loses no row; finishing
     joins nothing (the parts were appended to one file as they were written)."""
-    in_memory = evaluate(settings(tiny_llama_dir, corpus, None, save_tokens=True, limit=30))
+    in_memory = evaluate(chunked_settings(tiny_llama_dir, corpus, None, save_tokens=True, limit=30))
     calls = {"n": 0}
     score = Scorer.score
 
@@ -131,7 +120,7 @@ def test_saved_tokens_are_written_as_they_go(tiny_llama_dir, corpus, tmp_path, m
     assert code == 130
     assert list(out.glob(".tokens.parquet.tmp-part*"))  # the finished chunks' parts, kept for --resume
     monkeypatch.setattr(Scorer, "score", score)
-    resumed = evaluate(settings(tiny_llama_dir, corpus, out, save_tokens=True, limit=30, resume=True))
+    resumed = evaluate(chunked_settings(tiny_llama_dir, corpus, out, save_tokens=True, limit=30, resume=True))
     from lm_ce import report
 
     # the parts were joined as they were written (the resume joined the saved ones again): finishing renames
@@ -159,10 +148,10 @@ def test_a_resumed_shard_starts_at_its_first_unfinished_chunk(tiny_llama_dir, co
         return score(self, batch, tally)
 
     monkeypatch.setattr(Scorer, "score", score_then_signal)
-    whole = evaluate(settings(tiny_llama_dir, corpus, tmp_path / "whole", shard="1/3"))
+    whole = evaluate(chunked_settings(tiny_llama_dir, corpus, tmp_path / "whole", shard="1/3"))
     calls.update(stop=calls["n"] - 2, n=0)
     out = tmp_path / "stopped"
-    assert not evaluate(settings(tiny_llama_dir, corpus, out, shard="1/3")).summary["complete"]
+    assert not evaluate(chunked_settings(tiny_llama_dir, corpus, out, shard="1/3")).summary["complete"]
     monkeypatch.setattr(Scorer, "score", score)
     done = torch.load(out / "state.pt", weights_only=False)["run"].chunks_done
     assert done >= 1
@@ -174,7 +163,7 @@ def test_a_resumed_shard_starts_at_its_first_unfinished_chunk(tiny_llama_dir, co
         return read(cfg, rows, start=start)
 
     monkeypatch.setattr(data, "iter_documents", spy)
-    resumed = evaluate(settings(tiny_llama_dir, corpus, out, shard="1/3", resume=True))
+    resumed = evaluate(chunked_settings(tiny_llama_dir, corpus, out, shard="1/3", resume=True))
     assert starts == [(1 + 3 * done) * 8]  # chunk 1 + 3 * done of all chunks: this shard's chunk `done`
     assert resumed.summary["nll_sum"] == whole.summary["nll_sum"]
     assert resumed.summary["counts"] == whole.summary["counts"]

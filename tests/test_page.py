@@ -22,22 +22,16 @@ from lm_ce.page import loss_class
 from lm_ce.runner import evaluate
 from lm_ce.scoring import Scorer
 
-from .conftest import SENTENCES, make_jsonl
+from .conftest import chunked_settings, corpus_rows, make_jsonl
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    rows = [{"text": " ".join(SENTENCES[(i * 7 + k) % len(SENTENCES)] for k in range(1 + i % 5)), "id": f"d{i}",
-             "group": ["a", "b", None][i % 3]} for i in range(40)]
-    rows[5]["text"] = ""  # skipped: empty
-    rows[9]["text"] = None  # skipped: not text
-    return make_jsonl(tmp_path_factory.mktemp("page") / "docs.jsonl", rows)
+    return make_jsonl(tmp_path_factory.mktemp("page") / "docs.jsonl", corpus_rows(40))
 
 
 def settings(model: str, data: str, out: Path | None, **fields) -> Config:
-    return Config(**{"model": model, "data_files": [data], "id_field": "id", "group_field": "group", "max_length": 24,
-                     "stride": 12, "batch_size": 2, "chunk_documents": 8, "output_dir": str(out) if out else None,
-                     "progress": False, "plot": False, **fields})
+    return chunked_settings(model, data, out, **{"plot": False, **fields})
 
 
 class Page(HTMLParser):
