@@ -22,6 +22,7 @@ FINGERPRINTED = (
     "group_field", "id_field", "join_by", "streaming", "limit", "mode", "max_length", "stride", "prefix_token",
     "separator", "batch_size", "token_budget", "padding_side", "chunk_documents", "compare_to", "save_tokens",
     "protocol", "bos_policy", "chunks", "detokenizer", "shard", "min_k",
+    "longppl_evaluator", "longppl_short", "longppl_step", "longppl_alpha", "longppl_beta",
 )
 
 

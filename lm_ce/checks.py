@@ -15,7 +15,7 @@ def check(cfg: Config) -> None:
         if value not in CHOICES[name]:
             raise UsageError(f"field '{name}' is '{value}'; choose one of {', '.join(CHOICES[name])}")
     for name in ("max_length", "stride", "batch_size", "token_budget", "limit", "chunk_documents", "threads", "checkpoint_seconds", "chunks",
-                 "context_curve_divisor"):
+                 "context_curve_divisor", "longppl_short", "longppl_step"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -32,6 +32,8 @@ def check(cfg: Config) -> None:
     if cfg.min_k is not None and not (0 < cfg.min_k <= 1 and cfg.mode == "document"):
         raise UsageError(f"--min-k {cfg.min_k}: give the fraction K of each document's lowest tokens, 0 < K <= 1 "
                          f"(e.g. 0.2), in --mode document (the signals are per document; --mode is {cfg.mode})")
+    if cfg.longppl_evaluator is not None:
+        check_longppl(cfg)
     if cfg.resume and not cfg.output_dir:
         raise UsageError("--resume needs --output-dir: the directory of the run to continue")
     if cfg.data_cache == "output" and not cfg.output_dir:
@@ -111,3 +113,14 @@ def valid_shard(shard: str, mode: str) -> bool:
         return True
     k, _, n = shard.partition("/")
     return k.isdigit() and n.isdigit() and int(k) < int(n)
+
+
+def check_longppl(cfg: Config) -> None:
+    """LongPPL is per document, and maps another tokenizer's tokens through the text alone (no prompt)."""
+    if not cfg.longppl_evaluator.strip():
+        raise UsageError("--longppl-evaluator is empty: give self, or a model (Hub id, directory, .gguf file)")
+    if cfg.mode != "document":
+        raise UsageError(f"--longppl-evaluator works per document, in --mode document (--mode is {cfg.mode})")
+    if cfg.prompt_field and cfg.longppl_evaluator != "self":
+        raise UsageError("--longppl-evaluator with --prompt-field: only self (another model's tokens are mapped "
+                         "through the text alone, without the prompt); use --longppl-evaluator self")

@@ -87,6 +87,16 @@ class Config:
                                                        "N input tokens read per target")
     min_k: float | None = option(None, "analysis", "K in (0, 1], e.g. 0.2: add membership signals to each document "
                                                    "row (min_k, min_k_plus_plus, zlib_ratio over its lowest K of tokens)")
+    longppl_evaluator: str | None = option(None, "analysis", "self, or a model (as --model): adds LongPPL, the "
+                                                             "perplexity over the tokens that need long context")
+    longppl_short: int = option(4096, "analysis", "LongPPL's short context: a target is scored again with this many "
+                                                  "tokens before it (up to --longppl-step - 1 more)")
+    longppl_step: int = option(1024, "analysis", "LongPPL's short-context windows score this many targets each (the "
+                                                 "paper's sliding_window; 1: exactly --longppl-short tokens of context)")
+    longppl_alpha: float = option(2.0, "analysis", "a LongPPL key token gains more than this from long context: "
+                                                   "loss_short - loss_full > alpha")
+    longppl_beta: float = option(2.0, "analysis", "a LongPPL key token is predicted with long context: "
+                                                  "loss_full < beta")
     output_dir: str | None = option(None, "output", "directory of the run's reports and saved progress")
     resume: bool = option(False, "output", "continue the run saved in --output-dir (same model, data and settings)")
     overwrite: bool = option(False, "output", "replace the run in --output-dir: its files are deleted first "

@@ -22,21 +22,25 @@ from pathlib import Path
 import torch
 
 from .extremes import SHOWN_TOKENS
-from .records import DocumentResult, Run
+from .records import DocumentResult, KeyTokens, Run
 from .signals import Signals
 
 DOCUMENTS = "documents.jsonl"
 TOKENS = "tokens.parquet"
 PART_PREFIX = f".{TOKENS}.tmp-part"  # hidden parts, one per chunk: --overwrite clears them with the temporaries
 JOINED = f".{TOKENS}.tmp-joined"  # the parts so far as one file, appended as they finish (renamed at the end)
-FIELDS = tuple(f.name for f in dataclasses.fields(DocumentResult) if f.name != "signals")
+FIELDS = tuple(f.name for f in dataclasses.fields(DocumentResult) if f.name not in ("signals", "longppl"))
 SIGNALS = tuple(f.name for f in dataclasses.fields(Signals))
 
 
 def row_line(d: DocumentResult) -> str:
-    """One line of documents.jsonl: the row, with its perplexity and bits per byte (and its signals: --min-k)."""
+    """One line of documents.jsonl: the row, with its perplexity and bits per byte (and its signals: --min-k; its
+    LongPPL: --longppl-evaluator)."""
     row = dataclasses.asdict(d)
     row.update(row.pop("signals") or {})
+    if row.pop("longppl") is not None:
+        keys = d.longppl
+        row.update(longppl=keys.perplexity, longppl_key_tokens=keys.key_tokens, longppl_nll_sum=keys.nll_sum)
     row["perplexity"] = math.exp(d.nll_sum / d.tokens) if d.tokens else None
     row["bits_per_byte"] = d.nll_sum / (d.bytes * math.log(2)) if d.tokens and d.bytes else None
     return json.dumps(row, ensure_ascii=False)
@@ -46,7 +50,8 @@ def row_of(line: str) -> DocumentResult:
     """A documents.jsonl line read back (the float64 sums survive JSON exactly)."""
     row = json.loads(line)
     signals = Signals(**{k: row[k] for k in SIGNALS}) if SIGNALS[0] in row else None
-    return DocumentResult(**{k: row[k] for k in FIELDS}, signals=signals)
+    keys = KeyTokens(row["longppl_nll_sum"], row["longppl_key_tokens"]) if "longppl_key_tokens" in row else None
+    return DocumentResult(**{k: row[k] for k in FIELDS}, signals=signals, longppl=keys)
 
 
 class DocumentRows(Sequence):

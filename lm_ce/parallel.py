@@ -39,6 +39,7 @@ class Plan:
     rows: object = None  # rows given in memory (lm_ce.evaluate), read instead of what cfg names
     outputs: Outputs | None = None  # where finished rows and tokens go
     shard: Shard | None = None  # the share of the documents this run scores (--shard)
+    evaluator: object = None  # longppl.Evaluator: finds each chunk's key tokens (--longppl-evaluator)
     last_save: float = field(default_factory=time.monotonic)
 
     def new_tally(self) -> Tally:

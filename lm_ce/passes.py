@@ -16,6 +16,7 @@ import torch
 
 from . import data
 from .errors import UsageError
+from .longppl import chunk_key_tokens
 from .parallel import Plan, gather, score_windows
 from .protocols import detokenized
 from .records import DocumentResult, RowSums, Run
@@ -187,6 +188,11 @@ def tokenize_share(docs: list[data.Document], tokenizer, prefix: int | None, ran
 def _score_chunk(docs: list[data.Document], future: Future, plan: Plan, run: Run) -> bool:
     """Score one chunk of documents and add it to the run. True when stopped inside it."""
     sequences = {k: v for part in gather(future.result(), plan) for k, v in part.items()}
+    keys = None
+    if plan.evaluator is not None:  # before the chunk is scored: a stop inside leaves the run at the chunk's start
+        keys = chunk_key_tokens(sequences, {d.index: d.text for d in docs if d.index in sequences}, plan, plan.evaluator)
+        if keys is None:
+            return True
     results = {d.index: _document_result(d) for d in docs}
     windows = []
     for d in docs:
@@ -212,6 +218,9 @@ def _score_chunk(docs: list[data.Document], future: Future, plan: Plan, run: Run
     rows = [results[d.index] for d in docs]
     if plan.cfg.min_k is not None:
         add_to_rows(rows, docs, run.tally, plan.cfg.min_k)
+    if keys is not None:
+        for r in rows:
+            r.longppl = None if r.skipped else keys[r.index]
     plan.outputs.add_chunk(run, rows)
     for r in rows:
         run.rows.add(r)

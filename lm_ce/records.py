@@ -7,12 +7,54 @@ and its saved state do not grow with the number of documents.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from . import stats
 from .extremes import Extremes
 from .signals import SignalSums, Signals, TokenSignals
+
+
+@dataclass
+class KeyTokens:
+    """One document's LongPPL sums: the evaluated model's NLL over its key tokens, and how many there are."""
+
+    nll_sum: float = 0.0
+    key_tokens: int = 0
+
+    @property
+    def perplexity(self) -> float | None:
+        return math.exp(self.nll_sum / self.key_tokens) if self.key_tokens else None
+
+
+@dataclass
+class KeySums:
+    """Running sums over finished documents, for results.json's `longppl` (and each group's)."""
+
+    documents: int = 0
+    tokens: int = 0  # the run's scored tokens of those documents: key_fraction's denominator
+    key_tokens: int = 0
+    nll: stats.ExactSum = field(default_factory=stats.ExactSum)
+
+    def add(self, keys: KeyTokens, tokens: int) -> None:
+        self.documents += 1
+        self.tokens += tokens
+        self.key_tokens += keys.key_tokens
+        self.nll.add(keys.nll_sum)
+
+    def merge(self, other: KeySums) -> None:
+        self.documents += other.documents
+        self.tokens += other.tokens
+        self.key_tokens += other.key_tokens
+        self.nll.merge(other.nll)
+
+    def figures(self) -> dict:
+        """{perplexity (None without key tokens), key_tokens, key_fraction, nll_sum, tokens, documents}."""
+        nll = self.nll.value
+        return {"perplexity": math.exp(nll / self.key_tokens) if self.key_tokens else None,
+                "key_tokens": self.key_tokens, "key_fraction": self.key_tokens / self.tokens if self.tokens else None,
+                "nll_sum": nll, "tokens": self.tokens, "documents": self.documents}
 
 
 @dataclass
@@ -29,6 +71,7 @@ class DocumentResult:
     windows: int = 0
     skipped: str | None = None  # why nothing was scored: "empty" (no targets) or "not_text"
     signals: Signals | None = None  # with --min-k: written as the row's min_k, min_k_plus_plus, zlib_ratio
+    longppl: KeyTokens | None = None  # with --longppl-evaluator: written as longppl, longppl_key_tokens, longppl_nll_sum
 
 
 @dataclass
@@ -134,6 +177,7 @@ class RowSums:
     by_document: stats.Clustered = field(default_factory=stats.Clustered)
     groups: dict[str, stats.GroupSums] = field(default_factory=dict)
     signals: dict[str | None, SignalSums] | None = None  # --min-k: None -> the run's, group -> the group's
+    longppl: dict[str | None, KeySums] | None = None  # --longppl-evaluator: None -> the run's, group -> the group's
 
     @property
     def skipped(self) -> int:
@@ -153,6 +197,10 @@ class RowSums:
             self.signals = self.signals or {}
             self.signals.setdefault(None, SignalSums()).add(d.signals)
             self.signals.setdefault(stats.NULL_GROUP if d.group is None else d.group, SignalSums()).add(d.signals)
+        if d.longppl is not None:
+            self.longppl = self.longppl or {}
+            for name in (None, stats.NULL_GROUP if d.group is None else d.group):
+                self.longppl.setdefault(name, KeySums()).add(d.longppl, d.tokens)
 
     def merge(self, other: RowSums) -> None:
         self.rows += other.rows
@@ -166,6 +214,9 @@ class RowSums:
         for name, sums in (other.signals or {}).items():
             self.signals = self.signals or {}
             self.signals.setdefault(name, SignalSums()).merge(sums)
+        for name, sums in (other.longppl or {}).items():
+            self.longppl = self.longppl or {}
+            self.longppl.setdefault(name, KeySums()).merge(sums)
 
 
 @dataclass

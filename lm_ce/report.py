@@ -148,7 +148,7 @@ def interval(summary: dict) -> str:
 
 
 def sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
-    """(title, header, rows) of each breakdown: groups, compared models, loss by position."""
+    """(title, header, rows) of each breakdown: groups, compared models, LongPPL, loss by position."""
     out = []
     if summary.get("groups"):
         rows = [[g, fmt(v["documents"]), fmt(v["tokens"]), fmt(v["mean_loss"]), fmt(v["perplexity"]), fmt(v["bits_per_byte"])]
@@ -164,6 +164,12 @@ def sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 rows[-1][3:] = [c["note"], "-", "-", "-"]
         out.append(("Model against model (same tokens)", ["model", "perplexity", "bits/byte", "delta ppl", "KL mean",
                                                            "KL p99", "same top-1"], rows))
+    if summary.get("longppl"):
+        k = summary["longppl"]
+        out.append((f"LongPPL (key tokens: short context {k['context'][0]}-{k['context'][1]}, alpha {fmt(k['alpha'])}, "
+                    f"beta {fmt(k['beta'])})", ["evaluator", "LongPPL", "key tokens", "key fraction", "perplexity"],
+                    [[k["evaluator"], fmt(k["perplexity"]), fmt(k["key_tokens"]), fmt(k["key_fraction"]),
+                      fmt(summary["metrics"]["perplexity"])]]))
     if summary.get("by_position"):
         rows = [[f"{b['positions'][0]}-{b['positions'][1]}", fmt(b["tokens"]), fmt(b["mean_loss"]), fmt(b["perplexity"])]
                 for b in summary["by_position"]]

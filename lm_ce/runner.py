@@ -24,6 +24,7 @@ from .config import Config
 from .curve import check_lengths, context_curve
 from .errors import UsageError
 from .extremes import Extremes, for_resumed_run
+from .longppl import load_evaluator
 from .parallel import Plan
 from .passes import run_chunks, run_documents, run_stream
 from .progress import Progress, StopRequest
@@ -99,6 +100,7 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
     shows = shows_documents(cfg)
     scorer = Scorer(model, setup.head, setup.device, cfg.padding_side == "left", compared.same_tokens,
                     want_top1=cfg.save_tokens or shows, want_signals=cfg.min_k is not None)
+    evaluator = load_evaluator(cfg, setup=setup, scorer=scorer, tokenizer=tokenizer, accelerator=accelerator)
     accelerator.wait_for_everyone()  # processes finish loading at different times: scoring starts when all have
     emit("scoring")
     loaded_at = time.perf_counter()
@@ -107,7 +109,8 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
     outputs = Outputs(Path(cfg.output_dir) if cfg.output_dir else None, accelerator.is_main_process,
                       cfg.mode == "document", tokenizer, save_tokens=cfg.save_tokens)
     with StopRequest() as stop:
-        plan = Plan(cfg, setup, scorer, accelerator, progress, stop, rows, outputs=outputs, shard=shard)
+        plan = Plan(cfg, setup, scorer, accelerator, progress, stop, rows, outputs=outputs, shard=shard,
+                    evaluator=evaluator)
         run = state["run"] if state else Run(tally=plan.new_tally(), shard=str(shard) if shard else None)
         if state:
             begun = run.chunks_done > 0 or run.partial is not None

@@ -19,7 +19,7 @@ from .data import MEMORY, local_files
 from .model import ModelInfo, file_sha256
 from .protocols import PROTOCOLS, protocol_values
 from .outputs import Outputs
-from .records import Results, RowSums, Run, Tally, TokenSums
+from .records import KeySums, Results, RowSums, Run, Tally, TokenSums
 from .setup import Setup
 from .signals import SignalSums
 
@@ -72,6 +72,7 @@ class Summary(TypedDict, total=False):
     compare: dict
     context_curve: dict
     signals: dict
+    longppl: dict
 
 
 @dataclass(frozen=True)
@@ -160,12 +161,25 @@ def figures(cfg: Config, run: Run, stopped: bool) -> tuple[dict, Tally]:
         out["signals"] = {"k": cfg.min_k, **signals.get(None, SignalSums()).means()}
         for name, row in out.get("groups", {}).items():
             row.update({k: v for k, v in signals.get(name, SignalSums()).means().items() if k != "documents"})
+    if cfg.longppl_evaluator is not None and document:  # over the finished documents, run-wide and per group
+        sums = rows.longppl or {}
+        out["longppl"] = {**sums.get(None, KeySums()).figures(), **longppl_settings(cfg)}
+        for name, row in out.get("groups", {}).items():
+            group = sums.get(name, KeySums()).figures()
+            row.update(longppl=group["perplexity"], longppl_key_tokens=group["key_tokens"])
     if tally.compares:
         out["compare"] = {name: c.summary(n_bytes=totals.bytes) for name, c in zip(cfg.compare_to, tally.compares)}
     if run.shard is not None:
         k, n = (int(x) for x in run.shard.split("/"))
         out["shard"] = {"index": k, "count": n}
     return out, tally
+
+
+def longppl_settings(cfg: Config) -> dict:
+    """What defined results.json's key tokens: the evaluator, the short context and the two thresholds."""
+    return {"evaluator": cfg.longppl_evaluator, "short": cfg.longppl_short, "step": cfg.longppl_step,
+            "context": [cfg.longppl_short, cfg.longppl_short + cfg.longppl_step - 1], "alpha": cfg.longppl_alpha,
+            "beta": cfg.longppl_beta}
 
 
 def _with_partial(run: Run) -> tuple[TokenSums, Tally, stats.Clustered]:

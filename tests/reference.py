@@ -245,3 +245,46 @@ def reference_signals(model: torch.nn.Module, tokenizer, text: str, prefix_id: i
     m = max(1, math.floor(k * len(lp)))
     return {"min_k": sum(sorted(lp)[:m]) / m, "min_k_plus_plus": sum(sorted(z)[:m]) / m,
             "zlib_ratio": -sum(lp) / len(lp) / len(zlib.compress(text.encode("utf-8")))}
+
+
+@torch.no_grad()
+def reference_longppl(model: torch.nn.Module, tokenizer, evaluator: torch.nn.Module, evaluator_tokenizer, text: str, *,
+                      prefix_id: int | None, evaluator_prefix_id: int | None, max_length: int, stride: int, short: int,
+                      step: int, alpha: float, beta: float) -> tuple[float, int]:
+    """(NLL sum, count) of the model's key tokens in one document, LongPPL's definition from float64 full logits.
+
+    The evaluator scores each target t of its own sequence E with the document windows (full context) and with
+    E[c:t], c = t - short - ((t - short) mod step) (the short context, as the paper's code slides it), for every t
+    with at least `short` tokens before it; t is key when loss_short - loss_full > alpha and loss_full < beta. With
+    another tokenizer, adjacent key tokens' characters are merged into spans, and the model's tokens lying within
+    a span are its key tokens; with the same, the key targets are the model's own."""
+    seq, first = document_sequence(tokenizer, text, prefix_id)
+    mine = {r["j"]: r["nll"] for r in reference_tokens(model, seq, document_windows(len(seq), first, max_length, stride))}
+    same = evaluator is model or (tokenizer.get_vocab() == evaluator_tokenizer.get_vocab()
+                                  and prefix_id == evaluator_prefix_id)
+    e_seq = seq if same else document_sequence(evaluator_tokenizer, text, evaluator_prefix_id)[0]
+    full = {r["j"]: r["nll"] for r in reference_tokens(evaluator, e_seq, document_windows(len(e_seq), 1, max_length,
+                                                                                          stride))}
+    model64 = as_float64(evaluator)
+    key = []
+    for t in range(max(short, 1), len(e_seq)):
+        c = t - short - ((t - short) % step)
+        logits = model64(input_ids=torch.tensor([e_seq[c:t]], device=_device(model64)), use_cache=False).logits[0, -1]
+        loss_short = -torch.log_softmax(logits.double(), dim=-1)[e_seq[t]].item()
+        if loss_short - full[t] > alpha and full[t] < beta:
+            key.append(t)
+    if not same:
+        def spans(tok, prefix):
+            offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            return [None] * (prefix is not None) + [tuple(o) for o in offsets]
+
+        e_spans, my_spans = spans(evaluator_tokenizer, evaluator_prefix_id), spans(tokenizer, prefix_id)
+        merged = []
+        for t in key:
+            s, e = e_spans[t]
+            if merged and merged[-1][1] == s:
+                merged[-1] = (merged[-1][0], e)
+            else:
+                merged.append((s, e))
+        key = [j for j in range(1, len(seq)) if any(s <= my_spans[j][0] and my_spans[j][1] <= e for s, e in merged)]
+    return sum(mine[j] for j in key), len(key)
