@@ -13,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json
 import random
+import signal
 from pathlib import Path
 
 import pytest
@@ -302,3 +303,21 @@ def perturbed_copy(source_dir: str, path, *, seed: int, scale: float):
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(source_dir).save_pretrained(path)
     return str(path), model
+
+
+def stop_at_batch(monkeypatch, at: int | None) -> dict:
+    """Make the `at`-th batch scored send SIGINT to this process (what Ctrl-C does: the run saves and stops).
+    Returns the counter {"n": batches so far, "stop": at}, which a test may change; monkeypatch.undo() ends it."""
+    from lm_ce.scoring import Scorer
+
+    calls = {"n": 0, "stop": at}
+    score = Scorer.score
+
+    def score_then_signal(self, batch, tally):
+        calls["n"] += 1
+        if calls["n"] == calls["stop"]:
+            os.kill(os.getpid(), signal.SIGINT)
+        return score(self, batch, tally)
+
+    monkeypatch.setattr(Scorer, "score", score_then_signal)
+    return calls

@@ -5,9 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import random
-import signal
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -16,10 +14,9 @@ import torch
 
 from lm_ce import cli, data
 from lm_ce.runner import evaluate
-from lm_ce.scoring import Scorer
 from lm_ce.stats import Clustered, ExactSum, uncertainty
 
-from .conftest import chunked_settings, corpus_rows, make_jsonl
+from .conftest import chunked_settings, corpus_rows, make_jsonl, stop_at_batch
 
 
 def test_exact_sum_is_fsum_in_any_order_and_merged():
@@ -79,16 +76,7 @@ def test_rows_go_to_disk_and_the_state_does_not_grow(tiny_llama_dir, corpus, tmp
 
 
 def test_a_stopped_report_shows_what_was_saved(tiny_llama_dir, corpus, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    score = Scorer.score
-
-    def score_then_signal(self, batch, tally):
-        calls["n"] += 1
-        if calls["n"] == 30:  # inside a chunk
-            os.kill(os.getpid(), signal.SIGINT)
-        return score(self, batch, tally)
-
-    monkeypatch.setattr(Scorer, "score", score_then_signal)
+    stop_at_batch(monkeypatch, 30)  # inside a chunk
     stopped = evaluate(chunked_settings(tiny_llama_dir, corpus, tmp_path))
     run = torch.load(tmp_path / "state.pt", weights_only=False)["run"]
     assert run.partial is not None and run.partial.tokens > 0
@@ -103,23 +91,14 @@ def test_saved_tokens_are_written_as_they_go(tiny_llama_dir, corpus, tmp_path, m
     """tokens.parquet from chunk parts equals the table kept in memory; a stop and resume loses no row; finishing
     joins nothing (the parts were appended to one file as they were written)."""
     in_memory = evaluate(chunked_settings(tiny_llama_dir, corpus, None, save_tokens=True, limit=30))
-    calls = {"n": 0}
-    score = Scorer.score
-
-    def score_then_signal(self, batch, tally):
-        calls["n"] += 1
-        if calls["n"] == 45:  # inside the third chunk
-            os.kill(os.getpid(), signal.SIGINT)
-        return score(self, batch, tally)
-
-    monkeypatch.setattr(Scorer, "score", score_then_signal)
+    stop_at_batch(monkeypatch, 45)  # inside the third chunk
     out = tmp_path / "run"
     code = cli.main(["--model", tiny_llama_dir, "--data-files", corpus, "--id-field", "id", "--group-field", "group",
                      "--max-length", "24", "--stride", "12", "--batch-size", "2", "--chunk-documents", "8",
                      "--limit", "30", "--save-tokens", "--output-dir", str(out), "--no-progress"])
     assert code == 130
     assert list(out.glob(".tokens.parquet.tmp-part*"))  # the finished chunks' parts, kept for --resume
-    monkeypatch.setattr(Scorer, "score", score)
+    monkeypatch.undo()
     resumed = evaluate(chunked_settings(tiny_llama_dir, corpus, out, save_tokens=True, limit=30, resume=True))
     from lm_ce import report
 
@@ -138,21 +117,12 @@ def run_cli(args: list[str]) -> int:
 def test_a_resumed_shard_starts_at_its_first_unfinished_chunk(tiny_llama_dir, corpus, tmp_path, monkeypatch):
     """A shard stopped inside a later chunk resumes to the uninterrupted shard's figures and rows, reading the data
     from its first unfinished chunk on (its chunk index among all the data's chunks, times the chunk size)."""
-    calls = {"n": 0, "stop": None}
-    score = Scorer.score
-
-    def score_then_signal(self, batch, tally):
-        calls["n"] += 1
-        if calls["n"] == calls["stop"]:  # inside the shard's last chunk
-            os.kill(os.getpid(), signal.SIGINT)
-        return score(self, batch, tally)
-
-    monkeypatch.setattr(Scorer, "score", score_then_signal)
+    calls = stop_at_batch(monkeypatch, None)  # inside the shard's last chunk
     whole = evaluate(chunked_settings(tiny_llama_dir, corpus, tmp_path / "whole", shard="1/3"))
     calls.update(stop=calls["n"] - 2, n=0)
     out = tmp_path / "stopped"
     assert not evaluate(chunked_settings(tiny_llama_dir, corpus, out, shard="1/3")).summary["complete"]
-    monkeypatch.setattr(Scorer, "score", score)
+    monkeypatch.undo()
     done = torch.load(out / "state.pt", weights_only=False)["run"].chunks_done
     assert done >= 1
     starts = []

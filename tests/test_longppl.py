@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 
 import pytest
 
@@ -15,9 +13,8 @@ from lm_ce import cli, report
 from lm_ce.config import Config
 from lm_ce.longppl import Tokens, key_targets, mapped, short_spans
 from lm_ce.runner import evaluate
-from lm_ce.scoring import Scorer
 
-from .conftest import make_jsonl, perturbed_copy
+from .conftest import make_jsonl, perturbed_copy, stop_at_batch
 from .reference import reference_longppl
 
 # Short settings, so that the tiny models have candidates: windows of 24 tokens advancing by 8 (full context: 17 to
@@ -148,19 +145,10 @@ def test_rows_are_written_and_read_back(tiny_llama_dir, data_file, tmp_path):
 def test_a_stop_resumes_to_the_same_figures(tiny_llama_dir, data_file, tmp_path, monkeypatch, stop_after):
     fields = dict(longppl_evaluator="self", batch_size=2, chunk_documents=5, output_dir=str(tmp_path / "run"))
     whole = run(tiny_llama_dir, data_file, **{**fields, "output_dir": str(tmp_path / "whole")})
-    calls = {"n": 0}
-    score = Scorer.score
-
-    def score_then_signal(self, batch, tally):
-        calls["n"] += 1
-        if calls["n"] == stop_after:
-            os.kill(os.getpid(), signal.SIGINT)
-        return score(self, batch, tally)
-
-    monkeypatch.setattr(Scorer, "score", score_then_signal)
+    stop_at_batch(monkeypatch, stop_after)
     first = run(tiny_llama_dir, data_file, **fields)
     assert first.summary["complete"] is False
-    monkeypatch.setattr(Scorer, "score", score)
+    monkeypatch.undo()
     resumed = run(tiny_llama_dir, data_file, **fields, resume=True)
     assert resumed.summary["complete"] is True
     assert rows_of(resumed) == rows_of(whole)

@@ -4,9 +4,6 @@ processes and a resume; the bad values refused."""
 from __future__ import annotations
 
 import json
-import math
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -16,10 +13,9 @@ from lm_ce import cli, report
 from lm_ce.config import Config
 from lm_ce.loss import Head, float64_logits, logits_losses, pair_losses, token_losses
 from lm_ce.runner import evaluate
-from lm_ce.scoring import Scorer
 from lm_ce.signals import lowest_mean
 
-from .conftest import make_jsonl
+from .conftest import make_jsonl, stop_at_batch
 from .reference import reference_signals
 
 NAMES = ("min_k", "min_k_plus_plus", "zlib_ratio")
@@ -158,19 +154,10 @@ def test_rows_are_written_and_read_back(tiny_llama_dir, data_file, tmp_path):
 def test_a_stop_inside_a_chunk_resumes_to_the_same_rows(tiny_llama_dir, data_file, tmp_path, monkeypatch, stop_after):
     fields = dict(max_length=32, stride=16, batch_size=2, chunk_documents=5, output_dir=str(tmp_path))
     whole = run(tiny_llama_dir, data_file, **{**fields, "output_dir": str(tmp_path / "whole")})
-    calls = {"n": 0}
-    score = Scorer.score
-
-    def score_then_signal(self, batch, tally):
-        calls["n"] += 1
-        if calls["n"] == stop_after:
-            os.kill(os.getpid(), signal.SIGINT)
-        return score(self, batch, tally)
-
-    monkeypatch.setattr(Scorer, "score", score_then_signal)
+    stop_at_batch(monkeypatch, stop_after)
     first = run(tiny_llama_dir, data_file, **fields)
     assert first.summary["complete"] is False
-    monkeypatch.setattr(Scorer, "score", score)
+    monkeypatch.undo()
     resumed = run(tiny_llama_dir, data_file, **fields, resume=True)
     assert resumed.summary["complete"] is True
     assert fields_of(resumed) == fields_of(whole)
