@@ -4,7 +4,8 @@ A byte-level BPE of 512 tokens and a ~43k-parameter Llama keep the model call to
 is measured is what a run keeps and does per document: peak RSS, documents/s, the time of one save, the time
 after scoring (summary and reports), and how long a resume takes to reach its first batch. Each size and
 variant runs in a fresh process (`benchmark.py --_child docs SPEC`); `root` can point at another checkout
-(e.g. main) to compare with it.
+(e.g. main) to compare with it. datasets' Arrow copy of each file is made first, in a process of its own (a
+row of its own): its memory grows with the file and it is paid once per file, so the runs measure lm_ce.
 """
 from __future__ import annotations
 
@@ -74,9 +75,14 @@ def run_documents_size(spec: dict, _mode: str) -> dict:
     """The child: one run of lm_ce (of the checkout at spec["root"]) on spec["data"], timed from inside."""
     if spec.get("root"):
         sys.path.insert(0, spec["root"])
-    from lm_ce import checkpoint, report, runner
+    from lm_ce import checkpoint, data, report, runner
     from lm_ce.config import Config
     from lm_ce.scoring import Scorer
+
+    if spec.get("arrow_copy_only"):  # datasets' Arrow copy of the file, made once: every later run reads it
+        t0 = time.perf_counter()
+        rows = data.load_rows(Config(data_files=[spec["data"]]))
+        return {"documents": len(rows), "seconds": time.perf_counter() - t0}
 
     saves: list[float] = []
     save = checkpoint.save
@@ -133,6 +139,8 @@ def run_documents_scaling(settings: dict, work: Path, timeout: float, failures: 
         shutil.rmtree(out_dir, ignore_errors=True)
         spec = {**settings, "data": prepare_documents(work, n), "model_dir": model_dir, "output_dir": str(out_dir),
                 "fields": VARIANTS[variant], "root": root, "spawned_at": time.time()}
+        if variant == "default" and not root:
+            rows += arrow_copy(spec, work, timeout, failures, n)
         out = run_child("docs", spec, work, tag, timeout)
         if not out["ok"]:
             failures.append(f"documents {n} {variant}: {out['error']}")
@@ -146,6 +154,20 @@ def run_documents_scaling(settings: dict, work: Path, timeout: float, failures: 
         if resume and n == top and variant == "default":
             rows += resumed_run(spec, row, work, timeout, failures, tag)
     return {"rows": rows, "root": root}
+
+
+def arrow_copy(spec: dict, work: Path, timeout: float, failures: list[str], n: int) -> list[dict]:
+    """datasets' Arrow copy of the data file, made in a child of its own before the runs: its cost grows with the
+    file (datasets' JSON conversion), is paid once per file, and is not lm_ce's; the runs then find the copy."""
+    out = run_child("docs", {**spec, "arrow_copy_only": True}, work, f"documents-{n}-arrow-copy", timeout)
+    if not out["ok"]:
+        failures.append(f"documents {n} arrow copy: {out['error']}")
+        return []
+    print(f"   documents {n:>8} arrow copy    : {out['result']['seconds']:.1f} s  peak {out['ru_maxrss_mb']:6.0f} MB "
+          "(datasets' JSON to Arrow, once per file)", flush=True)
+    return [{"documents": n, "variant": "arrow-copy", "peak_rss_mb": out["ru_maxrss_mb"], "saves": 0, "state_bytes": 0,
+             "save_seconds_max": None, "after_scoring_seconds": 0.0, "documents_per_second": None,
+             "arrow_copy_seconds": out["result"]["seconds"]}]
 
 
 def resumed_run(spec: dict, whole: dict, work: Path, timeout: float, failures: list[str], tag: str) -> list[dict]:
@@ -195,7 +217,7 @@ def plot_documents(scaling: dict, path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [r for r in scaling.get("rows", []) if r["variant"] != "resume"]
+    rows = [r for r in scaling.get("rows", []) if r["variant"] not in ("resume", "arrow-copy")]
     if not rows:
         return None
     fig, (mem, speed) = plt.subplots(1, 2, figsize=(10, 4))
