@@ -228,10 +228,11 @@ def iter_documents(cfg: Config, rows=None, *, start: int = 0) -> Iterator[Docume
                 raise UsageError(
                     f"{source} has no field '{name}'; its fields are: {', '.join(columns)} (set --text-field etc.)"
                 )
+    fields = [f for f in (cfg.text_field, cfg.prompt_field, cfg.group_field, cfg.id_field, *(cfg.join_by or [])) if f]
     if cfg.join_by:  # documents span rows: the rows before `start` are read to find where it begins
-        documents = (d for d in _join(_guarded(rows, cfg), cfg) if d.index >= start)
+        documents = (d for d in _join(_guarded(rows_from(rows, 0, fields), cfg), cfg) if d.index >= start)
     else:
-        documents = _plain(_guarded(rows_from(rows, start), cfg), cfg, first=start)
+        documents = _plain(_guarded(rows_from(rows, start, fields), cfg), cfg, first=start)
     count = start
     for doc in documents:
         if cfg.limit is not None and count >= cfg.limit:
@@ -242,9 +243,13 @@ def iter_documents(cfg: Config, rows=None, *, start: int = 0) -> Iterator[Docume
         raise UsageError(f"{source} has no rows; point at a dataset with text in field '{cfg.text_field}'")
 
 
-def rows_from(rows, start: int):
-    """The rows from index `start` on: a Dataset's contiguous selection, an IterableDataset's skip, a list's
-    slice; anything else is read past the first `start`."""
+def rows_from(rows, start: int, fields: list[str] | None = None):
+    """The rows from index `start` on: a Dataset's Arrow files read a record batch at a time (`arrow_rows`), or
+    its contiguous selection, an IterableDataset's skip, a list's slice; anything else is read past the first
+    `start`."""
+    files = arrow_files(rows, fields)
+    if files:
+        return arrow_rows(files, start, fields)
     if not start:
         return rows
     if hasattr(rows, "select") and hasattr(rows, "__len__"):  # datasets.Dataset
@@ -254,6 +259,37 @@ def rows_from(rows, start: int):
     if isinstance(rows, (list, tuple)):
         return rows[start:]
     return itertools.islice(rows, start, None)
+
+
+def arrow_files(rows, fields: list[str] | None) -> list[str]:
+    """The Arrow files a Dataset is, in order, when its rows can be read from them directly: loaded from files,
+    no selection or shuffle on top, and the fields read plain values (strings, numbers). Else []."""
+    import datasets
+
+    if not fields or not isinstance(rows, datasets.Dataset) or rows._indices is not None or not rows.cache_files:
+        return []
+    if any(not isinstance(rows.features.get(f), datasets.Value) for f in fields):
+        return []
+    files = [f["filename"] for f in rows.cache_files]
+    return files if len(files) == len(set(files)) else []
+
+
+def arrow_rows(files: list[str], start: int, fields: list[str]) -> Iterator[dict]:
+    """The rows from index `start` on, as dicts of `fields`, read from datasets' Arrow files one record batch at a
+    time into memory that is freed after it. Iterating the Dataset itself reads its memory-mapped files, whose
+    pages then stay in the process's resident memory: about 270 MB at 10^6 short documents."""
+    import pyarrow as pa
+
+    seen = 0
+    for name in files:
+        with pa.OSFile(name) as f:
+            for batch in pa.ipc.open_stream(f):
+                if seen + batch.num_rows <= start:
+                    seen += batch.num_rows
+                    continue
+                part = batch.select(list(dict.fromkeys(fields))).slice(max(0, start - seen))
+                seen += batch.num_rows
+                yield from part.to_pylist()
 
 
 def _guarded(rows, cfg: Config) -> Iterator[dict]:

@@ -8,7 +8,8 @@ import pytest
 
 from lm_ce.config import Config
 from lm_ce.errors import UsageError
-from lm_ce.data import Document, first_bad_json_line, first_bad_utf8, iter_documents, local_files
+from lm_ce.data import (Document, arrow_rows, first_bad_json_line, first_bad_utf8, iter_documents, load_rows,
+                        local_files)
 
 from .conftest import make_jsonl
 
@@ -238,3 +239,35 @@ def test_documents_from_a_start_are_the_tail(tmp_path, how):
     whole = list(iter_documents(cfg, given))
     for start in (0, 1, 5, len(whole) - 1, len(whole), len(whole) + 3):
         assert list(iter_documents(cfg, given, start=start)) == whole[start:], start
+
+
+def test_arrow_rows_from_a_start_across_batches_and_files(tmp_path):
+    """datasets' Arrow files read a record batch at a time: the rows from any start, in order, only the fields asked."""
+    import pyarrow as pa
+
+    rows = [{"text": f"row {i}", "id": str(i), "n": i} for i in range(30)]
+    schema = pa.schema([("text", pa.string()), ("id", pa.string()), ("n", pa.int64())])
+    files = []
+    for k in range(3):  # 3 files of 10 rows, in batches of 3, 3, 3, 1
+        path = str(tmp_path / f"part{k}.arrow")
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for b in range(0, 10, 3):
+                writer.write_batch(pa.RecordBatch.from_pylist(rows[10 * k + b : 10 * k + min(b + 3, 10)], schema))
+        files.append(path)
+    expected = [{"text": r["text"], "id": r["id"]} for r in rows]
+    for start in (0, 1, 2, 3, 9, 10, 11, 25, 29, 30, 35):
+        assert list(arrow_rows(files, start, ["text", "id", "text"])) == expected[start:], start
+
+
+def test_a_dataset_on_files_is_read_from_its_arrow_files(tmp_path, monkeypatch):
+    """The documents of local files are those of the Dataset's own rows, read without its memory map (whose
+    pages would stay resident as the run goes)."""
+    import datasets
+
+    rows = [{"text": f"row {i} é", "id": str(i), "topic": "xy"[i % 2], "n": i} for i in range(50)] + [{"text": None, "id": "z"}]
+    cfg = Config(data_files=[make_jsonl(tmp_path / "data.jsonl", rows)], id_field="id", group_field="topic")
+    as_datasets_reads = list(iter_documents(cfg, list(load_rows(cfg))))
+    monkeypatch.setattr(datasets.Dataset, "__iter__", lambda self: pytest.fail("read through the memory map"))
+    assert list(iter_documents(cfg)) == as_datasets_reads
+    assert list(iter_documents(cfg, start=7)) == as_datasets_reads[7:]
+    assert as_datasets_reads[-1].text is None and as_datasets_reads[3].group == "y"
