@@ -150,7 +150,8 @@ def test_empty_documents_get_every_key_with_zeros(tiny_llama_dir, tiny_llama, ll
         if d.text:
             r = alone.pop(0)
             assert (d.metadata["lm_ce_tokens"], d.metadata["lm_ce_bytes"]) == (r.tokens, r.bytes) and r.tokens > 0
-            assert math.isclose(d.metadata["lm_ce_nll"], r.nll_sum, rel_tol=1e-9)
+            # batched otherwise (calls of 2 documents against one run): float32 rounding, 3e-8 relative measured
+            assert math.isclose(d.metadata["lm_ce_nll"], r.nll_sum, rel_tol=1e-6)
         else:
             assert [d.metadata[k] for k in KEYS] == [0.0, 0, 0, 0.0, 0.0]
     assert len(llama_tokenizer("a", add_special_tokens=False).input_ids) == 1  # no prefix: one token, no target
