@@ -3,7 +3,8 @@
 Modules in data-flow order: config (what to run) -> data (documents) -> model (loading) -> setup (the
 config resolved once) -> windows (sequences to windows to batches) -> scoring (one batch) -> parallel
 (batches across processes, exact sums) -> longppl (each chunk's key tokens) -> passes (document and stream
-passes) -> compare (other models) -> summary (results.json) -> report (files and tables). Device and process logic stays here and in parallel.
+passes) -> compare (other models) -> summary (results.json) -> report (files and tables). Device and process
+logic stays here and in parallel.
 """
 from __future__ import annotations
 
