@@ -14,7 +14,7 @@ from lm_ce.config import Config
 from lm_ce.longppl import Tokens, key_targets, mapped, short_spans
 from lm_ce.runner import evaluate
 
-from .conftest import make_jsonl, perturbed_copy, stop_at_batch
+from .conftest import make_jsonl, perturbed_copy, whole_and_resumed
 from .reference import reference_longppl
 
 # Short settings, so that the tiny models have candidates: windows of 24 tokens advancing by 8 (full context: 17 to
@@ -143,14 +143,8 @@ def test_rows_are_written_and_read_back(tiny_llama_dir, data_file, tmp_path):
 
 @pytest.mark.parametrize("stop_after", [2, 11, 30])  # in a chunk's LongPPL passes; in its own scoring; a later chunk
 def test_a_stop_resumes_to_the_same_figures(tiny_llama_dir, data_file, tmp_path, monkeypatch, stop_after):
-    fields = dict(longppl_evaluator="self", batch_size=2, chunk_documents=5, output_dir=str(tmp_path / "run"))
-    whole = run(tiny_llama_dir, data_file, **{**fields, "output_dir": str(tmp_path / "whole")})
-    stop_at_batch(monkeypatch, stop_after)
-    first = run(tiny_llama_dir, data_file, **fields)
-    assert first.summary["complete"] is False
-    monkeypatch.undo()
-    resumed = run(tiny_llama_dir, data_file, **fields, resume=True)
-    assert resumed.summary["complete"] is True
+    whole, resumed = whole_and_resumed(lambda **f: run(tiny_llama_dir, data_file, **f), monkeypatch, stop_after,
+                                       tmp_path, longppl_evaluator="self", batch_size=2, chunk_documents=5)
     assert rows_of(resumed) == rows_of(whole)
     assert resumed.summary["longppl"] == whole.summary["longppl"]
     assert resumed.summary["nll_sum"] == whole.summary["nll_sum"]

@@ -15,7 +15,7 @@ from lm_ce.loss import Head, float64_logits, logits_losses, pair_losses, token_l
 from lm_ce.runner import evaluate
 from lm_ce.signals import lowest_mean
 
-from .conftest import make_jsonl, stop_at_batch
+from .conftest import make_jsonl, whole_and_resumed
 from .reference import reference_signals
 
 NAMES = ("min_k", "min_k_plus_plus", "zlib_ratio")
@@ -152,14 +152,8 @@ def test_rows_are_written_and_read_back(tiny_llama_dir, data_file, tmp_path):
 
 @pytest.mark.parametrize("stop_after", [2, 9])  # inside the first chunk; inside a later one
 def test_a_stop_inside_a_chunk_resumes_to_the_same_rows(tiny_llama_dir, data_file, tmp_path, monkeypatch, stop_after):
-    fields = dict(max_length=32, stride=16, batch_size=2, chunk_documents=5, output_dir=str(tmp_path))
-    whole = run(tiny_llama_dir, data_file, **{**fields, "output_dir": str(tmp_path / "whole")})
-    stop_at_batch(monkeypatch, stop_after)
-    first = run(tiny_llama_dir, data_file, **fields)
-    assert first.summary["complete"] is False
-    monkeypatch.undo()
-    resumed = run(tiny_llama_dir, data_file, **fields, resume=True)
-    assert resumed.summary["complete"] is True
+    whole, resumed = whole_and_resumed(lambda **f: run(tiny_llama_dir, data_file, **f), monkeypatch, stop_after,
+                                       tmp_path, max_length=32, stride=16, batch_size=2, chunk_documents=5)
     assert fields_of(resumed) == fields_of(whole)
     assert resumed.summary["signals"] == whole.summary["signals"]
 
