@@ -185,8 +185,8 @@ def load_rows(cfg: Config):
         builder, paths = local_files(cfg)
         if builder == "text" and cfg.mode == "llama-cpp":  # read whole: a bad byte named before decoding
             for p in paths:
-                if first_bad_utf8(p):
-                    raise UsageError(first_bad_utf8(p))
+                if bad := first_bad_utf8(p):
+                    raise UsageError(bad)
             return datasets.Dataset.from_dict({"text": [whole_text(p) for p in paths]})
         # A byte order mark starts many files saved on Windows; json strips it, text would score it (3 bytes)
         options = {"encoding": "utf-8-sig"} if builder == "text" else {}
