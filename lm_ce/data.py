@@ -33,6 +33,11 @@ class Document:
     group: str | None = None
 
 
+def row_fields(cfg: Config) -> list[str]:
+    """The fields of a row that the run reads: text, prompt, group, id, --join-by's keys."""
+    return [f for f in (cfg.text_field, cfg.prompt_field, cfg.group_field, cfg.id_field, *(cfg.join_by or [])) if f]
+
+
 def has_text(doc: Document) -> bool:
     """Whether a document has text to score. Whitespace alone is an empty document, as "" is: a tokenizer that
     turns "   " into tokens would otherwise have them scored as if they were text."""
@@ -191,11 +196,12 @@ def load_rows(cfg: Config):
         # A byte order mark starts many files saved on Windows; json strips it, text would score it (3 bytes)
         options = {"encoding": "utf-8-sig"} if builder == "text" else {}
         cache = cache_options(cfg)
-        if not cache["streaming"]:  # an Arrow copy is written and read back: keyed by the files' content
-            options["name"] = cache_name(paths)
         try:
             with quiet_datasets():
-                return datasets.load_dataset(builder, data_files=paths, split="train", **cache, **options)
+                if cache.pop("streaming"):
+                    return datasets.load_dataset(builder, data_files=paths, split="train", streaming=True, **cache,
+                                                 **options)
+                return arrow_copy(cfg, builder, paths, cache_dir=cache.get("cache_dir"), options=options)
         except Exception as e:  # datasets raises many kinds; turn them into one clear line
             raise read_error(cfg, e) from None
     try:
@@ -214,6 +220,43 @@ def load_rows(cfg: Config):
         ) from None
 
 
+@dataclass
+class ArrowCopy:
+    """datasets' Arrow copy of local files, read from its files directly. Opening it as a Dataset walks every
+    record batch through a memory map, which reads the whole copy from disk at every start (14.7 s for 10^6 short
+    documents from a cold disk on the benchmark's machine)."""
+
+    files: list[str]
+    column_names: list[str]
+    num_rows: int
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __iter__(self) -> Iterator[dict]:
+        return arrow_rows(self.files, 0, self.column_names)
+
+
+def arrow_copy(cfg: Config, builder: str, paths: list[str], *, cache_dir: str | None, options: dict):
+    """datasets' Arrow copy of local files, keyed by their content (`cache_name`): written on the first run,
+    found on later ones. An `ArrowCopy` when the run's fields hold plain values, else the Dataset."""
+    import datasets
+    from datasets.arrow_reader import ArrowReader
+
+    prepared = datasets.load_dataset_builder(builder, data_files=paths, cache_dir=cache_dir, name=cache_name(paths),
+                                             **options)
+    prepared.download_and_prepare()
+    features = prepared.info.features
+    if features is not None and all(isinstance(features[f], datasets.Value) for f in row_fields(cfg) if f in features):
+        parts = ArrowReader(prepared.cache_dir, prepared.info).get_file_instructions(
+            prepared.dataset_name, "train", prepared.info.splits.values())
+        split = prepared.info.splits["train"]
+        if parts and all(p["skip"] == 0 for p in parts) and sum(p["take"] for p in parts) == split.num_examples:
+            return ArrowCopy(files=[p["filename"] for p in parts], column_names=list(features),
+                             num_rows=split.num_examples)
+    return prepared.as_dataset(split="train")
+
+
 def iter_documents(cfg: Config, rows=None, *, start: int = 0) -> Iterator[Document]:
     """The documents of the run, in order, from index `start` on: rows joined by --join-by, at most --limit of
     them. `rows` (dicts, a Dataset or an IterableDataset) are read instead of what the config names (the Python
@@ -224,14 +267,14 @@ def iter_documents(cfg: Config, rows=None, *, start: int = 0) -> Iterator[Docume
         source = ", ".join(cfg.data_files) if cfg.data_files else f"dataset '{cfg.dataset}'"
     else:
         source = "the data given in memory"
+    fields = row_fields(cfg)
     columns = getattr(rows, "column_names", None)
     if columns is not None:
-        for name in [cfg.text_field, cfg.prompt_field, cfg.group_field, cfg.id_field, *(cfg.join_by or [])]:
-            if name and name not in columns:
+        for name in fields:
+            if name not in columns:
                 raise UsageError(
                     f"{source} has no field '{name}'; its fields are: {', '.join(columns)} (set --text-field etc.)"
                 )
-    fields = [f for f in (cfg.text_field, cfg.prompt_field, cfg.group_field, cfg.id_field, *(cfg.join_by or [])) if f]
     if cfg.join_by:  # documents span rows: the rows before `start` are read to find where it begins
         documents = (d for d in _join(_guarded(rows_from(rows, 0, fields), cfg), cfg) if d.index >= start)
     else:
@@ -247,9 +290,11 @@ def iter_documents(cfg: Config, rows=None, *, start: int = 0) -> Iterator[Docume
 
 
 def rows_from(rows, start: int, fields: list[str] | None = None):
-    """The rows from index `start` on: a Dataset's Arrow files read a record batch at a time (`arrow_rows`), or
-    its contiguous selection, an IterableDataset's skip, a list's slice; anything else is read past the first
-    `start`."""
+    """The rows from index `start` on: an ArrowCopy's or a Dataset's Arrow files read a record batch at a time
+    (`arrow_rows`), or a Dataset's contiguous selection, an IterableDataset's skip, a list's slice; anything else
+    is read past the first `start`."""
+    if isinstance(rows, ArrowCopy):
+        return arrow_rows(rows.files, start, fields or rows.column_names)
     files = arrow_files(rows, fields)
     if files:
         return arrow_rows(files, start, fields)
@@ -280,19 +325,67 @@ def arrow_files(rows, fields: list[str] | None) -> list[str]:
 def arrow_rows(files: list[str], start: int, fields: list[str]) -> Iterator[dict]:
     """The rows from index `start` on, as dicts of `fields`, read from datasets' Arrow files one record batch at a
     time into memory that is freed after it. Iterating the Dataset itself reads its memory-mapped files, whose
-    pages then stay in the process's resident memory: about 270 MB at 10^6 short documents."""
+    pages then stay in the process's resident memory: about 270 MB at 10^6 short documents. A start inside the
+    files is found from the batches' headers alone (`batch_at`), so a resume does not read what it skips."""
     import pyarrow as pa
 
+    columns = list(dict.fromkeys(fields))
     seen = 0
     for name in files:
+        at = batch_at(name, start - seen)
+        seen += at.rows_before
+        if at.offset is None:
+            continue
         with pa.OSFile(name) as f:
-            for batch in pa.ipc.open_stream(f):
-                if seen + batch.num_rows <= start:
-                    seen += batch.num_rows
-                    continue
-                part = batch.select(list(dict.fromkeys(fields))).slice(max(0, start - seen))
+            f.seek(at.offset)
+            for message in pa.ipc.MessageReader.open_stream(f):
+                batch = pa.ipc.read_record_batch(message, at.schema)
+                part = batch.select(columns).slice(max(0, start - seen))
                 seen += batch.num_rows
                 yield from part.to_pylist()
+
+
+@dataclass
+class BatchAt:
+    """Where the record batch holding a row starts in an Arrow stream file."""
+
+    offset: int | None  # byte offset of the batch's message; None: the file ends before the row
+    rows_before: int  # rows in the batches before it (all the file's rows when offset is None)
+    schema: object  # the stream's pyarrow schema
+
+
+def batch_at(name: str, index: int) -> BatchAt:
+    """The record batch of an Arrow stream file that holds row `index` (>= 0; a negative one is row 0), found by
+    reading the batches' headers through a memory map that reads no further ahead than it is asked
+    (MADV_RANDOM): reading the batches themselves to count their rows reads the whole file from disk."""
+    import mmap
+
+    with open(name, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+            mapped.madvise(mmap.MADV_RANDOM)
+        found = _batch_at(mapped, index, name)  # holds no view of the map once it returns, so the map can close
+    return found
+
+
+def _batch_at(mapped, index: int, name: str) -> BatchAt:
+    import pyarrow as pa
+
+    source = pa.BufferReader(pa.py_buffer(mapped))
+    messages = pa.ipc.MessageReader.open_stream(source)
+    schema = pa.ipc.read_schema(messages.read_next_message())
+    rows = 0
+    while True:
+        offset = source.tell()
+        try:
+            message = messages.read_next_message()
+        except StopIteration:
+            return BatchAt(offset=None, rows_before=rows, schema=schema)
+        if message.type != "record batch":
+            raise ValueError(f"{name}: an Arrow stream with {message.type} messages, not only record batches")
+        count = pa.ipc.read_record_batch(message, schema).num_rows
+        if rows + count > index:
+            return BatchAt(offset=offset, rows_before=rows, schema=schema)
+        rows += count
 
 
 def _guarded(rows, cfg: Config) -> Iterator[dict]:

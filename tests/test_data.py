@@ -259,15 +259,55 @@ def test_arrow_rows_from_a_start_across_batches_and_files(tmp_path):
         assert list(arrow_rows(files, start, ["text", "id", "text"])) == expected[start:], start
 
 
-def test_a_dataset_on_files_is_read_from_its_arrow_files(tmp_path, monkeypatch):
-    """The documents of local files are those of the Dataset's own rows, read without its memory map (whose
-    pages would stay resident as the run goes)."""
+def test_local_files_are_read_from_their_arrow_copy_without_a_dataset(tmp_path, monkeypatch):
+    """The documents of local files are those of datasets' own rows, read from its Arrow copy without opening it
+    as a Dataset (which reads the whole copy at every start) or through its memory map (whose pages would stay
+    resident as the run goes)."""
     import datasets
 
     rows = [{"text": f"row {i} é", "id": str(i), "topic": "xy"[i % 2], "n": i} for i in range(50)] + [{"text": None, "id": "z"}]
-    cfg = Config(data_files=[make_jsonl(tmp_path / "data.jsonl", rows)], id_field="id", group_field="topic")
-    as_datasets_reads = list(iter_documents(cfg, list(load_rows(cfg))))
-    monkeypatch.setattr(datasets.Dataset, "__iter__", lambda self: pytest.fail("read through the memory map"))
+    path = make_jsonl(tmp_path / "data.jsonl", rows)
+    cfg = Config(data_files=[path], id_field="id", group_field="topic")
+    as_datasets_reads = list(iter_documents(cfg, list(datasets.load_dataset("json", data_files=[path], split="train",
+                                                                             cache_dir=str(tmp_path / "c")))))
+    load_rows(cfg)  # the Arrow copy, written
+    monkeypatch.setattr(datasets.Dataset, "__init__", lambda *a, **k: pytest.fail("opened as a Dataset"))
     assert list(iter_documents(cfg)) == as_datasets_reads
     assert list(iter_documents(cfg, start=7)) == as_datasets_reads[7:]
     assert as_datasets_reads[-1].text is None and as_datasets_reads[3].group == "y"
+    assert len(load_rows(cfg)) == 51
+
+
+def test_a_field_of_lists_is_read_through_the_dataset(tmp_path):
+    """A field the run reads that holds no plain value (here a list, which lm_ce counts as no text) goes through
+    the Dataset, as datasets gives it."""
+    rows = [{"text": ["a", "b"], "id": "0"}, {"text": ["c"], "id": "1"}]
+    cfg = Config(data_files=[make_jsonl(tmp_path / "data.jsonl", rows)], id_field="id")
+    assert type(load_rows(cfg)).__name__ == "Dataset"
+    assert [(d.id, d.text) for d in iter_documents(cfg)] == [("0", None), ("1", None)]
+
+
+def test_a_file_hash_is_remembered_on_disk_until_the_file_changes(tmp_path, monkeypatch):
+    """A large data file is hashed once, not at every start or resume: the digest is kept under LM_CE_CACHE by
+    the file's inode, size and times, and a rewrite (a new ctime) is hashed anew; a file changed just now is
+    not remembered on disk, since a second write in the same timestamp tick would look the same."""
+    import hashlib
+    import time
+
+    from lm_ce import model
+
+    monkeypatch.setenv("LM_CE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "data.txt"
+    path.write_text("one\n")
+    model.file_sha256(str(path))
+    assert not (tmp_path / "cache" / "sha256").exists()  # just written: not remembered on disk
+    monkeypatch.setattr(model, "SETTLED_NS", -10**12)
+    monkeypatch.setattr(model, "_digests", {})
+    assert model.file_sha256(str(path)) == hashlib.sha256(b"one\n").hexdigest()
+    [memo] = (tmp_path / "cache" / "sha256").iterdir()
+    memo.write_text("f" * 64)  # what a later process finds instead of reading the file
+    monkeypatch.setattr(model, "_digests", {})
+    assert model.file_sha256(str(path)) == "f" * 64
+    time.sleep(0.05)  # past the file system's timestamp tick
+    path.write_text("two\n")  # same size, new content: the ctime moves
+    assert model.file_sha256(str(path)) == hashlib.sha256(b"two\n").hexdigest()

@@ -100,6 +100,7 @@ def run_documents_size(spec: dict, _mode: str) -> dict:
         calls["n"] += 1
         if calls["first"] is None:
             calls["first"] = time.time()
+            calls["read_mb"] = disk_read_mb()
         if calls["n"] == spec.get("stop_after_batches"):
             os.kill(os.getpid(), signal.SIGINT)  # a stop, handled by the run: it saves and reports
         return score(self, batch, tally)
@@ -116,8 +117,18 @@ def run_documents_size(spec: dict, _mode: str) -> dict:
             "scoring_seconds": s["timing"]["seconds"], "after_scoring_seconds": done - events["scored"],
             "batches": calls["n"], "saves": len(saves), "save_seconds_max": max(saves, default=None),
             "save_seconds_total": sum(saves), "first_batch_after_start": (calls["first"] - spec["spawned_at"])
-            if calls["first"] else None, "nll_sum": s["nll_sum"],
+            if calls["first"] else None, "disk_read_mb_before_first_batch": calls.get("read_mb"), "nll_sum": s["nll_sum"],
             "state_bytes": os.path.getsize(Path(spec["output_dir"]) / "state.pt")}
+
+
+def disk_read_mb() -> float | None:
+    """MB this process has read from the storage device so far (page-cache hits not counted; Linux only): what
+    a start-up costs on a cold, slow disk, whatever this machine's disk speed."""
+    try:
+        counters = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    except (OSError, ValueError):
+        return None
+    return int(counters["read_bytes"]) / 2**20
 
 
 def run_documents_scaling(settings: dict, work: Path, timeout: float, failures: list[str], *, top: int,
@@ -187,6 +198,7 @@ def resumed_run(spec: dict, whole: dict, work: Path, timeout: float, failures: l
         return []
     r = resumed["result"]
     print(f"   documents {whole['documents']:>8} resume: first batch {r['first_batch_after_start']:.1f} s after start, "
+          f"{r['disk_read_mb_before_first_batch'] or 0:.0f} MB read from disk before it, "
           f"same NLL sum: {r['nll_sum'] == whole['nll_sum']}", flush=True)
     return [{"documents": whole["documents"], "variant": "resume", "peak_rss_mb": resumed["ru_maxrss_mb"], **r,
              "documents_per_second": None, "same_nll_sum": r["nll_sum"] == whole["nll_sum"]}]
@@ -198,13 +210,14 @@ def documents_table(scaling: dict) -> list[str]:
         return []
     lines = ["Documents scaling (byte-level BPE of 512 tokens, ~43k-parameter Llama, 20-60 words a document, one thread):",
              "", "| documents | variant | docs/s | peak RSS MB | one save max s | saves | state.pt KB | after scoring s "
-             "| first batch after start s |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| first batch after start s | disk read before it MB |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         dps = f"{r['documents_per_second']:.0f}" if r.get("documents_per_second") else "-"
         first = f"{r['first_batch_after_start']:.1f}" if r.get("first_batch_after_start") else "-"
+        read = r.get("disk_read_mb_before_first_batch")
         lines.append(f"| {r['documents']} | {r['variant']} | {dps} | {r['peak_rss_mb']:.0f} | "
                      f"{r['save_seconds_max'] or 0:.3f} | {r['saves']} | {r['state_bytes'] / 1024:.0f} | "
-                     f"{r['after_scoring_seconds']:.2f} | {first} |")
+                     f"{r['after_scoring_seconds']:.2f} | {first} | {'-' if read is None else f'{read:.0f}'} |")
     return lines
 
 
