@@ -9,6 +9,7 @@ row of its own): its memory grows with the file and it is paid once per file, so
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -82,7 +83,8 @@ def run_documents_size(spec: dict, _mode: str) -> dict:
     if spec.get("arrow_copy_only"):  # datasets' Arrow copy of the file, made once: every later run reads it
         t0 = time.perf_counter()
         rows = data.load_rows(Config(data_files=[spec["data"]]))
-        return {"documents": len(rows), "seconds": time.perf_counter() - t0}
+        files = getattr(rows, "files", None) or [f["filename"] for f in rows.cache_files]
+        return {"documents": len(rows), "seconds": time.perf_counter() - t0, "files": files}
 
     saves: list[float] = []
     save = checkpoint.save
@@ -152,6 +154,7 @@ def run_documents_scaling(settings: dict, work: Path, timeout: float, failures: 
                 "fields": VARIANTS[variant], "root": root, "spawned_at": time.time()}
         if variant == "default" and not root:
             rows += arrow_copy(spec, work, timeout, failures, n)
+            spec["arrow_files"] = rows[-1].get("arrow_files", []) if rows else []
         out = run_child("docs", spec, work, tag, timeout)
         if not out["ok"]:
             failures.append(f"documents {n} {variant}: {out['error']}")
@@ -178,11 +181,12 @@ def arrow_copy(spec: dict, work: Path, timeout: float, failures: list[str], n: i
           "(datasets' JSON to Arrow, once per file)", flush=True)
     return [{"documents": n, "variant": "arrow-copy", "peak_rss_mb": out["ru_maxrss_mb"], "saves": 0, "state_bytes": 0,
              "save_seconds_max": None, "after_scoring_seconds": 0.0, "documents_per_second": None,
-             "arrow_copy_seconds": out["result"]["seconds"]}]
+             "arrow_copy_seconds": out["result"]["seconds"], "arrow_files": out["result"]["files"]}]
 
 
 def resumed_run(spec: dict, whole: dict, work: Path, timeout: float, failures: list[str], tag: str) -> list[dict]:
-    """Stop a run at 90% of its batches, then resume it: the time from the resume's start to its first batch."""
+    """Stop a run at 90% of its batches, then resume it: the time from the resume's start to its first batch, with
+    the data, its Arrow copy and the output directory dropped from the page cache first (a cold start)."""
     import shutil
 
     shutil.rmtree(spec["output_dir"], ignore_errors=True)
@@ -191,17 +195,36 @@ def resumed_run(spec: dict, whole: dict, work: Path, timeout: float, failures: l
     if not stopped["ok"]:
         failures.append(f"documents {whole['documents']} stop: {stopped['error']}")
         return []
+    evicted = evict_from_page_cache([spec["data"], *spec.get("arrow_files", []), *Path(spec["output_dir"]).iterdir()])
     resumed = run_child("docs", {**spec, "fields": {**spec["fields"], "resume": True}, "spawned_at": time.time()},
                         work, tag + "-resume", timeout)
     if not resumed["ok"]:
         failures.append(f"documents {whole['documents']} resume: {resumed['error']}")
         return []
-    r = resumed["result"]
+    r = {**resumed["result"], "evicted_from_page_cache_mb": evicted}
     print(f"   documents {whole['documents']:>8} resume: first batch {r['first_batch_after_start']:.1f} s after start, "
           f"{r['disk_read_mb_before_first_batch'] or 0:.0f} MB read from disk before it, "
           f"same NLL sum: {r['nll_sum'] == whole['nll_sum']}", flush=True)
     return [{"documents": whole["documents"], "variant": "resume", "peak_rss_mb": resumed["ru_maxrss_mb"], **r,
              "documents_per_second": None, "same_nll_sum": r["nll_sum"] == whole["nll_sum"]}]
+
+
+def evict_from_page_cache(paths: list) -> float | None:
+    """Drop these files' pages from the page cache (posix_fadvise DONTNEED; Linux), so that the next process reads
+    them from disk as after a reboot or on a busy machine: MB that were cached, None where it cannot be done."""
+    if not hasattr(os, "posix_fadvise"):
+        return None
+    os.sync()
+    total = 0
+    for path in paths:
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                total += os.fstat(fd).st_size
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    return total / 2**20
 
 
 def documents_table(scaling: dict) -> list[str]:
