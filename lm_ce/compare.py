@@ -35,7 +35,7 @@ def load_compared(cfg: Config, *, tokenizer, setup: Setup, accelerator) -> Compa
             m, t, info = model_lib.load(dataclasses.replace(cfg, model=name), setup.device, accelerator.is_main_process)
         model_lib.check_vocabulary(m, t, name)
         h = head_of(m)
-        if same_tokenizer(tokenizer, t) and h is not None and head is not None and h.weight.shape[0] == head.weight.shape[0]:
+        if model_lib.same_tokenizer(tokenizer, t) and h is not None and head is not None and h.weight.shape[0] == head.weight.shape[0]:
             check_positions(name, info.max_positions, setup.max_length)  # scored in the first model's windows
             out.same_tokens.append(ComparedModel(m, h))
         else:
@@ -53,11 +53,6 @@ def check_positions(name: str, positions: int | None, max_length: int | None) ->
     if positions and max_length and max_length > positions:
         raise UsageError(f"--compare-to {name} has {positions} positions, fewer than --max-length {max_length}; use "
                          f"--max-length {positions} or less, or compare models with at least {max_length} positions")
-
-
-def same_tokenizer(a, b) -> bool:
-    """Whether two tokenizers map text to the same ids (then two models can be compared token by token)."""
-    return a.get_vocab() == b.get_vocab() and a.all_special_ids == b.all_special_ids
 
 
 def compare_by_bytes(cfg: Config, name: str, results: Results, *, score: Callable[[Config], Results]) -> dict:

@@ -71,8 +71,7 @@ def load_evaluator(cfg: Config, *, setup: Setup, scorer: Scorer, tokenizer, acce
                          "tokens of its windows (--max-length, --longppl-short + --longppl-step - 1); use an evaluator "
                          "with more positions or shorter settings")
     prefix = prefix_id(cfg, other)
-    shared = other.get_vocab() == tokenizer.get_vocab() and other.all_special_ids == tokenizer.all_special_ids \
-        and prefix == setup.prefix
+    shared = model_lib.same_tokenizer(other, tokenizer) and prefix == setup.prefix
     if not shared and not (getattr(tokenizer, "is_fast", False) and getattr(other, "is_fast", False)):
         raise UsageError(f"--longppl-evaluator {name}: its tokenizer differs from the model's, and tokens are mapped "
                          "through character offsets, which only fast (Rust) tokenizers give; load both with fast "

@@ -183,6 +183,11 @@ def check_vocabulary(model: torch.nn.Module, tokenizer, name: str) -> None:
 BUILD_TABLES = ("_vocab", "_merges", "_vocab_scores")
 
 
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers map text to the same ids (then two models can be compared token by token)."""
+    return a.get_vocab() == b.get_vocab() and a.all_special_ids == b.all_special_ids
+
+
 def drop_build_tables(tokenizer) -> None:
     """Delete the Python vocabulary and merge list that transformers (5.x) keeps on a fast tokenizer after building
     its Rust tokenizer from them: nothing reads them again, and at Gemma-3's 262k vocabulary they hold 125 MB."""
