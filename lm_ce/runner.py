@@ -27,7 +27,7 @@ from .errors import UsageError
 from .extremes import Extremes, for_resumed_run
 from .longppl import load_evaluator
 from .parallel import Plan
-from .passes import run_chunks, run_documents, run_stream
+from .passes import reuse_freed_memory, run_chunks, run_documents, run_stream
 from .progress import Progress, StopRequest
 from .records import Results, Run
 from .scoring import Scorer
@@ -165,6 +165,7 @@ def _passes(plan: Plan, run: Run, tokenizer, done: bool) -> bool:
         if done:
             log.info("the saved run in %s is complete: reporting it", plan.cfg.output_dir)
             return False
+        reuse_freed_memory()
         if plan.cfg.mode == "document":
             return run_documents(plan, run, tokenizer)
         if plan.cfg.mode == "stream":

@@ -103,6 +103,7 @@ def run_documents_size(spec: dict, _mode: str) -> dict:
         if calls["first"] is None:
             calls["first"] = time.time()
             calls["read_mb"] = disk_read_mb()
+            calls["cached_mb"] = cached_mb(spec.get("evicted", []))
         if calls["n"] == spec.get("stop_after_batches"):
             os.kill(os.getpid(), signal.SIGINT)  # a stop, handled by the run: it saves and reports
         return score(self, batch, tally)
@@ -119,7 +120,8 @@ def run_documents_size(spec: dict, _mode: str) -> dict:
             "scoring_seconds": s["timing"]["seconds"], "after_scoring_seconds": done - events["scored"],
             "batches": calls["n"], "saves": len(saves), "save_seconds_max": max(saves, default=None),
             "save_seconds_total": sum(saves), "first_batch_after_start": (calls["first"] - spec["spawned_at"])
-            if calls["first"] else None, "disk_read_mb_before_first_batch": calls.get("read_mb"), "nll_sum": s["nll_sum"],
+            if calls["first"] else None, "disk_read_mb_before_first_batch": calls.get("read_mb"),
+            "evicted_files_read_mb_before_first_batch": calls.get("cached_mb"), "nll_sum": s["nll_sum"],
             "state_bytes": os.path.getsize(Path(spec["output_dir"]) / "state.pt")}
 
 
@@ -195,18 +197,32 @@ def resumed_run(spec: dict, whole: dict, work: Path, timeout: float, failures: l
     if not stopped["ok"]:
         failures.append(f"documents {whole['documents']} stop: {stopped['error']}")
         return []
-    evicted = evict_from_page_cache([spec["data"], *spec.get("arrow_files", []), *Path(spec["output_dir"]).iterdir()])
-    resumed = run_child("docs", {**spec, "fields": {**spec["fields"], "resume": True}, "spawned_at": time.time()},
+    files = [spec["data"], *spec.get("arrow_files", []), *map(str, Path(spec["output_dir"]).iterdir())]
+    evicted = evict_from_page_cache(files)
+    resumed = run_child("docs", {**spec, "fields": {**spec["fields"], "resume": True}, "spawned_at": time.time(),
+                                 "evicted": files},
                         work, tag + "-resume", timeout)
     if not resumed["ok"]:
         failures.append(f"documents {whole['documents']} resume: {resumed['error']}")
         return []
     r = {**resumed["result"], "evicted_from_page_cache_mb": evicted}
     print(f"   documents {whole['documents']:>8} resume: first batch {r['first_batch_after_start']:.1f} s after start, "
-          f"{r['disk_read_mb_before_first_batch'] or 0:.0f} MB read from disk before it, "
+          f"{r['disk_read_mb_before_first_batch'] or 0:.0f} MB read from disk before it "
+          f"({r['evicted_files_read_mb_before_first_batch'] or 0:.0f} MB of the data, its copy and the output), "
           f"same NLL sum: {r['nll_sum'] == whole['nll_sum']}", flush=True)
     return [{"documents": whole["documents"], "variant": "resume", "peak_rss_mb": resumed["ru_maxrss_mb"], **r,
              "documents_per_second": None, "same_nll_sum": r["nll_sum"] == whole["nll_sum"]}]
+
+
+def cached_mb(paths: list[str]) -> float | None:
+    """MB of these files in the page cache (util-linux's fincore): after they were evicted, what was read of them."""
+    import shutil
+    import subprocess
+
+    if not paths or not shutil.which("fincore"):
+        return None
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *paths], capture_output=True, text=True)
+    return sum(int(v) for v in out.stdout.split()) / 2**20 if out.returncode == 0 else None
 
 
 def evict_from_page_cache(paths: list) -> float | None:
@@ -233,14 +249,15 @@ def documents_table(scaling: dict) -> list[str]:
         return []
     lines = ["Documents scaling (byte-level BPE of 512 tokens, ~43k-parameter Llama, 20-60 words a document, one thread):",
              "", "| documents | variant | docs/s | peak RSS MB | one save max s | saves | state.pt KB | after scoring s "
-             "| first batch after start s | disk read before it MB |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| first batch after start s | disk read before it MB (of the evicted files) |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         dps = f"{r['documents_per_second']:.0f}" if r.get("documents_per_second") else "-"
         first = f"{r['first_batch_after_start']:.1f}" if r.get("first_batch_after_start") else "-"
-        read = r.get("disk_read_mb_before_first_batch")
+        read, evicted = r.get("disk_read_mb_before_first_batch"), r.get("evicted_files_read_mb_before_first_batch")
+        read = "-" if read is None else f"{read:.0f}" + ("" if evicted is None else f" ({evicted:.0f})")
         lines.append(f"| {r['documents']} | {r['variant']} | {dps} | {r['peak_rss_mb']:.0f} | "
                      f"{r['save_seconds_max'] or 0:.3f} | {r['saves']} | {r['state_bytes'] / 1024:.0f} | "
-                     f"{r['after_scoring_seconds']:.2f} | {first} | {'-' if read is None else f'{read:.0f}'} |")
+                     f"{r['after_scoring_seconds']:.2f} | {first} | {read} |")
     return lines
 
 
