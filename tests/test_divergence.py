@@ -435,9 +435,8 @@ def test_real_model_against_its_4bit_copy(tmp_path):
             if isinstance(module, torch.nn.Linear):
                 module.weight.copy_(round_to_nearest_4bit(module.weight))
     dirs = {}
-    for name, m in (("base", base), ("q4", quant)):
-        m.save_pretrained(tmp_path / name)
-        tokenizer.save_pretrained(tmp_path / name)
+    for name, m in (("base", base), ("q4", quant)):  # a model read from the GGUF itself (no cache yet) has no
+        model_lib.save_gguf_cache(m, tokenizer, str(tmp_path / name))  # save_pretrained: written as the cache is
         dirs[name] = str(tmp_path / name)
     rows = held_out_text()
     data = make_jsonl(tmp_path / "held_out.jsonl", rows)

@@ -2,9 +2,9 @@
 
 A byte-level BPE of 512 tokens and a ~43k-parameter Llama keep the model call to about a millisecond, so what
 is measured is what a run keeps and does per document: peak RSS, documents/s, the time of one save, the time
-after scoring (summary and reports), and how long a resume takes to reach its first batch. Each size and
-variant runs in a fresh process (`benchmark.py --_child docs SPEC`); `root` can point at another checkout
-(e.g. main) to compare with it. datasets' Arrow copy of each file is made first, in a process of its own (a
+after scoring (summary and reports), and how long a resume from a cold page cache takes to reach its first
+batch. Each size and variant runs in a fresh process (`benchmark.py --_child docs SPEC`); `root` can point at
+another checkout (e.g. main) to compare with it. datasets' Arrow copy of each file is made first, in a process of its own (a
 row of its own): its memory grows with the file and it is paid once per file, so the runs measure lm_ce.
 """
 from __future__ import annotations
