@@ -247,7 +247,7 @@ def arrow_copy(cfg: Config, builder: str, paths: list[str], *, cache_dir: str | 
                                              **options)
     prepared.download_and_prepare()
     features = prepared.info.features
-    if features is not None and all(isinstance(features[f], datasets.Value) for f in row_fields(cfg) if f in features):
+    if features is not None and plain_values(features, row_fields(cfg)):
         parts = ArrowReader(prepared.cache_dir, prepared.info).get_file_instructions(
             prepared.dataset_name, "train", prepared.info.splits.values())
         split = prepared.info.splits["train"]
@@ -316,10 +316,17 @@ def arrow_files(rows, fields: list[str] | None) -> list[str]:
 
     if not fields or not isinstance(rows, datasets.Dataset) or rows._indices is not None or not rows.cache_files:
         return []
-    if any(not isinstance(rows.features.get(f), datasets.Value) for f in fields):
+    if not plain_values(rows.features, fields):
         return []
     files = [f["filename"] for f in rows.cache_files]
     return files if len(files) == len(set(files)) else []
+
+
+def plain_values(features, fields: list[str]) -> bool:
+    """Whether each field is in `features` and holds plain values (strings, numbers): what arrow_rows can read."""
+    import datasets
+
+    return all(isinstance(features.get(f), datasets.Value) for f in fields)
 
 
 def arrow_rows(files: list[str], start: int, fields: list[str]) -> Iterator[dict]:

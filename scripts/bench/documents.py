@@ -155,8 +155,9 @@ def run_documents_scaling(settings: dict, work: Path, timeout: float, failures: 
         spec = {**settings, "data": prepare_documents(work, n), "model_dir": model_dir, "output_dir": str(out_dir),
                 "fields": VARIANTS[variant], "root": root, "spawned_at": time.time()}
         if variant == "default" and not root:
-            rows += arrow_copy(spec, work, timeout, failures, n)
-            spec["arrow_files"] = rows[-1].get("arrow_files", []) if rows else []
+            copy = arrow_copy(spec, work, timeout, failures, n)
+            rows += copy
+            spec["arrow_files"] = copy[0]["arrow_files"] if copy else []
         out = run_child("docs", spec, work, tag, timeout)
         if not out["ok"]:
             failures.append(f"documents {n} {variant}: {out['error']}")
