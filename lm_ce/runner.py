@@ -18,24 +18,27 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, model as model_lib, outdir, placement
-from .compare import compare_by_bytes, load_compared
-from .checks import check
-from .config import Config
-from .curve import check_lengths, context_curve
-from .errors import UsageError
-from .extremes import Extremes, for_resumed_run
-from .longppl import load_evaluator
-from .parallel import Plan
-from .passes import reuse_freed_memory, run_chunks, run_documents, run_stream
-from .progress import Progress, StopRequest
-from .records import Results, Run
-from .scoring import Scorer
-from .outputs import Outputs
-from .setup import resolve, set_threads
-from .shards import shard_of
-from .suite import check_suite, run_suite
-from .summary import Durations, summarize
+from lm_ce.analysis.compare import compare_by_bytes, load_compared
+from lm_ce.analysis.curve import check_lengths, context_curve
+from lm_ce.analysis.longppl import load_evaluator
+from lm_ce.config.checks import check
+from lm_ce.config.fields import Config
+from lm_ce.data.shards import shard_of
+from lm_ce.errors import UsageError
+from lm_ce.model import load as model_lib
+from lm_ce.model import placement
+from lm_ce.reports.summary import Durations, summarize
+from lm_ce.rundir import checkpoint
+from lm_ce.rundir import claims as outdir
+from lm_ce.rundir.outputs import Outputs
+from lm_ce.scoring.parallel import Plan
+from lm_ce.scoring.passes import reuse_freed_memory, run_chunks, run_documents, run_stream
+from lm_ce.scoring.progress import Progress, StopRequest
+from lm_ce.scoring.scorer import Scorer
+from lm_ce.scoring.setup import resolve, set_threads
+from lm_ce.suite import check_suite, run_suite
+from lm_ce.sums.extremes import Extremes, for_resumed_run
+from lm_ce.sums.records import Results, Run
 
 log = logging.getLogger("lm_ce")
 
@@ -137,7 +140,7 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
         if stopped:
             log.warning("progress saved in %s: rerun the same command with --resume to continue", cfg.output_dir)
     durations = Durations(load=loaded_at - started, scoring=finished - loaded_at, total=finished - started)
-    results = summarize(cfg, run=run, stopped=stopped, setup=setup, info=loaded.info, tokenizer=tokenizer,
+    results = summarize(cfg, run=run, stopped=stopped, setup=setup, info=loaded.info,
                         durations=durations, outputs=outputs)
     if curve is not None:
         results.summary["context_curve"] = curve

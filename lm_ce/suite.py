@@ -9,13 +9,13 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import Config
-from .data import local_files
-from .errors import UsageError
-from .outdir import previous_run
-from .overrides import entry_config
-from .records import Results
-from .summary import metrics
+from lm_ce.config.fields import Config
+from lm_ce.config.sources import entry_config
+from lm_ce.data.local import local_files
+from lm_ce.errors import UsageError
+from lm_ce.reports.figures import metrics
+from lm_ce.rundir.claims import previous_run
+from lm_ce.sums.records import Results
 
 AVERAGED = ("mean_loss", "perplexity", "bits_per_token", "bits_per_byte", "byte_perplexity", "word_perplexity")
 PER_DATASET = ("nll_sum", "counts", "metrics", "uncertainty", "settings", "data", "complete")

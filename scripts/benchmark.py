@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench.processes import ROOT, baseline_checkout, load_average, run_child, run_cli  # noqa: E402
 from bench.documents import documents_table, plot_documents, run_documents_scaling  # noqa: E402
+from bench.processes import ROOT, Bench, baseline_checkout, load_average, run_child, run_cli  # noqa: E402
 from bench.scaling import plot, run_scaling, scaling_table  # noqa: E402
 from bench.spec import BASELINE, CASES, PATH_NAMES, CaseSpec  # noqa: E402
 from bench.tables import check_case, check_peer, ratios, summarize, summarize_peer, tables, targets  # noqa: E402
@@ -73,12 +73,12 @@ def documents_main(args, output: Path, work: Path) -> int:
     settings = {"threads": 1}
     variants = tuple(v for v in args.documents_variants.split(",") if v)
     print(f"== documents scaling: 10^3 .. {args.documents_top:,} documents, tiny model, one thread", flush=True)
-    report = {"documents_scaling": run_documents_scaling(settings, work, args.timeout, failures, top=args.documents_top,
+    report = {"documents_scaling": run_documents_scaling(settings, Bench(work, args.timeout, failures), top=args.documents_top,
                                                          variants=variants)}
     lines = documents_table(report["documents_scaling"])
     if args.documents_against:
         print(f"== the same on {args.documents_against}", flush=True)
-        other = run_documents_scaling(settings, work, args.timeout, failures, top=args.documents_against_top,
+        other = run_documents_scaling(settings, Bench(work, args.timeout, failures), top=args.documents_against_top,
                                       root=args.documents_against, variants=("default",), resume=False)
         report["documents_scaling_against"] = other
         lines += ["", f"The same, lm_ce of {args.documents_against}:", ""] + documents_table(other)[2:]

@@ -4,7 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lm_ce.cli import compare_main  # noqa: E402
+from lm_ce.cli.commands import compare_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(compare_main())

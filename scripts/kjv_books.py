@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lm_ce.config import resolve_path  # noqa: E402
+from lm_ce.config.fields import resolve_path  # noqa: E402
 
 KJV = "pkg:bible/data/kjv.jsonl"
 

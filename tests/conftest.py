@@ -63,7 +63,7 @@ def corpus_rows(count: int) -> list[dict]:
 
 def chunked_settings(model: str, data: str, out, **fields):
     """A Config of corpus_rows scored in chunks of 8 documents, 2 windows a batch, windows of 24 tokens."""
-    from lm_ce.config import Config
+    from lm_ce.config.fields import Config
 
     return Config(**{"model": model, "data_files": [data], "id_field": "id", "group_field": "group", "max_length": 24,
                      "stride": 12, "batch_size": 2, "chunk_documents": 8, "output_dir": str(out) if out else None,
@@ -308,7 +308,7 @@ def perturbed_copy(source_dir: str, path, *, seed: int, scale: float):
 def stop_at_batch(monkeypatch, at: int | None) -> dict:
     """Make the `at`-th batch scored send SIGINT to this process (what Ctrl-C does: the run saves and stops).
     Returns the counter {"n": batches so far, "stop": at}, which a test may change; monkeypatch.undo() ends it."""
-    from lm_ce.scoring import Scorer
+    from lm_ce.scoring.scorer import Scorer
 
     calls = {"n": 0, "stop": at}
     score = Scorer.score

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lm_ce import report
-from lm_ce.config import Config
+from lm_ce.config.fields import Config
+from lm_ce.reports import files as report
 from lm_ce.runner import evaluate
 
 from .conftest import make_jsonl, perturbed_copy

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lm_ce
-from lm_ce.cli import main
+from lm_ce.cli.main import main
 from lm_ce.errors import UsageError
 
 from .conftest import make_jsonl

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lm_ce.cli import main
+from lm_ce.cli.main import main
 
 from .conftest import make_jsonl
 
@@ -371,7 +371,7 @@ def test_subprocess_exit_2_without_traceback(env, case):
 @pytest.mark.parametrize("block", [1, 2, 3, 5, 2**24])
 def test_utf8_check_across_block_boundaries(tmp_path, block):
     """Characters split between blocks are valid; the first bad byte is found at the right line and column."""
-    from lm_ce.data import first_bad_utf8
+    from lm_ce.data.local import first_bad_utf8
 
     good = tmp_path / "good.txt"
     good.write_text("café 🙂\nŁódź — 交叉熵\n", encoding="utf-8")

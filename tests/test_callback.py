@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lm_ce
-from lm_ce.callback import PREFIX
+from lm_ce.integrations.callback import PREFIX
 
 from .conftest import SENTENCES
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lm_ce import cli
-from lm_ce.checks import check
-from lm_ce.config import FIELDS, GROUPS, Config
+from lm_ce.cli import main as cli
+from lm_ce.config.checks import check
+from lm_ce.config.fields import FIELDS, GROUPS, Config
+from lm_ce.config.sources import build_config, load_yaml, parse_overrides
 from lm_ce.errors import UsageError
-from lm_ce.overrides import build_config, load_yaml, parse_overrides
 
 
 def write_yaml(tmp_path, text: str, name: str = "run.yaml") -> str:

@@ -11,10 +11,10 @@ import torch
 import yaml
 
 import lm_ce
-from lm_ce import setup
-from lm_ce.cli import main
-from lm_ce.config import Config
+from lm_ce.cli.main import main
+from lm_ce.config.fields import Config
 from lm_ce.errors import UsageError
+from lm_ce.scoring import setup
 
 from .conftest import make_jsonl
 

@@ -12,9 +12,9 @@ import random
 
 import pytest
 
-from lm_ce.cli import main
-from lm_ce.config import Config
-from lm_ce.curve import curve_spans, curve_stride
+from lm_ce.analysis.curve import curve_spans, curve_stride
+from lm_ce.cli.main import main
+from lm_ce.config.fields import Config
 from lm_ce.runner import evaluate
 
 from .conftest import make_jsonl

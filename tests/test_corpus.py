@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lm_ce import cli, data
+from lm_ce.cli import main as cli
+from lm_ce.data import documents as data
 from lm_ce.runner import evaluate
-from lm_ce.stats import Clustered, ExactSum, uncertainty
+from lm_ce.sums.stats import Clustered, ExactSum, uncertainty
 
 from .conftest import chunked_settings, corpus_rows, make_jsonl, stop_at_batch
 
@@ -100,7 +101,7 @@ def test_saved_tokens_are_written_as_they_go(tiny_llama_dir, corpus, tmp_path, m
     assert list(out.glob(".tokens.parquet.tmp-part*"))  # the finished chunks' parts, kept for --resume
     monkeypatch.undo()
     resumed = evaluate(chunked_settings(tiny_llama_dir, corpus, out, save_tokens=True, limit=30, resume=True))
-    from lm_ce import report
+    from lm_ce.reports import files as report
 
     # the parts were joined as they were written (the resume joined the saved ones again): finishing renames
     monkeypatch.setattr(report, "join_parquet", lambda *args: pytest.fail("tokens joined again after scoring"))

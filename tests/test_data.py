@@ -6,10 +6,12 @@ import json
 
 import pytest
 
-from lm_ce.config import Config
+from lm_ce.config.fields import Config
+from lm_ce.data.arrow import arrow_rows
+from lm_ce.data.documents import Document, iter_documents
+from lm_ce.data.local import first_bad_json_line, first_bad_utf8, local_files
+from lm_ce.data.reading import load_rows
 from lm_ce.errors import UsageError
-from lm_ce.data import (Document, arrow_rows, first_bad_json_line, first_bad_utf8, iter_documents, load_rows,
-                        local_files)
 
 from .conftest import make_jsonl
 
@@ -294,7 +296,7 @@ def test_a_file_hash_is_remembered_on_disk_until_the_file_changes(tmp_path, monk
     import hashlib
     import time
 
-    from lm_ce import model
+    from lm_ce import files as model
 
     monkeypatch.setenv("LM_CE_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "data.txt"

@@ -17,9 +17,9 @@ from datatrove.pipeline.filters import LambdaFilter  # noqa: E402
 from datatrove.pipeline.readers import JsonlReader  # noqa: E402
 from datatrove.pipeline.writers import JsonlWriter  # noqa: E402
 
-from lm_ce.cli import main  # noqa: E402
+from lm_ce.cli.main import main  # noqa: E402
 from lm_ce.errors import UsageError  # noqa: E402
-from lm_ce.datatrove import PerplexityStats  # noqa: E402
+from lm_ce.integrations.datatrove import PerplexityStats  # noqa: E402
 
 from .conftest import SENTENCES, make_jsonl  # noqa: E402
 from .reference import reference_document  # noqa: E402
@@ -138,8 +138,9 @@ def test_a_filter_after_the_step_keeps_the_documents_below_the_threshold(pipelin
 def test_empty_documents_get_every_key_with_zeros(tiny_llama_dir, tiny_llama, llama_tokenizer):
     """Empty texts (a step before may empty them; readers drop them) and texts that tokenize to no target get
     tokens 0 and 0.0 ratios, also when a whole call has nothing to score; the others their own figures, in order."""
-    import lm_ce
     from datatrove.data import Document
+
+    import lm_ce
 
     texts = ["", "", "Hello world.", "", "Is it raining?"]
     step = PerplexityStats(model=tiny_llama_dir, documents_per_call=2, **SETTINGS)  # the first call: only empties

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm_ce import parallel
-from lm_ce.records import DocSums, Tally, WindowSums
-from lm_ce.cli import main
+from lm_ce.cli.main import main
+from lm_ce.scoring import parallel
+from lm_ce.sums.records import DocSums, Tally, WindowSums
 
 from .conftest import make_jsonl
 

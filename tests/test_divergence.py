@@ -1,4 +1,4 @@
-"""lm_ce.divergence and lm_ce.quantiles against numpy on a table of tokens: every statistic of
+"""lm_ce.sums.divergence and lm_ce.sums.quantiles against numpy on a table of tokens: every statistic of
 compare.<name>, the clustered standard errors, merging, pickling, and the sketch's rank error."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lm_ce.divergence import Divergence, TokenPairs
-from lm_ce.quantiles import Quantiles
+from lm_ce.sums.divergence import Divergence, TokenPairs
+from lm_ce.sums.quantiles import Quantiles
 
 Z = 1.959963984540054
 NAMES = {"max": 100, "p99_9": 99.9, "p99": 99, "p95": 95, "p90": 90, "p75": 75, "median": 50, "p25": 25, "p10": 10,
@@ -164,7 +164,7 @@ def test_pickle_and_torch_save_round_trip(table, summary):
 
 
 def test_report_in_llama_cpp_layout(summary):
-    from lm_ce import report
+    from lm_ce.reports import tables as report
 
     s = {"model": {"name": "base-model"}, "uncertainty": {"mean_loss_stderr": 0.01, "perplexity_ci95": [1, 2], "clusters": 120,
                                                           "unit": "documents"}, "compare": {"q4": summary}}
@@ -281,7 +281,7 @@ def run_corpus(tmp_path_factory, texts):
 
 
 def test_compare_run_matches_the_float64_reference(run_corpus, tiny_llama, tiny_llama_dir, perturbed_dir, llama_tokenizer):
-    from lm_ce.config import Config
+    from lm_ce.config.fields import Config
     from lm_ce.runner import evaluate
 
     rows, path = run_corpus
@@ -293,7 +293,7 @@ def test_compare_run_matches_the_float64_reference(run_corpus, tiny_llama, tiny_
     assert c["unit"] == "documents" and c["quantile_rank_error"] == 0
     check_against_reference(c, reference_table(tokens))
     assert math.isclose(c["base_perplexity"], res.summary["metrics"]["perplexity"], rel_tol=1e-9)
-    from lm_ce import report
+    from lm_ce.reports import tables as report
 
     text = report.table(res.summary)
     assert "====== KL divergence statistics ======" in text and "Same top p:" in text
@@ -311,7 +311,7 @@ def resume_corpus(tmp_path_factory):
 
 
 def compare_settings(model: str, other: str, data: str, out) -> "Config":
-    from lm_ce.config import Config
+    from lm_ce.config.fields import Config
 
     return Config(model=model, compare_to=[other], data_files=[data], id_field="id", max_length=24, stride=12,
                   batch_size=2, chunk_documents=16, output_dir=str(out), progress=False)
@@ -322,7 +322,7 @@ def stop_at(monkeypatch, calls: int, when=lambda scorer: True) -> None:
     import os
     import signal
 
-    from lm_ce.scoring import Scorer
+    from lm_ce.scoring.scorer import Scorer
 
     score, seen = Scorer.score, {"n": 0}
 
@@ -361,8 +361,8 @@ def test_interrupted_compare_by_bytes_covers_documents_both_scored(tiny_llama_di
                                                                    monkeypatch):
     import dataclasses
 
-    from lm_ce.paired import paired
     from lm_ce.runner import evaluate
+    from lm_ce.sums.stats import paired
 
     cfg = dataclasses.replace(compare_settings(tiny_llama_dir, tiny_gpt2_dir, resume_corpus, tmp_path / "a"), output_dir=None)
     with monkeypatch.context() as m:  # the first model stopped: the other is not scored at all
@@ -405,7 +405,7 @@ def held_out_text(books=("Ruth", "Jonah")) -> list[dict]:
     """Chapters of two short books of the King James Bible (the embedded default scores Genesis)."""
     import json
 
-    from lm_ce.config import resolve_path
+    from lm_ce.config.fields import resolve_path
 
     chapters: dict = {}
     with open(resolve_path("pkg:bible/data/kjv.jsonl"), encoding="utf-8") as f:
@@ -422,13 +422,15 @@ def test_real_model_against_its_4bit_copy(tmp_path):
     against the float64 full-logits reference."""
     import copy
 
-    from lm_ce import model as model_lib, report
-    from lm_ce.config import Config
+    from lm_ce.config.fields import Config
+    from lm_ce.model import gguf
+    from lm_ce.model import load as model_load
+    from lm_ce.reports import tables as report
     from lm_ce.runner import evaluate
 
     from .conftest import make_jsonl
 
-    base, tokenizer, _ = model_lib.load(Config(model=SMOLLM2, dtype="float32"), torch.device("cpu"), True)
+    base, tokenizer, _ = model_load.load(Config(model=SMOLLM2, dtype="float32"), torch.device("cpu"), True)
     quant = copy.deepcopy(base)
     with torch.no_grad():
         for module in quant.model.layers.modules():
@@ -436,7 +438,7 @@ def test_real_model_against_its_4bit_copy(tmp_path):
                 module.weight.copy_(round_to_nearest_4bit(module.weight))
     dirs = {}
     for name, m in (("base", base), ("q4", quant)):  # a model read from the GGUF itself (no cache yet) has no
-        model_lib.save_gguf_cache(m, tokenizer, str(tmp_path / name))  # save_pretrained: written as the cache is
+        gguf.save_gguf_cache(m, tokenizer, str(tmp_path / name))  # save_pretrained: written as the cache is
         dirs[name] = str(tmp_path / name)
     rows = held_out_text()
     data = make_jsonl(tmp_path / "held_out.jsonl", rows)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lm_ce.config import Config
+from lm_ce.config.fields import Config
+
 from .conftest import SMALL, tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]

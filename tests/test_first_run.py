@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from lm_ce import model as model_lib
-from lm_ce.cli import main
-from lm_ce.config import Config
+from lm_ce.cli.main import main
+from lm_ce.config.fields import Config
+from lm_ce.model import diagnose, gguf
+from lm_ce.model import load as model_load
 
 from .conftest import make_jsonl
 
@@ -80,15 +81,15 @@ def test_the_quick_check_lets_cached_models_and_offline_mode_through(tmp_path, m
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    assert "cannot reach" in str(model_lib.hub_unreachable("some-org/some-model", Config()))
+    assert "cannot reach" in str(diagnose.hub_unreachable("some-org/some-model", Config()))
     snapshot = tmp_path / "hub" / "models--some-org--some-model" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text("{}")
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("abc123")
-    assert model_lib.hub_unreachable("some-org/some-model", Config()) is None  # in the cache: load it from there
+    assert diagnose.hub_unreachable("some-org/some-model", Config()) is None  # in the cache: load it from there
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    assert model_lib.hub_unreachable("other-org/other-model", Config()) is None  # offline: transformers says it at once
+    assert diagnose.hub_unreachable("other-org/other-model", Config()) is None  # offline: transformers says it at once
 
 
 def _arrow_files(folder: Path) -> list[Path]:
@@ -141,7 +142,7 @@ def test_writing_the_gguf_cache_shows_no_library_bar(tiny_llama, llama_tokenizer
     monkeypatch.setattr(safetensors.torch, "save_file", watched)
     transformers.utils.logging.enable_progress_bar()
     target = tmp_path / "cache" / "model"
-    model_lib.save_gguf_cache(tiny_llama, llama_tokenizer, str(target))
+    gguf.save_gguf_cache(tiny_llama, llama_tokenizer, str(target))
     assert (target / "model.safetensors").is_file()
     assert seen == [(False, True)]  # both libraries' bars off while writing
     assert transformers.utils.logging.is_progress_bar_enabled()  # and as they were afterwards
@@ -166,8 +167,8 @@ def test_loading_drops_the_tables_a_fast_tokenizer_was_built_from(tiny_llama_dir
     fresh = AutoTokenizer.from_pretrained(target)
     if not all(hasattr(fresh, name) for name in ("_vocab", "_merges")):
         pytest.skip(f"this transformers ({type(fresh).__name__}) keeps no build tables")
-    _, loaded, _ = model_lib.load(Config(model=str(target)), torch.device("cpu"))
-    assert not any(hasattr(loaded, name) for name in model_lib.BUILD_TABLES)
+    _, loaded, _ = model_load.load(Config(model=str(target)), torch.device("cpu"))
+    assert not any(hasattr(loaded, name) for name in model_load.BUILD_TABLES)
     text = "the cat. the hat, a chat"
     ids = fresh(text)["input_ids"]
     assert loaded(text)["input_ids"] == ids and len(set(ids)) > 5  # merged pieces, not characters alone

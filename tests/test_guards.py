@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from lm_ce import cli
-from lm_ce.scoring import Scorer
-from lm_ce.config import Config
+from lm_ce.cli import main as cli
+from lm_ce.config.fields import Config
 from lm_ce.runner import evaluate
+from lm_ce.scoring.scorer import Scorer
 
 from .conftest import make_jsonl
 

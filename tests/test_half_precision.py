@@ -10,11 +10,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lm_ce import loss, setup
-from lm_ce.config import Config
-from lm_ce.loss import Head, float32_product, float64_figures, float64_logits, head_of, probe_head, token_losses
-from lm_ce.model import load
+from lm_ce.config.fields import Config
+from lm_ce.model.load import load
 from lm_ce.runner import evaluate
+from lm_ce.scoring import head as loss
+from lm_ce.scoring import setup
+from lm_ce.scoring.head import Head, float32_product, head_of, token_losses
+from lm_ce.scoring.probe import float64_figures, float64_logits, probe_head
 
 from .conftest import make_jsonl
 from .reference import as_float64, document_windows, encode, reference_nll

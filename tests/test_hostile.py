@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lm_ce.cli import main
+from lm_ce.cli.main import main
 
 from .conftest import make_jsonl
 
@@ -73,7 +73,7 @@ def test_whitespace_only_rows_are_never_scored(tiny_llama_dir, llama_tokenizer, 
 def test_whitespace_rows_among_text_are_counted_as_skipped(tiny_llama_dir, tmp_path, mode):
     """Document mode: a whitespace row adds nothing (figures equal to the run without it). Stream mode: the row
     stays in the joined text, as the recipe joins every row, but is counted as a skipped (empty) document."""
-    from lm_ce.config import Config
+    from lm_ce.config.fields import Config
     from lm_ce.runner import evaluate
 
     with_blank = make_jsonl(tmp_path / "a.jsonl", [{"text": TEXTS[0]}, {"text": "   "}, {"text": TEXTS[1]}])
@@ -118,8 +118,8 @@ def test_a_mode_overridden_away_from_its_protocol_is_named_where_the_protocol_is
 @pytest.mark.parametrize("config", sorted(p.name for p in (Path(__file__).parent.parent / "configs").glob("*.yaml")))
 def test_the_shipped_configs_run_their_protocols_as_named(config):
     """No false 'overridden': a setting that gives what the protocol gives (prefix none in a stream) is none."""
-    from lm_ce.overrides import build_config
-    from lm_ce.summary import protocol_overrides
+    from lm_ce.config.sources import build_config
+    from lm_ce.reports.summary import protocol_overrides
 
     cfg = build_config(["--config", str(Path(__file__).parent.parent / "configs" / config)])
     assert protocol_overrides(cfg) == {}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lm_ce.overrides import config_for
+from lm_ce.config.sources import config_for
 from lm_ce.runner import evaluate
 
 pytestmark = pytest.mark.slow

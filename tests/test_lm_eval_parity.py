@@ -22,9 +22,9 @@ from lm_eval import utils as lm_eval_utils  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
-from lm_ce.config import Config  # noqa: E402
+from lm_ce.config.fields import Config  # noqa: E402
 from lm_ce.runner import evaluate  # noqa: E402
-from lm_ce.windows import document_spans  # noqa: E402
+from lm_ce.scoring.windows import document_spans  # noqa: E402
 
 # Sums of up to ~1800 float32 token losses over windows batched differently on each side.
 REL, ABS = 1e-5, 1e-4

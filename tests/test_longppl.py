@@ -9,9 +9,10 @@ import math
 
 import pytest
 
-from lm_ce import cli, report
-from lm_ce.config import Config
-from lm_ce.longppl import Tokens, key_targets, mapped, short_spans
+from lm_ce.analysis.longppl import Tokens, key_targets, mapped, short_spans
+from lm_ce.cli import main as cli
+from lm_ce.config.fields import Config
+from lm_ce.reports import files as report
 from lm_ce.runner import evaluate
 
 from .conftest import make_jsonl, perturbed_copy, whole_and_resumed

@@ -11,7 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lm_ce.loss import CHUNK_BYTES, COLUMN_ALIGN, Head, chunk_rows, head_of, logits_losses, tile_columns, token_losses
+from lm_ce.scoring.head import (
+    CHUNK_BYTES,
+    COLUMN_ALIGN,
+    Head,
+    chunk_rows,
+    head_of,
+    logits_losses,
+    tile_columns,
+    token_losses,
+)
 
 TUTORIAL_LOGITS = [[2.0, 0.5, 0.1], [0.1, 0.2, 0.9]]
 TUTORIAL_TARGETS = [0, 2]

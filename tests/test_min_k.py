@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm_ce import cli, report
-from lm_ce.config import Config
-from lm_ce.loss import Head, float64_logits, logits_losses, pair_losses, token_losses
+from lm_ce.cli import main as cli
+from lm_ce.config.fields import Config
+from lm_ce.reports import files as report
 from lm_ce.runner import evaluate
-from lm_ce.signals import lowest_mean
+from lm_ce.scoring.head import Head, logits_losses, pair_losses, token_losses
+from lm_ce.scoring.probe import float64_logits
+from lm_ce.sums.signals import lowest_mean
 
 from .conftest import make_jsonl, whole_and_resumed
 from .reference import reference_signals
@@ -190,7 +192,7 @@ def test_real_model_equals_the_float64_reference(tmp_path):
     full-logits reference within 2e-3 (min_k, min_k_plus_plus) and 1e-6 relative (zlib_ratio)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lm_ce.config import resolve_path
+    from lm_ce.config.fields import resolve_path
 
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "run"
@@ -214,6 +216,6 @@ def test_real_model_equals_the_float64_reference(tmp_path):
 
 def load_rows(cfg: dict) -> list[dict]:
     """The rows the run read (its data settings), through lm_ce's own reader."""
-    from lm_ce import data
+    from lm_ce.data import documents as data
 
     return [{cfg["text_field"]: d.text} for d in data.iter_documents(Config(**cfg))]

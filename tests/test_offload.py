@@ -10,13 +10,14 @@ import pytest
 import torch
 import yaml
 
-from lm_ce import placement
-from lm_ce.config import Config
+from lm_ce.config.fields import Config
+from lm_ce.config.sources import build_config
 from lm_ce.errors import UsageError
-from lm_ce.overrides import build_config
-from lm_ce.loss import head_of, probe_head
-from lm_ce.model import load
+from lm_ce.model import placement
+from lm_ce.model.load import load
 from lm_ce.runner import evaluate
+from lm_ce.scoring.head import head_of
+from lm_ce.scoring.probe import probe_head
 
 from .conftest import SENTENCES, make_jsonl
 
@@ -117,7 +118,7 @@ def test_auto_map_under_a_small_cpu_budget_spills_to_disk(tmp_path, tied_llama_d
 
 def test_placement_is_written_and_repeats_from_config_yaml(tmp_path, tiny_llama_dir, capsys):
     """The CLI with --device-map and --max-memory: results.json records the map; config.yaml repeats the run."""
-    from lm_ce.cli import main
+    from lm_ce.cli.main import main
 
     data = make_jsonl(tmp_path / "d.jsonl", [{"text": "Hello world. " * 20}])
     out = tmp_path / "run"
@@ -237,7 +238,7 @@ def test_gguf_cache_of_a_tied_model_can_be_placed_on_disk(tmp_path, tied_llama_d
     """The dequantized-GGUF cache stores a tied head under the embedding's name, which disk offload looks up."""
     from safetensors import safe_open
 
-    from lm_ce.model import save_gguf_cache
+    from lm_ce.model.gguf import save_gguf_cache
 
     model, tokenizer, _ = load(Config(model=tied_llama_dir), torch.device("cpu"))
     save_gguf_cache(model, tokenizer, str(tmp_path / "cache"))

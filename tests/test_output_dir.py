@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from lm_ce import cli, model as model_lib, outdir
-from lm_ce.config import Config
+from lm_ce.cli import main as cli
+from lm_ce.config.fields import Config
+from lm_ce.model import load as model_lib
+from lm_ce.rundir import claims as outdir
 from lm_ce.runner import evaluate
-from lm_ce.scoring import Scorer
+from lm_ce.scoring.scorer import Scorer
 
 from .conftest import SENTENCES, make_jsonl
 
@@ -111,9 +113,9 @@ def test_overwrite_and_resume_are_refused_together(tiny_llama_dir, data, tmp_pat
 
 HOLDER = """
 import sys, time
-from lm_ce import outdir
-from lm_ce.config import Config
-outdir.claim(Config(output_dir=sys.argv[1]))
+from lm_ce.config.fields import Config
+from lm_ce.rundir import claims
+claims.claim(Config(output_dir=sys.argv[1]))
 print("held", flush=True)
 time.sleep(300)
 """
@@ -216,7 +218,8 @@ import signal, sys, time
 # A terminal's Ctrl-C raises KeyboardInterrupt; a test runner started in the background (`cmd &`, nohup)
 # passes SIGINT on ignored, and Python then keeps it ignored: restore what a user at a terminal has.
 signal.signal(signal.SIGINT, signal.default_int_handler)
-from lm_ce import cli, model
+from lm_ce.cli import main as cli
+from lm_ce.model import load as model
 def slow_load(*a, **k):
     print("loading", flush=True)
     time.sleep(120)
@@ -260,9 +263,9 @@ def test_the_python_api_holds_the_directory_and_a_callback_replaces_only_its_own
         tiny_llama, llama_tokenizer, tmp_path):
     """lm_ce.evaluate refuses another run's directory; a PerplexityCallback's later evaluations replace its
     own earlier report (a new callback into that directory is refused like any other run)."""
-    import lm_ce
     from transformers import TrainerControl, TrainerState
 
+    import lm_ce
     from lm_ce.errors import UsageError
 
     texts = ["Hello world.", "Good morning!"]

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from lm_ce import cli, report
-from lm_ce.config import Config
-from lm_ce.extremes import Extremes
-from lm_ce.outputs import readable_texts
-from lm_ce.page import loss_class
+from lm_ce.cli import main as cli
+from lm_ce.config.fields import Config
+from lm_ce.reports import files as report_files
+from lm_ce.reports import tables
+from lm_ce.reports.page import loss_class
+from lm_ce.rundir.outputs import readable_texts
 from lm_ce.runner import evaluate
-from lm_ce.scoring import Scorer
+from lm_ce.scoring.scorer import Scorer
+from lm_ce.sums.extremes import Extremes
 
 from .conftest import chunked_settings, corpus_rows, make_jsonl
 
@@ -106,7 +108,7 @@ def documents_section(path: Path) -> str:
 def test_page_names_the_extreme_documents_and_colours_their_tokens(tiny_llama_dir, corpus, tmp_path, llama_tokenizer):
     out = tmp_path / "run"
     results = evaluate(settings(tiny_llama_dir, corpus, out))
-    report.write(results, str(out), plot=False)
+    report_files.write(results, str(out), plot=False)
     reference = evaluate(settings(tiny_llama_dir, corpus, None, save_tokens=True))  # every token, in memory
     summary = json.loads((out / "results.json").read_text())
     rows = [json.loads(line) for line in (out / "documents.jsonl").read_text().splitlines()]
@@ -120,14 +122,14 @@ def test_page_names_the_extreme_documents_and_colours_their_tokens(tiny_llama_di
 
     # the figures are results.json's
     cells = {r[0]: r[1] for r in page.cells if len(r) == 2}
-    assert cells["mean loss (nats/token)"] == report.fmt(summary["metrics"]["mean_loss"])
-    assert cells["perplexity"] == report.fmt(summary["metrics"]["perplexity"])
-    assert cells["bits per byte"] == report.fmt(summary["metrics"]["bits_per_byte"])
+    assert cells["mean loss (nats/token)"] == tables.fmt(summary["metrics"]["mean_loss"])
+    assert cells["perplexity"] == tables.fmt(summary["metrics"]["perplexity"])
+    assert cells["bits per byte"] == tables.fmt(summary["metrics"]["bits_per_byte"])
     assert cells["tokens scored"] == f"{summary['counts']['tokens']:,}"
-    assert cells["NLL sum (nats)"] == report.fmt(summary["nll_sum"])
+    assert cells["NLL sum (nats)"] == tables.fmt(summary["nll_sum"])
     groups = {r[0]: r[1:] for r in page.cells if r and r[0] in summary["groups"]}
     for name, g in summary["groups"].items():
-        assert groups[name] == [report.fmt(g[k]) for k in ("documents", "tokens", "mean_loss", "perplexity",
+        assert groups[name] == [tables.fmt(g[k]) for k in ("documents", "tokens", "mean_loss", "perplexity",
                                                            "bits_per_byte")]
     assert sum(t == "circle" for t, _ in page.tags) == len(summary["by_position"])  # the plot's buckets
 
@@ -169,7 +171,7 @@ def test_tokens_split_inside_a_character_read_whole(llama_tokenizer):
 
 
 def test_keeping_extremes_chunk_by_chunk_equals_choosing_from_all():
-    from lm_ce.records import DocumentResult
+    from lm_ce.sums.records import DocumentResult
 
     rows = [DocumentResult(index=i, id=f"d{i}", tokens=1 + i % 4, nll_sum=((i * 37) % 11) * (1 + i % 4) / 3.0)
             for i in range(50)]  # equal means too: the earlier document wins
@@ -194,7 +196,7 @@ def test_keeping_extremes_chunk_by_chunk_equals_choosing_from_all():
 
 def test_a_stopped_and_resumed_run_shows_the_same_documents(tiny_llama_dir, corpus, tmp_path, monkeypatch):
     whole = tmp_path / "whole"
-    report.write(evaluate(settings(tiny_llama_dir, corpus, whole)), str(whole), plot=False)
+    report_files.write(evaluate(settings(tiny_llama_dir, corpus, whole)), str(whole), plot=False)
     calls = {"n": 0}
     score = Scorer.score
 
@@ -229,12 +231,12 @@ def test_a_stopped_and_resumed_run_shows_the_same_documents(tiny_llama_dir, corp
 
 def test_other_modes_and_settings_say_why_no_documents(tiny_llama_dir, corpus, tmp_path):
     out = tmp_path / "stream"
-    report.write(evaluate(settings(tiny_llama_dir, corpus, out, mode="stream", stride=None, group_field=None)),
+    report_files.write(evaluate(settings(tiny_llama_dir, corpus, out, mode="stream", stride=None, group_field=None)),
                  str(out), plot=False)
     section = documents_section(out / "results.html")
     assert "<span" not in section and "stream mode the documents are joined" in section
     out = tmp_path / "none"
-    report.write(evaluate(settings(tiny_llama_dir, corpus, out, page_documents=0, limit=8)), str(out), plot=False)
+    report_files.write(evaluate(settings(tiny_llama_dir, corpus, out, page_documents=0, limit=8)), str(out), plot=False)
     assert "--page-documents is 0" in documents_section(out / "results.html")
     assert cli.main(["--model", tiny_llama_dir, "--data-files", corpus, "--page-documents", "-1"]) == 2
 
@@ -250,7 +252,7 @@ def browser() -> str | None:
 def test_the_page_loads_offline_in_a_browser(tiny_llama_dir, corpus, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     out = tmp_path / "run"
-    report.write(evaluate(settings(tiny_llama_dir, corpus, out, limit=16)), str(out), plot=False)
+    report_files.write(evaluate(settings(tiny_llama_dir, corpus, out, limit=16)), str(out), plot=False)
     with sync_api.sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=browser(), args=["--no-sandbox"])
         try:
@@ -307,12 +309,14 @@ def test_shards_merged_show_the_documents_of_the_single_run(tiny_llama_dir, corp
 
 
 def test_long_documents_show_their_first_tokens_only(tiny_llama_dir, corpus, tmp_path, monkeypatch):
-    from lm_ce import extremes, outputs, page
+    from lm_ce.reports import page
+    from lm_ce.rundir import outputs
+    from lm_ce.sums import extremes
 
     for module in (extremes, outputs, page):
         monkeypatch.setattr(module, "SHOWN_TOKENS", 7)
     out = tmp_path / "run"
-    report.write(evaluate(settings(tiny_llama_dir, corpus, out, limit=16)), str(out), plot=False)
+    report_files.write(evaluate(settings(tiny_llama_dir, corpus, out, limit=16)), str(out), plot=False)
     reference = tokens_by_document(evaluate(settings(tiny_llama_dir, corpus, None, limit=16, save_tokens=True)).token_table)
     text = (out / "results.html").read_text(encoding="utf-8")
     docs = Page(text).docs
@@ -327,7 +331,7 @@ def test_top1_from_the_tiled_head_is_the_float64_argmax():
     """The hover's top-1 guess: the tiled head's argmax over every vocabulary slice (ties: the earlier id)."""
     import torch
 
-    from lm_ce.loss import Head, token_losses
+    from lm_ce.scoring.head import Head, token_losses
 
     torch.manual_seed(0)
     weight, hidden = torch.randn(5000, 32), torch.randn(300, 32) * 3

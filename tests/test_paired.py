@@ -9,9 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lm_ce import cli, paired, report
-from lm_ce.config import Config
+from lm_ce.cli import main as cli
+from lm_ce.config.fields import Config
 from lm_ce.errors import UsageError
+from lm_ce.reports import files as report
+from lm_ce.reports import paired
 from lm_ce.runner import evaluate
 
 from .conftest import make_jsonl, perturbed_copy

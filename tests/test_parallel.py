@@ -1,13 +1,13 @@
-"""lm_ce.parallel without processes: batch sizes, which share each process takes, and canonical sums."""
+"""lm_ce.scoring.parallel without processes: batch sizes, which share each process takes, and canonical sums."""
 from __future__ import annotations
 
 import random
 
 import pytest
 
-from lm_ce.parallel import batch_size_for, canonical_sums, share_of
-from lm_ce.records import DocSums, Tally, WindowSums
-from lm_ce.windows import assign_batches, document_spans, plan_batches, windows_of
+from lm_ce.scoring.parallel import batch_size_for, canonical_sums, share_of
+from lm_ce.scoring.windows import assign_batches, document_spans, plan_batches, windows_of
+from lm_ce.sums.records import DocSums, Tally, WindowSums
 
 
 @pytest.mark.parametrize(

@@ -9,18 +9,33 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm_ce import data, report
-from lm_ce.config import Config
+from lm_ce.config.fields import Config
+from lm_ce.config.protocols import PROTOCOLS, WINDOW_FIELDS, wikitext_detokenized
+from lm_ce.config.sources import build_config, config_for
+from lm_ce.data import documents as data
 from lm_ce.errors import UsageError
-from lm_ce.overrides import build_config, config_for
-from lm_ce.protocols import PROTOCOLS, WINDOW_FIELDS, wikitext_detokenized
+from lm_ce.reports import tables as report
 from lm_ce.runner import evaluate
-from lm_ce.setup import resolve_lengths
-from lm_ce.windows import (Window, adds_bos, document_spans, gptq_spans, llama_cpp_spans, stream_spans,
-                           without_double_prefix)
+from lm_ce.scoring.setup import resolve_lengths
+from lm_ce.scoring.windows import (
+    Window,
+    adds_bos,
+    document_spans,
+    gptq_spans,
+    llama_cpp_spans,
+    stream_spans,
+    without_double_prefix,
+)
 
-from .reference import (document_windows, encode, gptq_windows, llama_cpp_windows, reference_nll, reference_tokens,
-                        stream_windows)
+from .reference import (
+    document_windows,
+    encode,
+    gptq_windows,
+    llama_cpp_windows,
+    reference_nll,
+    reference_tokens,
+    stream_windows,
+)
 
 REL = 1e-5
 

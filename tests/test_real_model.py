@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm_ce.config import Config, resolve_path
+from lm_ce.config.fields import Config, resolve_path
 from lm_ce.runner import evaluate
 
 from .conftest import make_jsonl

@@ -1,4 +1,4 @@
-"""lm_ce.report: number formatting, the console table and results.md from a summary dict, and the files written."""
+"""lm_ce.reports.tables and files: number formatting, the console table and results.md from a summary dict, and the files written."""
 from __future__ import annotations
 
 import copy
@@ -9,9 +9,10 @@ import pytest
 import torch
 import yaml
 
-from lm_ce.records import DocumentResult, Results
-from lm_ce.report import ROWS, fmt, markdown, table, write
-from lm_ce.stats import PositionLoss
+from lm_ce.reports.files import write
+from lm_ce.reports.tables import ROWS, fmt, markdown, table
+from lm_ce.sums.records import DocumentResult, Results
+from lm_ce.sums.stats import PositionLoss
 
 # Each ROWS figure, and how it must read (written out by hand).
 FIGURES = {

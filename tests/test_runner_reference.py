@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from lm_ce.config import Config
+from lm_ce.config.fields import Config
 from lm_ce.runner import evaluate
 
 from .conftest import make_jsonl
@@ -164,7 +164,7 @@ def test_batches_hold_every_window_once_with_little_padding():
 
     import torch
 
-    from lm_ce.windows import MAX_PADDING, Window, plan_batches
+    from lm_ce.scoring.windows import MAX_PADDING, Window, plan_batches
 
     rng = random.Random(0)
     seq = torch.zeros(600, dtype=torch.long)

@@ -1,4 +1,4 @@
-"""lm_ce.stats against direct numpy computations: clustered and iid standard errors, position buckets,
+"""lm_ce.sums.stats against direct numpy computations: clustered and iid standard errors, position buckets,
 groups, model comparisons and the capped exponential."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lm_ce.records import DocumentResult
-from lm_ce.stats import NULL_GROUP, Z95, Clustered, PositionLoss, exp_capped, groups, uncertainty
+from lm_ce.sums.records import DocumentResult
+from lm_ce.sums.stats import NULL_GROUP, Z95, Clustered, PositionLoss, exp_capped, groups, uncertainty
 
 
 def clustered_sample(seed: int, n_clusters: int):

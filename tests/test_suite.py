@@ -9,9 +9,10 @@ import shutil
 import pytest
 import yaml
 
-from lm_ce import report
+from lm_ce.config.sources import build_config, entry_config
 from lm_ce.errors import UsageError
-from lm_ce.overrides import build_config, entry_config
+from lm_ce.reports import files as report_files
+from lm_ce.reports import tables
 from lm_ce.runner import evaluate
 
 
@@ -58,7 +59,7 @@ def test_suite_equals_separate_runs_with_micro_and_macro(tiny_llama, llama_token
     for key in ("mean_loss", "bits_per_byte", "perplexity"):
         assert math.isclose(macro[key], (docs["metrics"][key] + book["metrics"][key]) / 2, rel_tol=1e-12)
     assert macro["mean_loss"] != pytest.approx(micro["mean_loss"])  # unweighted: the datasets differ in size
-    text = report.table(res.summary)
+    text = tables.table(res.summary)
     assert [line.split()[0] for line in text.splitlines()[2:]] == ["docs", "book", "micro", "macro"]
 
 
@@ -66,7 +67,7 @@ def test_suite_files_and_resume_across_datasets(tiny_llama, llama_tokenizer, sui
     out = tmp_path / "out"
     cfg = build_config(["--config", suite_file, "--output-dir", str(out)])
     first = evaluate(cfg, model=tiny_llama, tokenizer=llama_tokenizer)
-    report.write(first, str(out), plot=False)
+    report_files.write(first, str(out), plot=False)
     written = json.loads((out / "results.json").read_text())
     assert set(written["suite"]) == {"datasets", "micro", "macro"}
     assert json.loads((out / "book" / "results.json").read_text())["settings"]["protocol"] == "llama-cpp"

@@ -1,4 +1,4 @@
-"""lm_ce.summary: the figures from exact sums worked out by hand, and results.json from a small Run built by hand."""
+"""lm_ce.reports.summary and figures: the figures from exact sums worked out by hand, and results.json from a small Run built by hand."""
 from __future__ import annotations
 
 import copy
@@ -7,15 +7,16 @@ import math
 import pytest
 import torch
 
-from lm_ce.config import Config
+from lm_ce.config.fields import Config
 from lm_ce.errors import UsageError
-from lm_ce.model import ModelInfo
-from lm_ce.records import DocSums, DocumentResult, RowSums, Run, Tally, TokenSums, WindowSums
-from lm_ce.setup import Setup
-from lm_ce.divergence import Divergence
-from lm_ce.stats import PositionLoss
-from lm_ce.outputs import token_table
-from lm_ce.summary import Durations, metrics, summarize
+from lm_ce.model.load import ModelInfo
+from lm_ce.reports.figures import metrics
+from lm_ce.reports.summary import Durations, summarize
+from lm_ce.rundir.outputs import token_table
+from lm_ce.scoring.setup import Setup
+from lm_ce.sums.divergence import Divergence
+from lm_ce.sums.records import DocSums, DocumentResult, RowSums, Run, Tally, TokenSums, WindowSums
+from lm_ce.sums.stats import PositionLoss
 
 LN2 = 0.6931471805599453
 
@@ -82,7 +83,7 @@ def run_of(documents: list[DocumentResult], tally: Tally, **fields) -> Run:
 
 
 def summary_of(cfg: Config, run: Run, stopped: bool = False):
-    return summarize(cfg, run=run, stopped=stopped, setup=SETUP, info=INFO, durations=DURATIONS, tokenizer=None)
+    return summarize(cfg, run=run, stopped=stopped, setup=SETUP, info=INFO, durations=DURATIONS)
 
 
 def test_document_run_summary_by_hand():

@@ -1,4 +1,4 @@
-"""lm_ce.windows on small hand-checked cases: spans, window records, batches and their shares."""
+"""lm_ce.scoring.windows on small hand-checked cases: spans, window records, batches and their shares."""
 from __future__ import annotations
 
 import itertools
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from lm_ce.windows import MAX_PADDING, assign_batches, document_spans, plan_batches, stream_spans, windows_of
+from lm_ce.scoring.windows import MAX_PADDING, assign_batches, document_spans, plan_batches, stream_spans, windows_of
 
 from .reference import document_windows, stream_windows
 

@@ -1,4 +1,4 @@
-"""mkdocs hook: the Configuration page's field tables, drawn from `lm_ce.config.Config` when the site is built.
+"""mkdocs hook: the Configuration page's field tables, drawn from `lm_ce.config.fields.Config` when the site is built.
 
 Each field's `metadata["group"]` and `metadata["help"]` (the same source as `--help`) give its section and
 its line; a field without them is listed under "Other fields" with its type (or choices) and default alone.
@@ -24,7 +24,7 @@ def config_tables() -> str:
     """Markdown: one table per group of Config fields, in the order the fields are defined."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from lm_ce import config
+    from lm_ce.config import fields as config
 
     choices = getattr(config, "CHOICES", {})
     groups: dict[str, list[str]] = {}

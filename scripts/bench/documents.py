@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .processes import run_child
+from .processes import Bench, run_child
 
 VARIANTS = {  # name -> lm_ce fields
     "default": {},
@@ -76,9 +76,12 @@ def run_documents_size(spec: dict, _mode: str) -> dict:
     """The child: one run of lm_ce (of the checkout at spec["root"]) on spec["data"], timed from inside."""
     if spec.get("root"):
         sys.path.insert(0, spec["root"])
-    from lm_ce import checkpoint, data, report, runner
-    from lm_ce.config import Config
-    from lm_ce.scoring import Scorer
+    from lm_ce import runner
+    from lm_ce.config.fields import Config
+    from lm_ce.data import reading as data
+    from lm_ce.reports import files as report
+    from lm_ce.rundir import checkpoint
+    from lm_ce.scoring.scorer import Scorer
 
     if spec.get("arrow_copy_only"):  # datasets' Arrow copy of the file, made once: every later run reads it
         t0 = time.perf_counter()
@@ -135,13 +138,13 @@ def disk_read_mb() -> float | None:
     return int(counters["read_bytes"]) / 2**20
 
 
-def run_documents_scaling(settings: dict, work: Path, timeout: float, failures: list[str], *, top: int,
-                          root: str | None = None, variants: tuple[str, ...] = tuple(VARIANTS),
-                          resume: bool = True) -> dict:
+def run_documents_scaling(settings: dict, bench: Bench, *, top: int, root: str | None = None,
+                          variants: tuple[str, ...] = tuple(VARIANTS), resume: bool = True) -> dict:
     """Each size from 10^3 to `top` with the default settings; --save-tokens up to 10^5, --checkpoint-seconds 1 at
     min(top, 10^5); a stopped and resumed run at `top`. The rows of the documents-scaling table."""
     import shutil
 
+    work, timeout, failures = bench.work, bench.timeout, bench.failures
     model_dir = tiny_model(work)
     sizes = [10**k for k in range(3, 7) if 10**k <= top]
     plan = [(n, "default") for n in sizes]
@@ -155,7 +158,7 @@ def run_documents_scaling(settings: dict, work: Path, timeout: float, failures: 
         spec = {**settings, "data": prepare_documents(work, n), "model_dir": model_dir, "output_dir": str(out_dir),
                 "fields": VARIANTS[variant], "root": root, "spawned_at": time.time()}
         if variant == "default" and not root:
-            copy = arrow_copy(spec, work, timeout, failures, n)
+            copy = arrow_copy(spec, bench, n)
             rows += copy
             spec["arrow_files"] = copy[0]["arrow_files"] if copy else []
         out = run_child("docs", spec, work, tag, timeout)
@@ -169,16 +172,16 @@ def run_documents_scaling(settings: dict, work: Path, timeout: float, failures: 
               f"  save max {row['save_seconds_max'] or 0:.3f} s  after scoring {row['after_scoring_seconds']:.2f} s",
               flush=True)
         if resume and n == top and variant == "default":
-            rows += resumed_run(spec, row, work, timeout, failures, tag)
+            rows += resumed_run(spec, row, bench, tag)
     return {"rows": rows, "root": root}
 
 
-def arrow_copy(spec: dict, work: Path, timeout: float, failures: list[str], n: int) -> list[dict]:
+def arrow_copy(spec: dict, bench: Bench, n: int) -> list[dict]:
     """datasets' Arrow copy of the data file, made in a child of its own before the runs: its cost grows with the
     file (datasets' JSON conversion), is paid once per file, and is not lm_ce's; the runs then find the copy."""
-    out = run_child("docs", {**spec, "arrow_copy_only": True}, work, f"documents-{n}-arrow-copy", timeout)
+    out = run_child("docs", {**spec, "arrow_copy_only": True}, bench.work, f"documents-{n}-arrow-copy", bench.timeout)
     if not out["ok"]:
-        failures.append(f"documents {n} arrow copy: {out['error']}")
+        bench.failures.append(f"documents {n} arrow copy: {out['error']}")
         return []
     print(f"   documents {n:>8} arrow copy    : {out['result']['seconds']:.1f} s  peak {out['ru_maxrss_mb']:6.0f} MB "
           "(datasets' JSON to Arrow, once per file)", flush=True)
@@ -187,24 +190,24 @@ def arrow_copy(spec: dict, work: Path, timeout: float, failures: list[str], n: i
              "arrow_copy_seconds": out["result"]["seconds"], "arrow_files": out["result"]["files"]}]
 
 
-def resumed_run(spec: dict, whole: dict, work: Path, timeout: float, failures: list[str], tag: str) -> list[dict]:
+def resumed_run(spec: dict, whole: dict, bench: Bench, tag: str) -> list[dict]:
     """Stop a run at 90% of its batches, then resume it: the time from the resume's start to its first batch, with
     the data, its Arrow copy and the output directory dropped from the page cache first (a cold start)."""
     import shutil
 
     shutil.rmtree(spec["output_dir"], ignore_errors=True)
     stopped = run_child("docs", {**spec, "stop_after_batches": int(0.9 * whole["batches"]), "spawned_at": time.time()},
-                        work, tag + "-stop", timeout)
+                        bench.work, tag + "-stop", bench.timeout)
     if not stopped["ok"]:
-        failures.append(f"documents {whole['documents']} stop: {stopped['error']}")
+        bench.failures.append(f"documents {whole['documents']} stop: {stopped['error']}")
         return []
     files = [spec["data"], *spec.get("arrow_files", []), *map(str, Path(spec["output_dir"]).iterdir())]
     evicted = evict_from_page_cache(files)
     resumed = run_child("docs", {**spec, "fields": {**spec["fields"], "resume": True}, "spawned_at": time.time(),
                                  "evicted": files},
-                        work, tag + "-resume", timeout)
+                        bench.work, tag + "-resume", bench.timeout)
     if not resumed["ok"]:
-        failures.append(f"documents {whole['documents']} resume: {resumed['error']}")
+        bench.failures.append(f"documents {whole['documents']} resume: {resumed['error']}")
         return []
     r = {**resumed["result"], "evicted_from_page_cache_mb": evicted}
     print(f"   documents {whole['documents']:>8} resume: first batch {r['first_batch_after_start']:.1f} s after start, "

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .child import profiler, read_texts, save_profile, status_mb
+from .measure import profiler, read_texts, save_profile, status_mb
 
 BODIES = ("body", "plan-body")
 
@@ -72,9 +72,9 @@ def run_hf(spec: dict, mode: str) -> dict:
 
 def spans_of(tokenizer, texts: list[str], max_length: int) -> list[Span]:
     """lm_ce's windows of each text (its prefix token, its encoding, its document spans), in file order."""
-    from lm_ce.config import Config
-    from lm_ce.setup import prefix_id
-    from lm_ce.windows import document_spans, encode
+    from lm_ce.config.fields import Config
+    from lm_ce.scoring.setup import prefix_id
+    from lm_ce.scoring.windows import document_spans, encode
 
     prefix = prefix_id(Config(mode="document", prefix_token="auto"), tokenizer)
     head = [prefix] if prefix is not None else []
@@ -89,7 +89,7 @@ def token_budget(spec: dict) -> int:
     """lm_ce's token budget for the case (its CPU default, or the one given to lm_ce with --lm-ce)."""
     import torch
 
-    from lm_ce.setup import default_budget
+    from lm_ce.scoring.setup import default_budget
 
     given = spec.get("lm_ce_options", {}).get("token_budget")
     return given or default_budget(spec["batch_size"], spec["max_length"], torch.device("cpu"))
@@ -99,7 +99,7 @@ def batches_of(spans: list[Span], mode: str, batch_size: int, budget: int) -> li
     """file-order: fixed batches in file order; labels and body: fixed batches of the windows sorted by length
     (longest first); plan-body: lm_ce's own batches (lm_ce.windows.plan_batches)."""
     if mode == "plan-body":
-        from lm_ce.windows import Window, plan_batches
+        from lm_ce.scoring.windows import Window, plan_batches
 
         windows = [Window(s.doc, s.seq, s.start, s.a, s.b, 0) for s in spans]  # the fields plan_batches reads
         return plan_batches(windows, batch_size, budget)
@@ -156,7 +156,7 @@ def head_matmul(model, hidden: list) -> dict:
     tiles of the vocabulary (lm_ce.loss.ROW_BLOCK, tile_columns), each written into one reused buffer."""
     import torch
 
-    from lm_ce.loss import ROW_BLOCK, tile_columns
+    from lm_ce.scoring.head import ROW_BLOCK, tile_columns
 
     weight = model.get_output_embeddings().weight
     states = torch.cat(hidden).to(weight.dtype)

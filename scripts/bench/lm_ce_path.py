@@ -10,13 +10,13 @@ from __future__ import annotations
 import gc
 import time
 
-from .child import profiler, save_profile, status_mb
+from .measure import profiler, save_profile, status_mb
 
 
 def lm_ce_config(spec: dict, data: str, mode: str = "lm_ce"):
     """The case's settings as an lm_ce Config: document mode, windows of max_length, no overlap (the lm_ce-min-k
     path: with --min-k)."""
-    from lm_ce.config import Config
+    from lm_ce.config.fields import Config
 
     from .spec import MIN_K
 
@@ -31,7 +31,7 @@ def warm_up(spec: dict) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from lm_ce import data
+    from lm_ce.data import documents as data
 
     docs = list(data.iter_documents(lm_ce_config(spec, spec["warmup_data"])))
     AutoTokenizer.from_pretrained(spec["model_dir"])([d.text for d in docs])

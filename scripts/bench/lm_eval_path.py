@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from .child import read_texts, status_mb
+from .measure import read_texts, status_mb
 
 
 def run_lm_eval(spec: dict, mode: str) -> dict:

@@ -16,9 +16,9 @@ def prepare(spec: dict, _mode: str) -> dict:
     """{gguf, model_dir, data, ...}: what the path children load, and the case's documents and windows."""
     from transformers import AutoTokenizer
 
-    from lm_ce.config import Config
-    from lm_ce.setup import prefix_id
-    from lm_ce.windows import document_spans, encode
+    from lm_ce.config.fields import Config
+    from lm_ce.scoring.setup import prefix_id
+    from lm_ce.scoring.windows import document_spans, encode
 
     model_file, model_dir = tiny_model(spec) if spec["model"] == "tiny" else gguf_cache(spec)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -28,7 +28,9 @@ def prepare(spec: dict, _mode: str) -> dict:
     write_jsonl(spec["data"], rows)
     first = rows[0]["text"]
     write_jsonl(spec["warmup_data"], [{"id": "warmup", "text": first[: first.find(".", 40) + 1 or 200]}])
-    from lm_ce import data  # datasets converts a new JSONL to its Arrow cache once: here, not on a clock
+    from lm_ce.data import (
+        documents as data,  # datasets converts a new JSONL to its Arrow cache once: here, not on a clock
+    )
 
     for jsonl in (spec["data"], spec["warmup_data"]):
         list(data.iter_documents(Config(data_files=[jsonl], text_field="text")))
@@ -46,8 +48,9 @@ def gguf_cache(spec: dict) -> tuple[str, str]:
     """(the GGUF file, lm_ce's directory of its dequantized weights), filling the cache once."""
     import torch
 
-    from lm_ce import model as model_lib
-    from lm_ce.config import Config, resolve_path
+    from lm_ce.config.fields import Config, resolve_path
+    from lm_ce.model import gguf
+    from lm_ce.model import load as model_load
 
     if spec["model"] == "smollm2":
         gguf = resolve_path(SMOLLM2)
@@ -56,12 +59,12 @@ def gguf_cache(spec: dict) -> tuple[str, str]:
 
         gguf = str(assemble())
     cfg = Config(model=gguf, dtype=spec["dtype"])
-    dtype = model_lib.torch_dtype(cfg, torch.device("cpu"))
-    path, _, cache_to = model_lib.gguf_source(gguf, cfg, dtype)
+    dtype = model_load.torch_dtype(cfg, torch.device("cpu"))
+    path, _, cache_to = gguf.gguf_source(gguf, cfg, dtype)
     if cache_to is not None:
         print(f"dequantizing {gguf} once into lm_ce's cache {cache_to}", flush=True)
-        model_lib.load(cfg, torch.device("cpu"))
-        path, _, cache_to = model_lib.gguf_source(gguf, cfg, dtype)
+        model_load.load(cfg, torch.device("cpu"))
+        path, _, cache_to = gguf.gguf_source(gguf, cfg, dtype)
         if cache_to is not None:
             raise RuntimeError(f"lm_ce did not cache the dequantized GGUF weights in {cache_to}")
     return gguf, path
@@ -93,7 +96,7 @@ def tiny_model(spec: dict) -> tuple[str, str]:
 
 
 def kjv_rows():
-    from lm_ce.config import resolve_path
+    from lm_ce.config.fields import resolve_path
 
     with open(resolve_path(KJV), encoding="utf-8") as f:
         for line in f:

@@ -11,10 +11,20 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 ENTRY = ROOT / "scripts" / "benchmark.py"
+
+
+@dataclass
+class Bench:
+    """Where a benchmark's children work, how long each may take, and the failures found so far (appended to)."""
+
+    work: Path
+    timeout: float
+    failures: list[str] = field(default_factory=list)
 
 
 def child_env(threads: int) -> dict:

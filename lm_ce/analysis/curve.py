@@ -1,0 +1,138 @@
+"""Perplexity against context length (--context-curve): the same target tokens scored with each context length.
+
+The targets: every token of a sequence S (a document with its prefix token in document mode, the joined text in
+stream mode) that has at least max(lengths) tokens of S before it, and, with --prompt-field, comes after the
+prompt. Point L scores exactly those targets with the windows a plain run with --max-length L --stride s_L would
+use, s_L = max(1, L // context_curve_divisor) (in stream mode at most L - 1), so point L equals that run restricted
+to the targets. Each target sees between L - s_L + 1 and L tokens of context (document mode), or between L - s_L
+and L - 1 (stream mode, whose windows never score their first token); a point reads about L / s_L input tokens
+per target, so the default divisor 4 gives every target 3/4 L to L tokens of context for 4 tokens read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from lm_ce.data import documents as data
+from lm_ce.errors import UsageError
+from lm_ce.scoring.parallel import Plan, gather, score_windows
+from lm_ce.scoring.passes import Sequence, chunks, stream_sequence, tokenize_share
+from lm_ce.scoring.progress import Progress
+from lm_ce.scoring.windows import document_spans, stream_spans, windows_of
+from lm_ce.sums.records import DocumentResult, Run
+
+log = logging.getLogger("lm_ce")
+
+TARGETS = "every token with at least max(lengths) tokens of its sequence before it (after the prompt, if any)"
+
+
+@dataclass
+class CurvePoint:
+    """One context length: its stride and the exact float64 sums over the targets."""
+
+    length: int
+    stride: int
+    nll_sum: float = 0.0
+    tokens: int = 0
+
+
+def curve_stride(length: int, divisor: int, mode: str = "document") -> int:
+    """The stride of the windows of context length `length`: targets see between length - stride + 1 and length.
+    In stream mode at most length - 1: a stream window that moves by its whole length skips its first token."""
+    stride = max(1, length // divisor)
+    return min(stride, length - 1) if mode == "stream" else stride
+
+
+def restricted(spans: list[tuple[int, int, int]], first: int) -> list[tuple[int, int, int]]:
+    """The spans scoring only targets S[first:], the windows themselves unchanged (the same context per target)."""
+    return [(start, max(a, first - 1), b) for start, a, b in spans if b >= first]
+
+
+def curve_spans(mode: str, n_seq: int, first_target: int, length: int, stride: int,
+                longest: int) -> list[tuple[int, int, int]]:
+    """The windows of context length `length` over the curve's targets of one sequence: a plain run's windows
+    (--max-length length --stride stride), restricted to the targets with at least `longest` tokens before them."""
+    if mode == "stream":
+        return restricted(stream_spans(n_seq, length, stride), longest)
+    return restricted(document_spans(n_seq, first_target, length, stride), max(longest, first_target))
+
+
+def check_lengths(lengths: list[int], positions: int | None) -> None:
+    """Refuse context lengths beyond the model's positions (known once the model is loaded)."""
+    if positions and lengths[-1] > positions:
+        raise UsageError(f"--context-curve {','.join(map(str, lengths))}: {lengths[-1]} is beyond the model's "
+                         f"{positions} positions; use lengths of at most {positions}")
+
+
+def context_curve(plan: Plan, tokenizer) -> dict | None:
+    """results.json's `context_curve`: each length's mean loss and perplexity over the same targets, or None when
+    the run was stopped before the curve was finished."""
+    cfg = plan.cfg
+    longest = cfg.context_curve[-1]
+    points = [CurvePoint(n, curve_stride(n, cfg.context_curve_divisor, cfg.mode)) for n in cfg.context_curve]
+    # Its own progress bar; no periodic saves (a saved state holds the run's own figures, never the curve's).
+    curve_plan = dataclasses.replace(plan, setup=dataclasses.replace(plan.setup, max_length=longest),
+                                     progress=Progress(plan.progress.enabled, main=plan.progress.main))
+    # The token budget bounds a batch's memory: short windows fill it (more of them than --batch-size).
+    plans = [dataclasses.replace(curve_plan, cfg=dataclasses.replace(
+        cfg, output_dir=None, batch_size=max(cfg.batch_size, plan.setup.budget // p.length))) for p in points]
+    started, documents = time.perf_counter(), 0
+    try:
+        for sequences in _sequences(plan, tokenizer):
+            documents += sum(len(s.ids) - 1 >= max(longest, s.first_target) for s in sequences.values())
+            for point, point_plan in zip(points, plans):
+                windows = []
+                for index in sorted(sequences):
+                    s = sequences[index]
+                    spans = curve_spans(cfg.mode, len(s.ids), s.first_target, point.length, point.stride, longest)
+                    windows += windows_of(index, s.ids, spans, plan.setup.window_first)
+                results = {index: DocumentResult(index=index) for index in sequences}
+                if score_windows(windows, point_plan, Run(tally=curve_plan.new_tally()), results):
+                    log.warning("stopped during --context-curve: results.json has no context_curve")
+                    return None
+                for index in sorted(results):  # document order: the same float64 sum with any number of processes
+                    point.nll_sum += results[index].nll_sum
+                    point.tokens += results[index].tokens
+    finally:
+        curve_plan.progress.close()
+    return _summary(points, documents, cfg.mode, time.perf_counter() - started)
+
+
+def _sequences(plan: Plan, tokenizer):
+    """{index: Sequence} per chunk of documents (document mode), or the one joined stream (stream mode, index -1)."""
+    cfg = plan.cfg
+    if cfg.mode == "stream":
+        texts = [d.text for d in data.iter_documents(cfg, plan.rows) if d.text is not None]
+        ids, _ = stream_sequence(plan, tokenizer, texts)
+        yield {-1: Sequence(ids, 1)}
+        return
+    rank, world = plan.accelerator.process_index, plan.accelerator.num_processes
+    for docs in chunks(data.iter_documents(cfg, plan.rows), cfg.chunk_documents):
+        share = tokenize_share(docs, tokenizer, plan.setup.prefix, rank, world, cfg.detokenizer)
+        yield {k: v for part in gather(share, plan) for k, v in part.items()}
+
+
+def _summary(points: list[CurvePoint], documents: int, mode: str, seconds: float) -> dict:
+    """The curve as results.json lists it, one entry per length, with what defines its targets and windows."""
+    tokens = points[0].tokens
+    assert all(p.tokens == tokens for p in points), "every context length scores the same targets"
+    if not tokens:
+        log.warning("--context-curve: no token has %d tokens of context before it; give shorter lengths or longer "
+                    "documents (context_curve lists empty points)", points[-1].length)
+    means = [p.nll_sum / p.tokens if p.tokens else None for p in points]
+    low = 1 if mode == "stream" else 0  # a stream window never scores its first token
+    return {
+        "lengths": [p.length for p in points],
+        "mean_loss": means,
+        "perplexity": [math.exp(m) if m is not None else None for m in means],
+        "tokens": [p.tokens for p in points],
+        "nll_sum": [p.nll_sum for p in points],
+        "strides": [p.stride for p in points],
+        "context": [[p.length - p.stride + 1 - low, p.length - low] for p in points],  # fewest, most tokens seen
+        "targets": TARGETS.replace("max(lengths)", str(points[-1].length)),
+        "documents": documents,
+        "seconds": seconds,
+    }

@@ -1,0 +1,77 @@
+"""The commands that read finished runs, no model: `lm-ce compare RUN_A RUN_B` and `lm-ce merge SHARD_DIR...`."""
+from __future__ import annotations
+
+import sys
+
+from lm_ce.cli.help import COMPARE_USAGE, MERGE_USAGE
+
+
+def compare_main(argv: list[str] | None = None) -> int:
+    """`lm-ce compare RUN_A RUN_B [--output-dir DIR]` (also scripts/compare.py)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(COMPARE_USAGE)
+        return 0
+    from lm_ce.errors import UsageError
+    from lm_ce.reports import paired
+
+    try:
+        runs, output_dir = _compare_args(argv)
+        comparison = paired.compare_runs(*runs)
+        where = paired.write(comparison, output_dir or runs[1])
+    except UsageError as e:
+        print(f"lm_ce: error: {e}", file=sys.stderr)
+        return 2
+    print(paired.markdown(comparison))
+    print(f"wrote {where}/ (comparison.json, comparison.md)")
+    return 0
+
+
+def _compare_args(argv: list[str]) -> tuple[list[str], str | None]:
+    from lm_ce.errors import UsageError
+
+    runs, output_dir = _run_dirs_args("compare", argv, "lm-ce compare RUN_A RUN_B [--output-dir DIR]")
+    if len(runs) != 2:
+        raise UsageError("compare needs two run directories: lm-ce compare RUN_A RUN_B [--output-dir DIR]")
+    return runs, output_dir
+
+
+def _run_dirs_args(command: str, argv: list[str], usage: str) -> tuple[list[str], str | None]:
+    """(run directories, --output-dir or None) of a subcommand's arguments."""
+    from lm_ce.errors import UsageError
+
+    runs, output_dir, rest = [], None, list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--output-dir" or arg.startswith("--output-dir="):
+            value = arg.split("=", 1)[1] if "=" in arg else (rest.pop(0) if rest else None)
+            if not value:
+                raise UsageError("--output-dir needs a directory")
+            output_dir = value
+        elif arg.startswith("-"):
+            raise UsageError(f"{command}: unknown option {arg}; usage: {usage}")
+        else:
+            runs.append(arg)
+    return runs, output_dir
+
+
+def merge_main(argv: list[str]) -> int:
+    """`lm-ce merge SHARD_DIR... --output-dir OUT`."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(MERGE_USAGE)
+        return 0
+    from lm_ce.errors import UsageError
+    from lm_ce.reports import merge
+    from lm_ce.reports import tables as report
+
+    try:
+        directories, output_dir = _run_dirs_args("merge", argv, "lm-ce merge SHARD_DIR... --output-dir OUT")
+        if not directories or not output_dir:
+            raise UsageError("merge needs the shards' directories and --output-dir: lm-ce merge SHARD_DIR... --output-dir OUT")
+        results = merge.merge(directories, output_dir)
+    except UsageError as e:
+        print(f"lm_ce: error: {e}", file=sys.stderr)
+        return 2
+    print(report.table(results.summary))
+    print(f"wrote {output_dir}/ (merged from {len(directories)} shards)")
+    return 0

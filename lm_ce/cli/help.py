@@ -1,0 +1,63 @@
+"""The command line's help: the usage of each command, and every config field by group (from its metadata)."""
+from __future__ import annotations
+
+USAGE = """usage: lm-ce [--config FILE.yaml] [--FIELD VALUE ...]     (also: python scripts/evaluate.py ...)
+       lm-ce compare RUN_A RUN_B [--output-dir DIR]   (two finished runs; see lm-ce compare --help)
+       lm-ce merge SHARD_DIR... --output-dir OUT      (the shards of one --shard K/N run; see lm-ce merge --help)
+
+Scores a text dataset with a causal LM: mean token cross-entropy, perplexity, bits per byte.
+Every field below is a flag (--max-length 1024; dashes or underscores) and a key of the --config file
+(max_length: 1024); flags win over the file. A list is a,b or separate words; true/false fields take
+--FIELD or --no-FIELD.
+"""
+
+
+MERGE_USAGE = """usage: lm-ce merge SHARD_DIR... --output-dir OUT
+
+Writes the report of a whole run from its finished shards (each run with --shard K/N, or --shard auto in a
+Slurm array, into its own --output-dir), without loading a model: the same tokens, NLL sum, clustered
+standard error and groups as one run over all documents; documents.jsonl (and tokens.parquet) in document
+order. Shards of different runs, missing or given twice, are refused.
+"""
+
+
+def help_text(width: int = 100) -> str:
+    """`--help`: the usage, then every config field by group with its one-line help (from the field's metadata)."""
+    import dataclasses
+    import textwrap
+
+    from lm_ce.config.fields import GROUPS, Config
+    from lm_ce.config.values import MAPPINGS, field_type
+
+    fields = dataclasses.fields(Config)
+    lines = [USAGE]
+    for group in GROUPS:
+        lines.append(f"{group}:")
+        for f in (f for f in fields if f.metadata["group"] == group):
+            kind, _, is_list = field_type(f.name)
+            flag = "--" + f.name.replace("_", "-")
+            if f.name == "suite":
+                flag = "suite: [...]"
+            elif kind is bool:
+                flag = f"--[no-]{flag[2:]}"
+            elif f.name in MAPPINGS:
+                flag += " K=V,..."
+            else:
+                flag += " " + ("N" if kind is int else "VALUE") + (",..." if is_list else "")
+            text = f"  {flag:<30} " + f.metadata["help"]
+            if f.default is not None:  # kept on one line: \0 stands for its spaces while wrapping
+                shown = ("on" if f.default else "off") if isinstance(f.default, bool) else (
+                    repr(f.default)[1:-1] if isinstance(f.default, str) else f.default)
+                text += f" [default:\0{shown}]"
+            lines += [line.replace("\0", " ") for line in
+                      textwrap.wrap(text, width, subsequent_indent=" " * 33, break_on_hyphens=False)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+COMPARE_USAGE = """usage: lm-ce compare RUN_A RUN_B [--output-dir DIR]
+
+Compares two finished runs (their --output-dir) on the same data without loading a model: B minus A
+in mean loss and bits per byte with paired standard errors, by group, the documents that changed most,
+and token by token when both saved tokens. Writes comparison.json and comparison.md to DIR (default RUN_B).
+"""

@@ -1,0 +1,169 @@
+"""Typed values of config fields: each value converted to its field's type, or one line naming the field, the
+source (file, command line, keyword settings) and what to write instead; unknown names get the closest field.
+
+Device maps and memory budgets are mappings: from YAML, or `key=value,key=value` on the command line.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+import types
+import typing
+
+from lm_ce.config.fields import CHOICES, FIELDS, Config
+from lm_ce.errors import UsageError
+
+
+@functools.cache
+def field_type(name: str) -> tuple[type, bool, bool]:
+    """(scalar type, is optional, is list) of a field whose annotation is such as `list[str] | None`; cached, since
+    resolving the annotations costs about 20 ms a call (a pipeline step makes one call per group of documents)."""
+    hint = typing.get_type_hints(Config)[name]
+    optional, is_list = False, False
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        optional = type(None) in args
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is list:
+        is_list, hint = True, typing.get_args(hint)[0]
+    return hint, optional, is_list
+
+
+def coerce(name: str, value, source: str):
+    """The value converted to the field's type, or a UsageError naming the field and the source."""
+    if name in MAPPINGS:
+        return MAPPINGS[name](value, label(name, source), source)
+    kind, optional, is_list = field_type(name)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise UsageError(f"{source}: field '{name}' cannot be empty; give a {kind.__name__}")
+    if is_list:
+        items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
+        return [_coerce_scalar(name, kind, v, source) for v in items]
+    value = _coerce_scalar(name, kind, value, source)
+    if name in CHOICES and value not in CHOICES[name]:
+        raise UsageError(f"{source}: {label(name, source)} is '{value}'; choose one of {', '.join(CHOICES[name])}")
+    return value
+
+
+KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+
+
+def label(name: str, source: str) -> str:
+    """How a field is named to the user: as the flag on the command line, as the key in a file."""
+    return f"--{name.replace('_', '-')}" if source == "command line" else f"field '{name}'"
+
+
+def _coerce_scalar(name: str, kind: type, value, source: str):
+    """One value of the field's scalar type, or a UsageError saying which type was expected."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    expected = KINDS.get(kind, kind.__name__)
+    raise UsageError(f"{source}: {label(name, source)} must be {expected}, got {value!r}")
+
+
+def unknown(name: str, source: str) -> UsageError:
+    """The error for a key or flag that is no field, with the closest field suggested."""
+    if name.startswith("--"):  # a flag: suggest the flag as it would be typed (--no-X for a true/false X)
+        wanted = name[2:].replace("-", "_")
+        negated = wanted.startswith("no_")
+        fields = [f for f in FIELDS if field_type(f)[0] is bool] if negated else list(FIELDS)
+        close = difflib.get_close_matches(wanted[3:] if negated else wanted, fields, n=1)
+        no = "no-" if negated else ""
+        hint = f"; did you mean --{no}{close[0].replace('_', '-')}?" if close else "; see --help for the flags"
+        return UsageError(f"{source}: unknown flag '{name}'{hint}")
+    close = difflib.get_close_matches(name, list(FIELDS), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid fields: {', '.join(FIELDS)}"
+    return UsageError(f"{source}: unknown field '{name}'{hint}")
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+SIZE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B|B)?$", re.IGNORECASE)
+
+
+def _pairs(value, label: str, source: str, example: str) -> dict:
+    """A mapping from YAML, or from `key=value,key=value` on the command line."""
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, str) and "=" in value:
+        out = {}
+        for item in (i.strip() for i in value.split(",") if i.strip()):
+            key, eq, val = item.partition("=")
+            if not eq or not key.strip() or not val.strip():
+                raise UsageError(f"{source}: {label} item '{item}' is not key=value; write it as {example}")
+            out[key.strip()] = val.strip()
+        return out
+    raise UsageError(f"{source}: {label} must be a mapping, got {value!r}; write it as {example}")
+
+
+def _device(value, label: str, source: str, allowed: tuple[str, ...]):
+    """A device of a device map or memory budget: a GPU number (an int) or one of `allowed`."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    text = str(value).strip().lower()
+    if text.isdigit():
+        return int(text)
+    if text in allowed:
+        return text
+    raise UsageError(f"{source}: {label} has device {value!r}; use a GPU number (0, 1, ...) or {' or '.join(allowed)}")
+
+
+def parse_device_map(value, label: str, source: str) -> str | dict | None:
+    """None, one of DEVICE_MAPS, or {module name: GPU number | 'cpu' | 'disk'}."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+        return None
+    example = "module: device pairs (YAML: {model.embed_tokens: disk, model.layers: 0}; command line: model.embed_tokens=disk,model.layers=0)"
+    if isinstance(value, str) and "=" not in value:
+        if value not in DEVICE_MAPS:
+            raise UsageError(f"{source}: {label} is '{value}'; choose one of {', '.join(DEVICE_MAPS)}, or give {example}")
+        return value
+    pairs = _pairs(value, label, source, example)
+    if not pairs:
+        raise UsageError(f"{source}: {label} is an empty mapping; give {example}")
+    return {str(module): _device(device, label, source, ("cpu", "disk")) for module, device in pairs.items()}
+
+
+def parse_max_memory(value, label: str, source: str) -> dict | None:
+    """None, or {GPU number | 'cpu': size such as '20GiB'} (a mapping in YAML, 0=20GiB,cpu=64GiB on the command line)."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+        return None
+    pairs = _pairs(value, label, source, "0=20GiB,1=20GiB,cpu=64GiB (YAML: {0: 20GiB, cpu: 64GiB})")
+    out = {}
+    for device, size in pairs.items():
+        key = _device(device, label, source, ("cpu",))
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            out[key] = size
+        elif isinstance(size, str) and SIZE.match(size.strip()):
+            out[key] = int(size) if size.strip().isdigit() else size.strip()
+        else:
+            raise UsageError(f"{source}: {label} gives {device} the size {size!r}; write a size such as 20GiB or 512MB")
+    return out
+
+
+MAPPINGS = {"device_map": parse_device_map, "max_memory": parse_max_memory}

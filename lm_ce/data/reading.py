@@ -1,0 +1,134 @@
+"""The rows a config names, through `datasets`: a Hub dataset, or local files by way of datasets' Arrow copy of
+them (keyed by their content); whatever `datasets` raises while reading becomes one line naming the file.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from lm_ce.config.fields import Config
+from lm_ce.data.arrow import ArrowCopy, plain_values
+from lm_ce.data.local import first_bad_json_line, first_bad_utf8, local_files, whole_text
+from lm_ce.errors import UsageError, first_line
+from lm_ce.files import file_sha256
+
+MEMORY = "<memory>"  # Config.dataset when the rows were given in memory (lm_ce.evaluate, PerplexityCallback)
+
+
+def row_fields(cfg: Config) -> list[str]:
+    """The fields of a row that the run reads: text, prompt, group, id, --join-by's keys."""
+    return [f for f in (cfg.text_field, cfg.prompt_field, cfg.group_field, cfg.id_field, *(cfg.join_by or [])) if f]
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """datasets logs its read errors before raising them; we turn those into one line of our own."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def read_error(cfg: Config, e: Exception) -> UsageError:
+    """One line for an exception from `datasets` while loading or reading: the file and line when we can tell."""
+    if not cfg.data_files:
+        return UsageError(f"reading dataset '{cfg.dataset}' failed ({type(e).__name__}: {first_line(e)})")
+    builder, paths = local_files(cfg)
+    for p in paths if builder in ("text", "json", "csv") else []:  # scanned on failure only: 14 s for 300 MB here
+        bad = first_bad_utf8(p)
+        if bad:
+            return UsageError(bad)
+    if builder == "json":
+        for p in paths:
+            bad = first_bad_json_line(p)
+            if bad:
+                return UsageError(bad)
+    cause = e.__cause__ or e  # DatasetGenerationError says only that something failed; its cause says what
+    return UsageError(f"cannot read {', '.join(paths)} as {builder}: {first_line(cause).rstrip('.')}; fix the file or check --dataset")
+
+
+def cache_options(cfg: Config) -> dict:
+    """load_dataset's arguments for --data-cache: datasets' own cache (default), a cache inside --output-dir,
+    or none (off: the data is read as a stream, so no Arrow copy is written)."""
+    if cfg.data_cache == "off":
+        return {"streaming": True}
+    if cfg.data_cache == "output":
+        return {"streaming": cfg.streaming, "cache_dir": str(Path(cfg.output_dir) / "datasets_cache")}
+    return {"streaming": cfg.streaming}
+
+
+def cache_name(paths: list[str]) -> str:
+    """The config name that keys datasets' Arrow cache of local files by their content. datasets keys it by path
+    and mtime alone, so a file replaced by another with its mtime kept (cp -p, rsync -t, tar) was read from the
+    old copy, while results.json recorded the new file's sha256."""
+    content = hashlib.sha256(" ".join(file_sha256(p) for p in paths).encode()).hexdigest()
+    return f"lm_ce-{content[:32]}"
+
+
+def load_rows(cfg: Config):
+    """The `datasets` Dataset (or IterableDataset when streaming) the config names."""
+    import datasets
+
+    if cfg.dataset == MEMORY and not cfg.data_files:
+        raise UsageError(
+            f"dataset '{MEMORY}': the rows of this run were given in memory to lm_ce.evaluate; to run it from a "
+            "config, give --data-files FILE or --dataset NAME"
+        )
+    if cfg.data_files:
+        builder, paths = local_files(cfg)
+        if builder == "text" and cfg.mode == "llama-cpp":  # read whole: a bad byte named before decoding
+            for p in paths:
+                if bad := first_bad_utf8(p):
+                    raise UsageError(bad)
+            return datasets.Dataset.from_dict({"text": [whole_text(p) for p in paths]})
+        # A byte order mark starts many files saved on Windows; json strips it, text would score it (3 bytes)
+        options = {"encoding": "utf-8-sig"} if builder == "text" else {}
+        cache = cache_options(cfg)
+        try:
+            with quiet_datasets():
+                if cache.pop("streaming"):
+                    return datasets.load_dataset(builder, data_files=paths, split="train", streaming=True, **cache,
+                                                 **options)
+                return arrow_copy(cfg, builder, paths, cache_dir=cache.get("cache_dir"), options=options)
+        except Exception as e:  # datasets raises many kinds; turn them into one clear line
+            raise read_error(cfg, e) from None
+    try:
+        return datasets.load_dataset(
+            cfg.dataset, cfg.dataset_config, split=cfg.split, revision=None, **cache_options(cfg)
+        )
+    except ValueError as e:
+        if "split" in str(e).lower():
+            raise UsageError(f"dataset '{cfg.dataset}' has no split '{cfg.split}': {first_line(e)}") from None
+        raise UsageError(f"cannot load dataset '{cfg.dataset}' ({cfg.dataset_config}): {first_line(e)}") from None
+    except Exception as e:
+        raise UsageError(
+            f"cannot load dataset '{cfg.dataset}' ({cfg.dataset_config}, split {cfg.split}) from the Hub or the "
+            f"local cache ({type(e).__name__}: {first_line(e)}). Offline? Point at local files instead: "
+            "--data-files FILE.jsonl|.txt|.csv|.parquet --text-field FIELD"
+        ) from None
+
+
+def arrow_copy(cfg: Config, builder: str, paths: list[str], *, cache_dir: str | None, options: dict):
+    """datasets' Arrow copy of local files, keyed by their content (`cache_name`): written on the first run,
+    found on later ones. An `ArrowCopy` when the run's fields hold plain values, else the Dataset."""
+    import datasets
+    from datasets.arrow_reader import ArrowReader
+
+    prepared = datasets.load_dataset_builder(builder, data_files=paths, cache_dir=cache_dir, name=cache_name(paths),
+                                             **options)
+    prepared.download_and_prepare()
+    features = prepared.info.features
+    if features is not None and plain_values(features, row_fields(cfg)):
+        parts = ArrowReader(prepared.cache_dir, prepared.info).get_file_instructions(
+            prepared.dataset_name, "train", prepared.info.splits.values())
+        split = prepared.info.splits["train"]
+        if parts and all(p["skip"] == 0 for p in parts) and sum(p["take"] for p in parts) == split.num_examples:
+            return ArrowCopy(files=[p["filename"] for p in parts], column_names=list(features),
+                             num_rows=split.num_examples)
+    return prepared.as_dataset(split="train")

@@ -1,0 +1,148 @@
+"""Loading a causal LM and its tokenizer: Hub id, local directory, or local GGUF file (model/gguf.py), placed on
+one device or by a device map (model/placement.py); what went wrong is said in one line (model/diagnose.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lm_ce.config.fields import Config, resolve_path
+from lm_ce.errors import UsageError
+from lm_ce.model import placement
+from lm_ce.model.diagnose import hub_unreachable, load_error, model_flag
+from lm_ce.model.gguf import gguf_source, save_gguf_cache
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelInfo:
+    name: str  # what the user gave
+    source: str  # hub | directory | gguf
+    path: str  # what was loaded (a cache directory for a cached GGUF)
+    revision: str | None
+    dtype: str
+    max_positions: int | None
+    parameters: int
+    device_map: dict | None = None  # module -> GPU number, "cpu" or "disk", as loaded (None: one device)
+
+
+def torch_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """float32 on CPUs (no native bf16 arithmetic assumed), bfloat16 on CUDA, unless --dtype says."""
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def max_positions(config) -> int | None:
+    """How many positions the model can attend over, from the usual config attributes."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[torch.nn.Module, object, ModelInfo]:
+    """(model in eval mode on `device`, tokenizer, info), or a UsageError that says what to do."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch_dtype(cfg, device)
+    spec = resolve_path(cfg.model)
+    kwargs: dict = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    place = placement.from_pretrained_kwargs(cfg, gpus=torch.cuda.device_count(), **placement.local_process())
+    cache_to = None
+    if spec.lower().endswith(".gguf"):
+        source = "gguf"
+        path, kwargs, cache_to = gguf_source(spec, cfg, dtype)
+        if place and not cfg.gguf_cache:
+            raise UsageError("--device-map with a GGUF file places its dequantized cache: drop --no-gguf-cache")
+    elif Path(spec).exists():
+        source, path = "directory", spec
+        if Path(spec).is_file():
+            raise UsageError(
+                f"model path {spec} is a file, not a model: give a model directory (config.json + weights), "
+                "a .gguf file, or a Hub id"
+            )
+        if not (Path(spec) / "config.json").is_file():
+            raise UsageError(f"model directory {spec} has no config.json; is it a transformers model directory?")
+    elif spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1:
+        raise UsageError(
+            f"model path {spec} does not exist; check {model_flag(cfg)}: give an existing directory, a .gguf file, "
+            "or a Hub id"
+        )
+    else:
+        source, path = "hub", spec
+        unreachable = hub_unreachable(spec, cfg)
+        if unreachable:
+            raise unreachable
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        # a GGUF file is dequantized in memory; with a device map its cache is then placed (transformers
+        # cannot offload GGUF weights to disk)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation="sdpa", **kwargs, **({} if cache_to else place))
+    except Exception as e:  # transformers raises many kinds; turn the ones bad input causes into one line
+        error = placement.placement_error(cfg, e) or load_error(cfg, source, path, e)
+        if error is None:
+            raise
+        raise error from None
+    if cache_to and main_process:
+        save_gguf_cache(model, tokenizer, cache_to)
+    drop_build_tables(tokenizer)
+    if cache_to and place:
+        del model
+        if not (Path(cache_to) / "config.json").is_file():
+            raise UsageError(f"--device-map with a GGUF file places its dequantized cache, which could not be written to "
+                             f"{cache_to}: make that folder writable or set LM_CE_CACHE")
+        path = cache_to
+        model = placement.load_placed(path, dtype=dtype, place=place, cfg=cfg)
+    if place:
+        placement.check_tied_head(model)
+    else:
+        model.to(device)
+    model.eval()
+    info = ModelInfo(
+        name=cfg.model,
+        source=source,
+        path=str(path),
+        revision=cfg.revision,
+        dtype=str(dtype).replace("torch.", ""),
+        max_positions=max_positions(model.config),
+        parameters=sum(p.numel() for p in model.parameters()),
+        device_map=placement.used_map(model) if place else None,
+    )
+    return model, tokenizer, info
+
+
+def check_vocabulary(model: torch.nn.Module, tokenizer, name: str) -> None:
+    """Refuse a tokenizer with more ids than the model's input embedding has rows: the first text holding such
+    an id would end scoring with an IndexError."""
+    embedding = model.get_input_embeddings()
+    rows = getattr(embedding, "num_embeddings", None) or embedding.weight.shape[0]
+    if len(tokenizer) > rows:
+        raise UsageError(
+            f"model '{name}': its tokenizer has {len(tokenizer):,} ids, more than the model's {rows:,} embedding rows "
+            f"(ids {rows:,} and up have no embedding); give the tokenizer the model was trained with"
+        )
+
+
+BUILD_TABLES = ("_vocab", "_merges", "_vocab_scores")
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers map text to the same ids (then two models can be compared token by token)."""
+    return a.get_vocab() == b.get_vocab() and a.all_special_ids == b.all_special_ids
+
+
+def drop_build_tables(tokenizer) -> None:
+    """Delete the Python vocabulary and merge list that transformers (5.x) keeps on a fast tokenizer after building
+    its Rust tokenizer from them: nothing reads them again, and at Gemma-3's 262k vocabulary they hold 125 MB."""
+    if getattr(tokenizer, "is_fast", False) and getattr(tokenizer, "_tokenizer", None) is not None:
+        for name in BUILD_TABLES:
+            if name in vars(tokenizer):
+                delattr(tokenizer, name)

@@ -1,0 +1,204 @@
+"""`lm-ce merge DIR... --output-dir OUT`: the report of a whole run from its shards (--shard K/N), without a model.
+
+Each shard's saved state holds exact running sums, so the whole's figures are the shards' sums added: the
+same tokens, NLL sum (float64, exactly rounded), clustered standard error and groups as one run over all
+documents. documents.jsonl and tokens.parquet are put back in document order, a chunk at a time.
+"""
+from __future__ import annotations
+
+import copy
+import heapq
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lm_ce.config.fields import Config
+from lm_ce.errors import UsageError
+from lm_ce.reports.figures import figures
+from lm_ce.rundir.checkpoint import FINGERPRINTED, STATE
+from lm_ce.rundir.claims import RUN_FILES
+from lm_ce.rundir.outputs import DOCUMENTS, TOKENS, DocumentRows
+from lm_ce.sums.extremes import Extremes
+from lm_ce.sums.records import Results, Run, Tally
+
+MODEL_KEYS = ("name", "revision", "dtype", "max_positions", "parameters")  # what makes two loads the same model
+
+
+@dataclass
+class ShardRun:
+    """One shard's directory, saved run and reported summary."""
+
+    directory: Path
+    run: Run
+    config: dict
+    summary: dict
+    index: int
+    count: int
+
+
+def read_shard(directory: str) -> ShardRun:
+    """A finished shard's saved state and results.json, or a UsageError naming what is wrong with it."""
+    path = Path(directory)
+    if not (path / STATE).is_file() or not (path / "results.json").is_file():
+        raise UsageError(f"merge: {path} holds no finished run (no {STATE} or results.json); give the --output-dir "
+                         "of each shard")
+    try:
+        state = torch.load(path / STATE, weights_only=False)
+        summary = json.loads((path / "results.json").read_text(encoding="utf-8"))
+        run = state["run"]
+        shard = run.shard
+    except Exception as e:
+        raise UsageError(f"merge: cannot read the run in {path} ({type(e).__name__}); was it written by this "
+                         "version of lm_ce?") from None
+    if shard is None:
+        raise UsageError(f"merge: {path} is not a shard (it was run without --shard K/N)")
+    if not state.get("complete"):
+        raise UsageError(f"merge: shard {shard} in {path} was stopped before its end; finish it with --resume")
+    k, n = (int(x) for x in shard.split("/"))
+    return ShardRun(path, run, state["config"], summary, k, n)
+
+
+def identity(s: ShardRun) -> dict:
+    """What must be the same in every shard of one run: settings, data (content hashes) and model."""
+    settings = {k: s.config.get(k) for k in FINGERPRINTED if k != "shard"}
+    data = s.summary.get("data", {})
+    files = [(f.get("bytes"), f.get("sha256")) for f in data.get("files", [])]
+    model = {k: s.summary.get("model", {}).get(k) for k in MODEL_KEYS}
+    return {**{f"settings.{k}": v for k, v in settings.items()}, "data files (size and sha256)": files,
+            "data source": {k: v for k, v in data.items() if k != "files"}, **{f"model.{k}": v for k, v in model.items()}}
+
+
+def check_shards(shards: list[ShardRun]) -> None:
+    """Refuse shards of different runs, of different counts, missing or given twice."""
+    first = shards[0]
+    mine = identity(first)
+    for s in shards[1:]:
+        theirs = identity(s)
+        differ = [k for k in mine if mine[k] != theirs.get(k)]
+        if differ:
+            raise UsageError(f"merge: {s.directory} (shard {s.index}/{s.count}) is not of the same run as "
+                             f"{first.directory}: they differ in {', '.join(differ)}")
+        if s.count != first.count:
+            raise UsageError(f"merge: {s.directory} is shard {s.index}/{s.count}, {first.directory} shard "
+                             f"{first.index}/{first.count}: shards of one run share N")
+    seen: dict[int, Path] = {}
+    for s in shards:
+        if s.index in seen:
+            raise UsageError(f"merge: shard {s.index}/{s.count} is given twice ({seen[s.index]} and {s.directory})")
+        seen[s.index] = s.directory
+    missing = [str(k) for k in range(first.count) if k not in seen]
+    if missing:
+        raise UsageError(f"merge: shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} of {first.count} "
+                         f"missing; give every shard's directory")
+
+
+def merged_run(shards: list[ShardRun]) -> Run:
+    """The shards' running sums added, in shard order (the sums are exact: the order does not change them)."""
+    run = Run(tally=Tally())
+    first = shards[0].run.tally
+    run.tally.positions = copy.deepcopy(first.positions)
+    run.tally.compares = copy.deepcopy(first.compares)
+    for i, s in enumerate(shards):
+        r = s.run
+        run.rows.merge(r.rows)
+        run.sums.merge(r.sums)
+        if i:
+            run.tally.merge(Tally(positions=r.tally.positions, compares=r.tally.compares))
+        run.tally.padding += r.tally.padding
+        run.tally.inputs += r.tally.inputs
+        run.windows += r.windows
+        run.chunks_done += r.chunks_done
+        run.doubled_prefix += r.doubled_prefix
+        run.tokens_per_process += r.tokens_per_process  # every process of every shard, in shard order
+    return run
+
+
+def merge_documents(shards: list[ShardRun], chunk: int, path: Path) -> None:
+    """documents.jsonl in document order: chunk c is the shard c % N's next `chunk` rows."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    files = [open(s.directory / DOCUMENTS, encoding="utf-8") for s in shards]
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            c = 0
+            while True:
+                rows = [line for _, line in zip(range(chunk), files[c % len(files)])]
+                if not rows:
+                    break
+                if json.loads(rows[0])["index"] != c * chunk:
+                    raise UsageError(f"merge: {shards[c % len(files)].directory / DOCUMENTS} does not hold chunk {c} "
+                                     "where expected; was the shard's directory changed?")
+                out.writelines(rows)
+                c += 1
+        left = [str(s.directory / DOCUMENTS) for s, f in zip(shards, files) if f.readline()]
+        if left:
+            raise UsageError(f"merge: {', '.join(left)} hold{'s' if len(left) == 1 else ''} rows after the last chunk "
+                             "of the others; were the shards run on the same data?")
+    finally:
+        for f in files:
+            f.close()
+    os.replace(tmp, path)
+
+
+def merge_tokens(shards: list[ShardRun], path: Path) -> bool:
+    """tokens.parquet in document order: the shards' row groups ordered by their first document. False: none."""
+    import pyarrow.parquet as pq
+
+    paths = [s.directory / TOKENS for s in shards if (s.directory / TOKENS).is_file()]
+    if not paths:
+        return False
+    readers = [pq.ParquetFile(p) for p in paths]
+
+    def groups(r: int):
+        meta = readers[r].metadata
+        doc = meta.schema.names.index("doc")
+        for g in range(meta.num_row_groups):
+            yield meta.row_group(g).column(doc).statistics.min, r, g
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with pq.ParquetWriter(tmp, readers[0].schema_arrow) as writer:
+        for _, r, g in heapq.merge(*(groups(r) for r in range(len(readers)))):
+            writer.write_table(readers[r].read_row_group(g))
+    os.replace(tmp, path)
+    return True
+
+
+def merge(directories: list[str], output_dir: str) -> Results:
+    """Check the shards, add their sums and write the whole run's reports to output_dir."""
+    from lm_ce.reports import files as report
+
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"merge: --output-dir {out} is a file; give a directory")
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held:
+        raise UsageError(f"merge: --output-dir {out} already holds a run ({', '.join(held)}); use another directory")
+    shards = sorted((read_shard(d) for d in directories), key=lambda s: s.index)
+    check_shards(shards)
+    cfg = Config(**{**shards[0].config, "shard": None, "output_dir": str(out), "resume": False, "overwrite": False})
+    run = merged_run(shards)
+    found, tally = figures(cfg, run, stopped=False)
+    first = shards[0].summary
+    seconds = sum(s.summary["timing"]["seconds"] for s in shards)  # scoring time of all shards together
+    tokens = found["counts"]["tokens"]
+    summary = {
+        **{k: found.pop(k) for k in ("nll_sum", "counts", "metrics", "uncertainty")},
+        "timing": {"seconds": seconds, "tokens_per_second": tokens / seconds if seconds else None,
+                   "load_seconds": sum(s.summary["timing"]["load_seconds"] for s in shards),
+                   "total_seconds": sum(s.summary["timing"]["total_seconds"] for s in shards)},
+        "complete": True,
+        "by_position": found.pop("by_position"),
+        **{k: first[k] for k in ("model", "data", "settings", "environment")},
+        "config": cfg.resolved(),
+        **found,
+        "merged": {"shards": len(shards), "directories": [str(s.directory) for s in shards]},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    merge_documents(shards, cfg.chunk_documents, out / DOCUMENTS)
+    token_files = [str(out / TOKENS)] if cfg.save_tokens and merge_tokens(shards, out / TOKENS) else []
+    results = Results(summary, DocumentRows(out / DOCUMENTS), tally.positions, token_files=token_files,
+                      extremes=Extremes.merged([s.run.extremes for s in shards]))
+    report.write(results, str(out), plot=cfg.plot, page=cfg.page)
+    return results

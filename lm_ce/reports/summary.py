@@ -1,0 +1,198 @@
+"""results.json: the figures from a run's exact sums, and what was run (model, data, settings, environment).
+
+The key paths typed below are a contract other tools read; the README's key table documents each one.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TypedDict
+
+import torch
+
+from lm_ce.config.fields import Config
+from lm_ce.config.protocols import PROTOCOLS, protocol_values
+from lm_ce.data.local import local_files
+from lm_ce.data.reading import MEMORY
+from lm_ce.files import file_sha256
+from lm_ce.model.load import ModelInfo
+from lm_ce.reports.figures import Metrics, figures
+from lm_ce.rundir.outputs import Outputs
+from lm_ce.scoring.setup import Setup
+from lm_ce.sums.records import Results, Run
+
+
+class Counts(TypedDict):
+    tokens: int
+    documents: int
+    skipped_documents: int
+    bytes: int
+    words: int
+    windows: int
+    input_tokens: int
+    padding_tokens: int
+    tokens_per_process: list[int]
+    double_prefix_removed: int
+
+
+class Timing(TypedDict):
+    seconds: float
+    tokens_per_second: float | None
+    load_seconds: float
+    total_seconds: float
+
+
+class Summary(TypedDict, total=False):
+    """What results.json holds (groups and compare only when asked for)."""
+
+    nll_sum: float
+    counts: Counts
+    metrics: Metrics
+    uncertainty: dict
+    timing: Timing
+    complete: bool
+    by_position: list[dict]
+    model: dict
+    data: dict
+    settings: dict
+    environment: dict
+    config: dict
+    groups: dict
+    compare: dict
+    context_curve: dict
+    signals: dict
+    longppl: dict
+
+
+@dataclass(frozen=True)
+class Durations:
+    """Wall-clock seconds of the run's phases."""
+
+    load: float  # start to scoring (model loading, probe)
+    scoring: float
+    total: float
+
+
+READ_FIELDS = ("text_field", "prompt_field", "group_field", "id_field", "join_by", "streaming", "limit")
+
+
+def summarize(cfg: Config, *, run: Run, stopped: bool, setup: Setup, info: ModelInfo, durations: Durations,
+              outputs: Outputs | None = None) -> Results:
+    """The summary (results.json) and the breakdowns of a run, from its running sums (`outputs`: where its rows
+    and tokens went). Stopped inside a chunk, the figures include what was scored of it, as the state saved."""
+    found, tally = figures(cfg, run, stopped)
+    tokens = found["counts"]["tokens"]
+    summary: Summary = {
+        "nll_sum": found.pop("nll_sum"),
+        "counts": found.pop("counts"),
+        "metrics": found.pop("metrics"),
+        "uncertainty": found.pop("uncertainty"),
+        "timing": {
+            "seconds": durations.scoring,
+            "tokens_per_second": tokens / durations.scoring if durations.scoring > 0 else None,
+            "load_seconds": durations.load,
+            "total_seconds": durations.total,
+        },
+        "complete": not stopped,
+        "by_position": found.pop("by_position"),
+        "model": {**info.__dict__, "head": setup.head_note},
+        "data": data_summary(cfg),
+        "settings": _settings(cfg, setup),
+        "environment": environment(setup),
+        "config": cfg.resolved(),
+        **found,  # groups, compare, shard, signals: when there are some
+    }
+    documents, table, files, joined = outputs.results() if outputs is not None else ([], None, [], None)
+    return Results(summary, documents, tally.positions, table, token_files=files, joined_tokens=joined,
+                   extremes=run.extremes)
+
+
+def data_summary(cfg: Config) -> dict:
+    """What was read: the local files (paths, sizes, content hashes), the Hub dataset, or rows given in memory;
+    then how the rows were read. Only what was actually read: no Hub dataset for local files."""
+    read = {k: getattr(cfg, k) for k in READ_FIELDS}
+    if cfg.data_files:
+        builder, paths = local_files(cfg)
+        files = [{"path": p, "bytes": os.path.getsize(p), "sha256": file_sha256(p)} for p in paths]
+        return {"source": "files", "format": builder, "data_files": cfg.data_files, "files": files, **read}
+    if cfg.dataset == MEMORY:
+        return {"source": "memory", **read}
+    return {"source": "hub", "dataset": cfg.dataset, "dataset_config": cfg.dataset_config, "split": cfg.split, **read}
+
+
+def _settings(cfg: Config, setup: Setup) -> dict:
+    return {
+        "protocol": cfg.protocol,
+        "protocol_overrides": protocol_overrides(cfg),
+        "headline": PROTOCOLS[cfg.protocol].headline,
+        "mode": cfg.mode,
+        "max_length": setup.max_length,
+        "stride": setup.stride if cfg.mode in ("document", "stream") else None,  # chunks do not overlap
+        "prefix_token": cfg.prefix_token,
+        "prefix_token_id": setup.prefix,
+        "bos_policy": cfg.bos_policy,
+        "window_first_token_id": setup.window_first,
+        "chunks": cfg.chunks,
+        "detokenizer": cfg.detokenizer,
+        "separator": cfg.separator if cfg.mode != "document" else None,
+        "batch_size": cfg.batch_size,
+        "token_budget": setup.budget,
+        "padding_side": cfg.padding_side,
+    }
+
+
+def protocol_overrides(cfg: Config) -> dict:
+    """The fields the protocol sets that this run set otherwise (e.g. --mode stream under lm-eval, whose figure is
+    document-level): printed beside the protocol's name, so the figure is not quoted as the protocol's."""
+    values = protocol_values(cfg.protocol)
+    no_prefix = cfg.mode == "stream" and {cfg.prefix_token, values["prefix_token"]} <= {"auto", "none"}  # the same
+    return {k: getattr(cfg, k) for k, v in values.items()
+            if v is not None and getattr(cfg, k) != v and not (k == "prefix_token" and no_prefix)}
+
+
+def environment(setup: Setup) -> dict:
+    """Library versions and hardware, so a figure can be traced to what produced it."""
+    import platform
+
+    import accelerate
+    import datasets
+    import transformers
+
+    from lm_ce import __version__
+
+    device = setup.device
+    return {
+        "lm_ce": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "processes": setup.processes,
+        "threads_per_process": setup.threads,
+    }
+
+
+def cpu_name() -> str:
+    """The CPU model ("AMD EPYC 7B13", "Apple M2"), from /proc/cpuinfo or the platform; the architecture at worst."""
+    import platform
+    import subprocess
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "Hardware", "cpu model") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    if platform.system() == "Darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5)
+            if out.stdout.strip():
+                return out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine()

@@ -1,0 +1,284 @@
+"""An output directory belongs to one run: claimed at start-up, before the model loads.
+
+A directory holding another run's files is refused unless --resume continues that run or --overwrite
+replaces it (deleting only the files lm_ce writes; other files are kept). A run is known by lm_ce's
+own marker, a results.json or state.pt that lm_ce wrote: files with a run's names (config.yaml,
+documents.jsonl, ...) and no marker are someone else's, never replaced or deleted. A lock file keeps
+a second live run out: the run holds an OS lock on it, which the system drops when the process dies, so a
+lock file left by a killed run is recognized as stale and taken over.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lm_ce.config.fields import Config
+from lm_ce.errors import SharedUsageError, UsageError
+
+log = logging.getLogger("lm_ce")
+
+STATE = "state.pt"  # saved progress (lm_ce.checkpoint)
+REPORTS = ("results.json", "results.md", "config.yaml", "documents.jsonl", "tokens.parquet", "position_loss.png",
+           "context_curve.png", "results.html")
+RUN_FILES = (*REPORTS, STATE)  # every file a run writes; --overwrite deletes these and nothing else
+LOCK = ".lm_ce.lock"
+
+_held: dict[Path, list[int]] = {}  # directories this process holds: [lock file descriptor, nested claims]
+
+
+@dataclass
+class Claim:
+    """The hold of one run on its output directory (None: no output directory); release it when the run ends."""
+
+    directory: Path | None
+    main: bool = True  # only the main process holds the lock
+
+    def release(self) -> None:
+        if self.directory is None or not self.main or self.directory not in _held:
+            return
+        held = _held[self.directory]
+        held[1] -= 1
+        if held[1] == 0:
+            del _held[self.directory]
+            try:
+                os.unlink(self.directory / LOCK)  # while still locked, so no one takes a file about to vanish
+            except OSError:
+                pass
+            os.close(held[0])
+        self.directory = None
+
+    def __enter__(self) -> "Claim":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def claim(cfg: Config) -> Claim:
+    """Take cfg.output_dir for this run (lock it; check, and with --overwrite clear, what is there), or a UsageError.
+
+    Nested claims of one directory in one process are one hold. With several processes the main process
+    claims and every process gets the same answer.
+    """
+    if not cfg.output_dir:
+        return Claim(None)
+    state = process_state()
+    directory = Path(cfg.output_dir).absolute()
+    error = None
+    if state.is_main_process:
+        try:
+            _claim(directory, cfg)
+        except UsageError as e:
+            error = str(e)
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error])[0]
+    if error:  # with several processes every one has it: the CLI prints it once
+        raise (SharedUsageError if state.num_processes > 1 else UsageError)(error)
+    return Claim(directory, main=state.is_main_process)
+
+
+def process_state():
+    """accelerate's process state, started as runner.evaluate's Accelerator starts it (CPU processes when
+    there is no accelerator: started otherwise, torchrun's CPU processes would each count as the main one)."""
+    import torch
+    from accelerate import PartialState
+
+    mps = getattr(torch.backends, "mps", None)
+    return PartialState(cpu=not torch.cuda.is_available() and not (mps is not None and mps.is_available()))
+
+
+def _claim(directory: Path, cfg: Config) -> None:
+    if directory in _held:
+        _held[directory][1] += 1
+        return
+    make(directory)
+    fd = _lock(directory)
+    try:
+        found = previous_run(directory)
+        if found and found.foreign:
+            them = "them" if len(found.foreign) > 1 else "it"
+            raise UsageError(
+                f"--output-dir {directory} holds {', '.join(found.foreign)}, not written by lm_ce (no results.json or "
+                f"{STATE} of an lm_ce run there), which a run would replace: move {them} elsewhere or use another "
+                "--output-dir"
+            )
+        if found and cfg.overwrite:
+            removed = clear(directory)
+            log.info("--overwrite: deleted the previous run's files in %s (%s)", directory, ", ".join(removed))
+        elif found and not cfg.resume:
+            resume = "continue it with --resume, " if found.resumable else ""
+            raise UsageError(
+                f"--output-dir {directory} holds {found.words}: {resume}replace it with --overwrite (deletes those "
+                "files), or use another --output-dir"
+            )
+    except BaseException:
+        os.unlink(directory / LOCK)
+        os.close(fd)
+        raise
+    _held[directory] = [fd, 1]
+
+
+def make(directory: Path) -> None:
+    """The directory, created if missing, or a UsageError when it is a file or cannot be created."""
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"--output-dir {directory} is a file, not a directory; give a directory (created if missing)")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocker = next((p for p in directory.parents if p.exists() and not p.is_dir()), None)
+        why = f": {blocker} is a file; give another directory" if blocker else f" ({e.strerror}); give a writable directory"
+        raise UsageError(f"--output-dir {directory} cannot be created{why}") from None
+
+
+def _lock(directory: Path) -> int:
+    """The open, OS-locked lock file (also the check that the directory is writable), or a UsageError."""
+    path = directory / LOCK
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            why = f"is not writable ({e.strerror})"
+            raise UsageError(f"--output-dir {directory} {why}; give a writable directory") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            busy = e.errno in (errno.EAGAIN, errno.EACCES) or _pid_alive(fd)  # no OS locks here: the pid tells
+            holder = _holder(fd)
+            if busy:
+                os.close(fd)
+                raise UsageError(
+                    f"--output-dir {directory} is in use by another run ({holder}); wait for it to end, or use "
+                    "another --output-dir"
+                ) from None
+            log.warning("%s: the file system has no file locks (%s); the lock file's pid guards it", directory, e.strerror)
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # the previous holder removed the file as we opened it: take the new one
+            os.close(fd)
+            continue
+        if os.fstat(fd).st_size:
+            log.warning("%s: a lock left by %s, which is no longer running: taken over", directory, _holder(fd))
+        os.ftruncate(fd, 0)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        return fd
+    raise UsageError(f"--output-dir {directory}: its lock file keeps changing hands; use another --output-dir")
+
+
+def _pid_alive(fd: int) -> bool:
+    """Whether the lock file names another process of this host that still runs (where OS locks are missing)."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        if info["host"] != socket.gethostname() or info["pid"] == os.getpid():
+            return False
+        os.kill(info["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def _holder(fd: int) -> str:
+    """Who wrote the lock file: 'pid N on HOST since TIME'."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {info['pid']} on {info['host']} since {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that is starting"
+
+
+@dataclass
+class Previous:
+    """What another run left in a directory."""
+
+    words: str  # e.g. 'a finished run (results.json, results.md, config.yaml, state.pt)'
+    resumable: bool  # interrupted, with saved progress
+    foreign: list[str] = field(default_factory=list)  # files with a run's names but no marker of lm_ce: not a run
+
+
+def previous_run(directory: Path) -> Previous | None:
+    """What another run left in the directory, or None when it holds no file a run writes."""
+    found = [name for name in RUN_FILES if (directory / name).exists()]
+    if not found:
+        return None
+    files = ", ".join(found)
+    results = _json(directory / "results.json")
+    ours = results.keys() >= RESULTS_MARKER or (STATE in found and _written_by_lm_ce(directory / STATE))
+    if not ours:
+        return Previous(f"files not written by lm_ce ({files})", False, found)
+    if STATE in found:
+        saved = _saved(directory / STATE)
+        if saved is None:
+            return Previous(f"a run whose {STATE} cannot be read ({files})", False)
+        complete, tokens = saved
+        if not complete:
+            scored = f"{tokens:,} tokens scored before the stop; " if tokens is not None else ""
+            return Previous(f"an interrupted run ({scored}{files})", True)
+        return Previous(f"a finished run ({files})", False)
+    if results.get("complete") is False:
+        return Previous(f"an interrupted run without saved progress ({files})", False)
+    return Previous(f"a finished run ({files})", False)
+
+
+RESULTS_MARKER = {"complete", "model", "config", "environment"}  # keys every results.json of lm_ce has (runs, suites)
+
+
+def _written_by_lm_ce(path: Path) -> bool:
+    """Whether a state file was saved by lm_ce: torch.save stores the pickle uncompressed, so the names of lm_ce's
+    record classes, or the state's 'fingerprint' key, are in its bytes (also in a state that no longer loads)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2**22)
+        return b"lm_ce." in head or b"fingerprint" in head
+    except OSError:
+        return False
+
+
+def _saved(path: Path) -> tuple[bool, int | None] | None:
+    """(complete, tokens scored) of a saved state (tokens None when they cannot be told); None when unreadable."""
+    import torch
+
+    try:
+        state = torch.load(path, weights_only=False)
+        complete = bool(state["complete"])
+    except Exception:  # another tool's file, a damaged disk, or a format from another version
+        return None
+    try:
+        run = state["run"]
+        return complete, run.tokens
+    except Exception:  # a state of another version: still a run, its count unknown
+        return complete, None
+
+
+def _json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def clear(directory: Path) -> list[str]:
+    """Delete the files a run writes (and their half-written temporaries); other files stay. The names deleted."""
+    removed = []
+    for name in RUN_FILES:
+        if (directory / name).is_file():
+            (directory / name).unlink()
+            removed.append(name)
+        for tmp in directory.glob(f".{name}.tmp*"):
+            tmp.unlink()
+    return removed
