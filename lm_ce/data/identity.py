@@ -1,0 +1,92 @@
+"""What a run's data is, taken when it is read: local files by the sha256 of their content (and the file's identity
+and times when hashed, so that a write while the run reads it is seen), a Hub dataset by the commit it is read at.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lm_ce.config.fields import Config
+from lm_ce.data.local import local_files
+from lm_ce.errors import UsageError
+from lm_ce.files import file_sha256, file_stat
+
+
+@dataclass
+class FileRead:
+    """One local data file as the run read it."""
+
+    path: str
+    bytes: int
+    sha256: str
+    stat: list[int]  # files.file_stat when it was hashed (taken before hashing: a write during hashing shows later)
+
+
+@dataclass
+class DataIdentity:
+    """The data of a run: `files` (local files), `hub` (a Hub dataset; the commit is filled in when it is read) or
+    `memory` (rows given to lm_ce.evaluate)."""
+
+    source: str
+    name: str | None = None  # the Hub dataset
+    files: list[FileRead] = field(default_factory=list)
+    revision: str | None = None  # --dataset-revision as given
+    resolved_revision: str | None = None  # the Hub commit read
+    streamed: bool = False  # read as the run goes (set by reading.load_rows: --streaming, --data-cache off)
+
+    @classmethod
+    def taken(cls, cfg: Config, in_memory: bool = False, saved: dict | None = None) -> DataIdentity:
+        """The data `cfg` names, now: local files hashed (remembered by files.file_sha256 while a file is unchanged,
+        so a resume does not read them again). `saved`: the identity a resumed run recorded, whose Hub commit this
+        run reads again."""
+        if in_memory:
+            return cls("memory")
+        if not cfg.data_files:
+            commit = (saved or {}).get("resolved_revision")
+            return cls("hub", cfg.dataset, revision=cfg.dataset_revision, resolved_revision=commit)
+        _, paths = local_files(cfg)
+        files = []
+        for p in paths:
+            key = file_stat(p)
+            files.append(FileRead(p, key[2], file_sha256(p), key))
+        return cls("files", files=files)
+
+    def record(self) -> dict:
+        """As results.json's `data` and the saved state record it (plain JSON)."""
+        if self.source == "files":
+            files = [{"path": f.path, "bytes": f.bytes, "sha256": f.sha256} for f in self.files]
+            return {"source": "files", "files": files}
+        if self.source == "hub":
+            return {"source": "hub", "revision": self.revision, "resolved_revision": self.resolved_revision}
+        return {"source": self.source}
+
+    def check_read(self, digests: list[str]) -> None:
+        """Refuse to read content other than the one recorded at the start (`digests`: the sha256 that key what is
+        read, e.g. datasets' Arrow copy)."""
+        for f, digest in zip(self.files, digests):
+            if digest != f.sha256:
+                raise UsageError(f"data file {f.path} changed since the run started (sha256 {f.sha256[:12]} then, "
+                                 f"{digest[:12]} now): its figures would not be of the recorded content; rerun once "
+                                 "the file stays unchanged")
+
+    def check_unchanged(self, reading: str) -> None:
+        """Refuse when a file was written, replaced or retargeted since it was hashed: what was read (`reading`)
+        may then mix both contents."""
+        for f in self.files:
+            try:
+                now = file_stat(f.path)
+            except OSError:
+                now = None
+            if now != f.stat:
+                after = file_sha256(f.path)[:12] if now is not None else "gone"
+                raise UsageError(f"data file {f.path} changed while the run read it ({reading}; sha256 "
+                                 f"{f.sha256[:12]} at the start, {after} now): the figures would mix both; rerun "
+                                 "once the file stays unchanged (--overwrite)")
+
+    def resolve(self, commit: str | None) -> None:
+        """The Hub commit the dataset is read at: recorded; a resumed run must read the commit it started on."""
+        if self.resolved_revision is not None and commit != self.resolved_revision:
+            raise UsageError(f"dataset '{self.name}' resolves to commit {str(commit)[:12]}, but the run started on "
+                             f"{self.resolved_revision[:12]}: it cannot be read at that commit (offline? "
+                             "datasets then reads its latest cached copy); resume where that commit can be read, or "
+                             "start over with --overwrite")
+        self.resolved_revision = commit
