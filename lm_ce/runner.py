@@ -239,7 +239,7 @@ def _model(cfg: Config, model, tokenizer, accelerator) -> tuple[torch.nn.Module,
 
 
 def _object_weights(cfg: Config, model: torch.nn.Module) -> dict:
-    """A model object's fingerprint: its parameters' bytes hashed (about 1 s per GB per thread), where the run records
+    """A model object's fingerprint: its parameters' bytes hashed (1.1 s for 540 MB on 2 cores), where the run records
     it (an output directory: results.json, a resume); without one nothing is recorded, so nothing is spent."""
     if cfg.output_dir:
         return fingerprint.parameter_weights(model)

@@ -70,7 +70,8 @@ def identity(s: ShardRun) -> dict:
     data = s.summary.get("data", {})
     model = {k: s.summary.get("model", {}).get(k) for k in MODEL_KEYS}
     return {**{f"settings.{k}": v for k, v in settings.items()},
-            "data source": {k: v for k, v in data.items() if k != "files"}, **{f"model.{k}": v for k, v in model.items()}}
+            "data source": {k: v for k, v in data.items() if k not in ("files", "resolved_revision")},
+            **{f"model.{k}": v for k, v in model.items()}}
 
 
 def check_shards(shards: list[ShardRun]) -> None:
