@@ -26,6 +26,9 @@ from lm_ce.scoring.scorer import Scorer
 from .conftest import chunked_settings, corpus_rows, make_jsonl, perturbed_copy, stop_at_batch
 
 
+SCORE = Scorer.score  # put back after a test's stop or edit (monkeypatch.undo would undo own_caches too)
+
+
 def sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -118,7 +121,7 @@ def test_resume_refuses_data_whose_content_changed(change, tiny_llama_dir, corpu
             "--batch-size", "2", "--chunk-documents", "8", "--output-dir", str(tmp_path / "run"), "--no-progress"]
     stop_at_batch(monkeypatch, 5)
     assert cli(args) == 130
-    monkeypatch.undo()
+    monkeypatch.setattr(Scorer, "score", SCORE)
     before = sha256(data)
     other = tmp_path / "other.jsonl"
     shutil.copy2(corpus, other)
@@ -185,7 +188,7 @@ def test_a_file_edited_while_the_run_reads_it(tiny_llama_dir, corpus, tmp_path, 
         evaluate(chunked_settings(tiny_llama_dir, str(tmp_path / "s.jsonl"), tmp_path / "stream", streaming=True))
     assert "\n" not in str(e.value)
     assert not (tmp_path / "stream" / "results.json").exists()
-    monkeypatch.undo()
+    monkeypatch.setattr(Scorer, "score", SCORE)
 
     shutil.copy(corpus, tmp_path / "late.jsonl")
     late = str(tmp_path / "late.jsonl")
@@ -229,7 +232,7 @@ def test_resume_covers_every_model_the_run_reads(flag, tiny_llama_dir, corpus, t
         args += ["--longppl-short", "4", "--longppl-step", "3"]
     stop_at_batch(monkeypatch, 4)
     assert cli(args) == 130
-    monkeypatch.undo()
+    monkeypatch.setattr(Scorer, "score", SCORE)
     before = sha256(other / "model.safetensors")
     perturbed_copy(tiny_llama_dir, other, seed=6, scale=0.3)  # replaced at the same path
     capsys.readouterr()
@@ -377,3 +380,23 @@ def test_a_state_that_recorded_no_content_is_not_resumed(tiny_llama_dir, corpus,
     capsys.readouterr()
     assert cli(args + ["--resume"]) == 2
     assert "did not record the content it scored" in one_line_error(capsys)
+
+
+def test_a_file_written_while_its_arrow_copy_is_made_and_one_only_touched(tiny_llama_dir, corpus, tmp_path,
+                                                                          monkeypatch):
+    import datasets
+
+    prepare = datasets.builder.DatasetBuilder.download_and_prepare
+
+    def prepare_then_write(self, *args, **kwargs):
+        prepare(self, *args, **kwargs)
+        edit_in_place(corpus)
+
+    monkeypatch.setattr(datasets.builder.DatasetBuilder, "download_and_prepare", prepare_then_write)
+    with pytest.raises(UsageError, match="changed while the run read it \\(making its Arrow copy"):
+        evaluate(chunked_settings(tiny_llama_dir, corpus, None))
+    monkeypatch.setattr(datasets.builder.DatasetBuilder, "download_and_prepare", prepare)
+    evaluate(chunked_settings(tiny_llama_dir, corpus, None))  # the copy of the edited content, made
+    touched = evaluate(chunked_settings(tiny_llama_dir, corpus, None),  # found, not read again: a touch is harmless
+                       on_event=lambda name: os.utime(corpus) if name == "loaded" else None)
+    assert touched.summary["data"]["files"][0]["sha256"] == sha256(corpus)

@@ -18,7 +18,7 @@ class FileRead:
     path: str
     bytes: int
     sha256: str
-    stat: list[int]  # files.file_stat when it was hashed (taken before hashing: a write during hashing shows later)
+    stat: list[int]  # files.file_stat when its content was last checked (taken before hashing: a later write shows)
 
 
 @dataclass
@@ -59,18 +59,23 @@ class DataIdentity:
             return {"source": "hub", "revision": self.revision, "resolved_revision": self.resolved_revision}
         return {"source": self.source}
 
-    def check_read(self, digests: list[str]) -> None:
-        """Refuse to read content other than the one recorded at the start (`digests`: the sha256 that key what is
-        read, e.g. datasets' Arrow copy)."""
-        for f, digest in zip(self.files, digests):
+    def check_read(self, paths: list[str]) -> list[str]:
+        """The files' sha256 as they are read now (what keys datasets' Arrow copy), refused unless they are the
+        content recorded at the start; each file's stat is taken again, as of this read, for check_unchanged."""
+        digests = []
+        for f, path in zip(self.files, paths):
+            stat, digest = file_stat(path), file_sha256(path)
             if digest != f.sha256:
                 raise UsageError(f"data file {f.path} changed since the run started (sha256 {f.sha256[:12]} then, "
                                  f"{digest[:12]} now): its figures would not be of the recorded content; rerun once "
                                  "the file stays unchanged")
+            f.stat = stat
+            digests.append(digest)
+        return digests
 
     def check_unchanged(self, reading: str) -> None:
-        """Refuse when a file was written, replaced or retargeted since it was hashed: what was read (`reading`)
-        may then mix both contents."""
+        """Refuse when a file was written, replaced or retargeted since its content was last checked (at the start,
+        or by check_read): what was read (`reading`) may then mix two contents."""
         for f in self.files:
             try:
                 now = file_stat(f.path)

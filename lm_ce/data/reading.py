@@ -69,9 +69,7 @@ def cache_name(paths: list[str], read: DataIdentity | None = None) -> str:
     and mtime alone, so a file replaced by another with its mtime kept (cp -p, rsync -t, tar) was read from the
     old copy, while results.json recorded the new file's sha256. `read`: the content the run recorded at its
     start, which these hashes must be (the copy read is then the content recorded)."""
-    digests = [file_sha256(p) for p in paths]
-    if read is not None:
-        read.check_read(digests)
+    digests = read.check_read(paths) if read is not None else [file_sha256(p) for p in paths]
     content = hashlib.sha256(" ".join(digests).encode()).hexdigest()
     return f"lm_ce-{content[:32]}"
 
@@ -152,8 +150,9 @@ def arrow_copy(cfg: Config, builder: str, paths: list[str], *, cache_dir: str | 
 
     prepared = datasets.load_dataset_builder(builder, data_files=paths, cache_dir=cache_dir,
                                              name=cache_name(paths, read), **options)
+    made = not Path(prepared.cache_dir, "dataset_info.json").exists()  # datasets' own test for a finished copy
     prepared.download_and_prepare()
-    if read is not None:  # the copy read is of the content recorded, unless a file was written while it was made
+    if read is not None and made:  # the copy is of the content recorded, unless a file was written while it was made
         read.check_unchanged("making its Arrow copy")
     features = prepared.info.features
     if features is not None and plain_values(features, row_fields(cfg)):
