@@ -337,6 +337,10 @@ def test_hub_model_and_dataset_are_recorded_by_commit(tiny_llama_dir, corpus, tm
     assert f"resolves to commit {'3' * 12}, but the run started on {'2' * 12}" in one_line_error(capsys)
     assert cli(args[:-3] + ["--data-files", corpus, "--dataset-revision", "main"]) == 2
     assert "--dataset-revision main" in one_line_error(capsys)
+    other = ["--dataset-revision", "4" * 40, "--output-dir", str(tmp_path / "asked")]
+    assert cli(args[:-3] + other) == 2  # a commit asked by its id, and another read: refused, not recorded
+    assert f"--dataset-revision {'4' * 12}: dataset 'some-org/texts' was found at commit {'3' * 12}" in \
+        one_line_error(capsys)
 
 
 def test_a_model_file_written_while_it_loads_is_refused(tiny_llama_dir, corpus, tmp_path, monkeypatch):

@@ -89,6 +89,12 @@ class DataIdentity:
 
     def resolve(self, commit: str | None) -> None:
         """The Hub commit the dataset is read at: recorded; a resumed run must read the commit it started on."""
+        commit_id = self.revision and len(self.revision) == 40 and all(c in "0123456789abcdef" for c in self.revision)
+        asked = self.revision if commit_id else None  # a commit asked by its id
+        if asked and commit != asked:
+            raise UsageError(f"--dataset-revision {asked[:12]}: dataset '{self.name}' was found at commit "
+                             f"{str(commit)[:12]} instead (offline, datasets reads its latest cached copy); run where "
+                             "that commit can be read, or drop --dataset-revision")
         if self.resolved_revision is not None and commit != self.resolved_revision:
             raise UsageError(f"dataset '{self.name}' resolves to commit {str(commit)[:12]}, but the run started on "
                              f"{self.resolved_revision[:12]}: it cannot be read at that commit (offline? "
