@@ -46,3 +46,11 @@ def file_sha256(path: str, block: int = 2**24) -> str:
 
 def cache_root() -> Path:
     return Path(os.environ.get("LM_CE_CACHE", Path.home() / ".cache" / "lm_ce"))
+
+
+def file_stat(path: str) -> list[int]:
+    """A file's device, inode, size, mtime and ctime (ns), as file_sha256 remembers it by: the same list later means
+    the content hashed then is the content now (any write moves the ctime, which no tool sets back; a rename over
+    it or a retargeted symlink changes the inode)."""
+    st = os.stat(path)
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]

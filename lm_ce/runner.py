@@ -23,13 +23,15 @@ from lm_ce.analysis.curve import check_lengths, context_curve
 from lm_ce.analysis.longppl import load_evaluator
 from lm_ce.config.checks import check
 from lm_ce.config.fields import Config
+from lm_ce.data.identity import DataIdentity
 from lm_ce.data.shards import shard_of
 from lm_ce.errors import UsageError
 from lm_ce.model import load as model_lib
-from lm_ce.model import placement
-from lm_ce.reports.summary import Durations, summarize
+from lm_ce.model import fingerprint, placement
+from lm_ce.reports.summary import Durations, record_identity, summarize
 from lm_ce.rundir import checkpoint
 from lm_ce.rundir import claims as outdir
+from lm_ce.rundir.identity import Recorded, check_resume, model_record
 from lm_ce.rundir.outputs import Outputs
 from lm_ce.scoring.parallel import Plan
 from lm_ce.scoring.passes import reuse_freed_memory, run_chunks, run_documents, run_stream
@@ -64,12 +66,13 @@ def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=Non
         threads = set_threads(cfg, accelerator.num_processes, accelerator.device)
         torch.manual_seed(cfg.seed)
         state = None if cfg.suite else _saved_state(cfg, accelerator.num_processes)
+        read = None if cfg.suite else _data_read(cfg, state, in_memory=rows is not None)  # checked before loading
         model, tokenizer, info = _model(cfg, model, tokenizer, accelerator)
         emit("loaded")
         loaded = Loaded(model, tokenizer, info, accelerator, threads)
         if cfg.suite:
             return run_suite(cfg, lambda entry: _score_entry(entry, loaded, emit))
-        return _score(cfg, loaded, state, started, emit, rows)
+        return _score(cfg, loaded, state, read, started, emit, rows)
 
 
 @dataclass(frozen=True)
@@ -86,13 +89,14 @@ class Loaded:
 def _score_entry(cfg: Config, loaded: Loaded, emit: Callable[[str], None]) -> Results:
     """One dataset of a suite, in its own output directory (claimed as a run's is)."""
     with outdir.claim(cfg):
-        return _score(cfg, loaded, _resumable(cfg, loaded.accelerator.num_processes), time.perf_counter(), emit)
+        state = _resumable(cfg, loaded.accelerator.num_processes)
+        return _score(cfg, loaded, state, _data_read(cfg, state), time.perf_counter(), emit)
 
 
-def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit: Callable[[str], None],
-           rows=None) -> Results:
-    """One dataset (the configured one, or the `rows` given) scored with the loaded model: setup, passes, state
-    saved, summary."""
+def _score(cfg: Config, loaded: Loaded, state: dict | None, read: DataIdentity, started: float,
+           emit: Callable[[str], None], rows=None) -> Results:
+    """One dataset (the configured one, or the `rows` given; `read`: the data as taken at the start) scored with
+    the loaded model: setup, passes, state saved, summary."""
     model, tokenizer, accelerator = loaded.model, loaded.tokenizer, loaded.accelerator
     setup = resolve(cfg, model=model, tokenizer=tokenizer, info=loaded.info, device=_device_of(model),
                     processes=accelerator.num_processes, threads=loaded.threads)
@@ -105,6 +109,10 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
     scorer = Scorer(model, setup.head, setup.device, cfg.padding_side == "left", compared.same_tokens,
                     want_top1=cfg.save_tokens or shows, want_signals=cfg.min_k is not None)
     evaluator = load_evaluator(cfg, setup=setup, scorer=scorer, tokenizer=tokenizer, accelerator=accelerator)
+    others = {**compared.models, **(evaluator.models if evaluator else {})}
+    recorded = Recorded(read, {"model": model_record(loaded.info), **others})
+    if state:  # every model the run reads, by content, as the run recorded it at its start
+        check_resume(state["identity"], {"models": recorded.models}, cfg.output_dir)
     accelerator.wait_for_everyone()  # processes finish loading at different times: scoring starts when all have
     emit("scoring")
     loaded_at = time.perf_counter()
@@ -114,7 +122,7 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
                       cfg.mode == "document", tokenizer, save_tokens=cfg.save_tokens)
     with StopRequest() as stop:
         plan = Plan(cfg, setup, scorer, accelerator, progress, stop, rows, outputs=outputs, shard=shard,
-                    evaluator=evaluator)
+                    evaluator=evaluator, identity=recorded)
         run = state["run"] if state else Run(tally=plan.new_tally(), shard=str(shard) if shard else None)
         if state:
             begun = run.chunks_done > 0 or run.partial is not None
@@ -127,25 +135,31 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
         outputs.start(run)
         if cfg.output_dir and accelerator.is_main_process and not state:  # lm_ce's marker before any row is written:
             # a stop before the first periodic save leaves a run that resumes, not files that look like a stranger's
-            checkpoint.save(cfg.output_dir, checkpoint.state_of(cfg, run, setup.processes, complete=False))
+            checkpoint.save(cfg.output_dir, checkpoint.state_of(cfg, run, setup.processes, complete=False,
+                                                                identity=recorded.header()))
         try:
             stopped = _passes(plan, run, tokenizer, done=bool(state and state.get("complete")))
         finally:
             outputs.close()
         finished = time.perf_counter()  # the run's timing; the curve times itself (context_curve.seconds)
         curve = context_curve(plan, tokenizer) if cfg.context_curve and not stopped else None
+        if read.streamed:  # read as it went: the figures are of the recorded content if no file changed meanwhile
+            read.check_unchanged("as a stream")
     emit("scored")
     if cfg.output_dir and accelerator.is_main_process:
-        checkpoint.save(cfg.output_dir, checkpoint.state_of(cfg, run, setup.processes, complete=not stopped))
+        checkpoint.save(cfg.output_dir, checkpoint.state_of(cfg, run, setup.processes, complete=not stopped,
+                                                            identity=recorded.header()))
         if stopped:
             log.warning("progress saved in %s: rerun the same command with --resume to continue", cfg.output_dir)
     durations = Durations(load=loaded_at - started, scoring=finished - loaded_at, total=finished - started)
     results = summarize(cfg, run=run, stopped=stopped, setup=setup, info=loaded.info,
                         durations=durations, outputs=outputs)
+    record_identity(results.summary, cfg, recorded.header())
     if curve is not None:
         results.summary["context_curve"] = curve
     for name in compared.by_bytes:
         results.summary.setdefault("compare", {})[name] = compare_by_bytes(cfg, name, results, score=evaluate)
+        results.summary["compare"][name]["model"] = compared.models[f"--compare-to {name}"]
     return results
 
 
@@ -181,6 +195,16 @@ def _passes(plan: Plan, run: Run, tokenizer, done: bool) -> bool:
         plan.progress.close()
 
 
+def _data_read(cfg: Config, state: dict | None, in_memory: bool = False) -> DataIdentity:
+    """The data as this run reads it, taken now (local files hashed: remembered while unchanged); a resumed run's
+    checked against what it recorded at its start (a Hub dataset is then read at the commit it started on)."""
+    saved = state["identity"] if state else {}
+    read = DataIdentity.taken(cfg, in_memory=in_memory, saved=saved.get("data"))
+    if state:
+        check_resume(saved, {"data": read.record()}, cfg.output_dir)
+    return read
+
+
 def _saved_state(cfg: Config, processes: int) -> dict | None:
     """The state to resume from (with --resume), checked to be resumable with this many processes."""
     state = checkpoint.load(cfg) if cfg.resume else None
@@ -196,17 +220,31 @@ def _model(cfg: Config, model, tokenizer, accelerator) -> tuple[torch.nn.Module,
     """(model, tokenizer, info): loaded as configured, or the objects given (put in eval mode; lm_ce.evaluate
     puts them back in the modes it found)."""
     if model is None:
-        # A download or a GGUF cache is made once, by the main process; a local directory is read by all at once.
+        # A download or a GGUF cache is made once, by the main process; a local directory is read by all at once,
+        # once the main process has hashed its weight files (the others then find the sha256 remembered on disk).
         first = contextlib.nullcontext() if os.path.isdir(cfg.model) else accelerator.main_process_first()
+        if os.path.isdir(cfg.model) and accelerator.num_processes > 1:
+            with accelerator.main_process_first():
+                fingerprint.file_weights(cfg.model)
         with first:
             return model_lib.load(cfg, accelerator.device, accelerator.is_main_process)
     model.eval()
     info = model_lib.ModelInfo(
         cfg.model, "object", cfg.model, cfg.revision, str(next(model.parameters()).dtype).replace("torch.", ""),
         model_lib.max_positions(model.config), sum(p.numel() for p in model.parameters()),
-        device_map=placement.device_map_of(model),
+        device_map=placement.device_map_of(model), weights=_object_weights(cfg, model),
+        tokenizer=fingerprint.tokenizer_fingerprint(tokenizer),
     )
     return model, tokenizer, info
+
+
+def _object_weights(cfg: Config, model: torch.nn.Module) -> dict:
+    """A model object's fingerprint: its parameters' bytes hashed (1.1 s for 540 MB on 2 cores), where the run records
+    it (an output directory: results.json, a resume); without one nothing is recorded, so nothing is spent."""
+    if cfg.output_dir:
+        return fingerprint.parameter_weights(model)
+    return {"method": "parameters-sha256", "sha256": None,
+            "note": "not computed: the run writes no output directory (output_dir) to record it in"}
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

@@ -129,9 +129,9 @@ def test_a_resumed_shard_starts_at_its_first_unfinished_chunk(tiny_llama_dir, co
     starts = []
     read = data.iter_documents
 
-    def spy(cfg, rows=None, *, start=0):
+    def spy(cfg, rows=None, *, start=0, **kw):
         starts.append(start)
-        return read(cfg, rows, start=start)
+        return read(cfg, rows, start=start, **kw)
 
     monkeypatch.setattr(data, "iter_documents", spy)
     resumed = evaluate(chunked_settings(tiny_llama_dir, corpus, out, shard="1/3", resume=True))

@@ -1,6 +1,7 @@
 """The embedded default's real model (SmolLM2-135M from its GGUF) against transformers' own loss."""
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import subprocess
@@ -53,6 +54,13 @@ def test_real_model_matches_transformers_labels_loss(tmp_path, gguf_cache):
     second = evaluate(Config(model=MODEL, data_files=[data], max_length=512, progress=False))
     assert second.summary["model"]["source"] == "gguf" and str(gguf_cache) in second.summary["model"]["path"]
     assert math.isclose(second.summary["nll_sum"], first.summary["nll_sum"], rel_tol=1e-6)
+    # what was scored is recorded by content: the GGUF file's sha256 (which keys its cache), and one tokenizer
+    # fingerprint whether the tokenizer was read from the GGUF file or from the cache
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    for run in (first, second):
+        assert run.summary["model"]["weights"]["files"] == {path.name: digest}
+    assert next((gguf_cache / "gguf").iterdir()).name.startswith(digest[:32])
+    assert first.summary["model"]["tokenizer"]["sha256"] == second.summary["model"]["tokenizer"]["sha256"]
 
 
 def test_readme_first_command_runs(tmp_path, gguf_cache):

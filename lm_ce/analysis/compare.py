@@ -11,6 +11,7 @@ import numpy as np
 from lm_ce.config.fields import Config
 from lm_ce.errors import UsageError
 from lm_ce.model import load as model_lib
+from lm_ce.rundir.identity import data_differences, model_record
 from lm_ce.scoring.head import Head, head_of
 from lm_ce.scoring.scorer import ComparedModel
 from lm_ce.scoring.setup import Setup
@@ -24,6 +25,7 @@ class Compared:
 
     same_tokens: list[ComparedModel]
     by_bytes: list[str]
+    models: dict[str, dict] = dataclasses.field(default_factory=dict)  # "--compare-to NAME" -> what it is, by content
 
 
 def load_compared(cfg: Config, *, tokenizer, setup: Setup, accelerator) -> Compared:
@@ -34,6 +36,7 @@ def load_compared(cfg: Config, *, tokenizer, setup: Setup, accelerator) -> Compa
         with accelerator.main_process_first():
             m, t, info = model_lib.load(dataclasses.replace(cfg, model=name), setup.device, accelerator.is_main_process)
         model_lib.check_vocabulary(m, t, name)
+        out.models[f"--compare-to {name}"] = model_record(info)
         h = head_of(m)
         if model_lib.same_tokenizer(tokenizer, t) and h is not None and head is not None and h.weight.shape[0] == head.weight.shape[0]:
             check_positions(name, info.max_positions, setup.max_length)  # scored in the first model's windows
@@ -63,7 +66,13 @@ def compare_by_bytes(cfg: Config, name: str, results: Results, *, score: Callabl
     if not summary["complete"]:
         return {"note": "not compared: the run stopped before the compared model was scored (its tokenizer differs); "
                         "resume the run to compare"}
-    other = score(dataclasses.replace(cfg, model=name, compare_to=None, save_tokens=False, output_dir=None, resume=False))
+    commit = summary["data"].get("resolved_revision")  # a Hub dataset: read at the commit the first model read
+    other = score(dataclasses.replace(cfg, model=name, compare_to=None, save_tokens=False, output_dir=None, resume=False,
+                                      dataset_revision=commit or cfg.dataset_revision))
+    changed = data_differences(summary["data"], other.summary["data"])
+    if changed:  # read again for the other model: the pairs must be of the same content
+        raise UsageError(f"--compare-to {name}: the data changed between the two models' passes ({'; '.join(changed)}); "
+                         "rerun once the data stays unchanged")
     out = {
         "note": "tokenizers differ: compared by bits per byte only (no per-token KL or agreement)",
         "complete": other.summary["complete"],

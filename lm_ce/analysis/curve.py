@@ -105,12 +105,12 @@ def _sequences(plan: Plan, tokenizer):
     """{index: Sequence} per chunk of documents (document mode), or the one joined stream (stream mode, index -1)."""
     cfg = plan.cfg
     if cfg.mode == "stream":
-        texts = [d.text for d in data.iter_documents(cfg, plan.rows) if d.text is not None]
+        texts = [d.text for d in data.iter_documents(cfg, plan.rows, read=plan.read) if d.text is not None]
         ids, _ = stream_sequence(plan, tokenizer, texts)
         yield {-1: Sequence(ids, 1)}
         return
     rank, world = plan.accelerator.process_index, plan.accelerator.num_processes
-    for docs in chunks(data.iter_documents(cfg, plan.rows), cfg.chunk_documents):
+    for docs in chunks(data.iter_documents(cfg, plan.rows, read=plan.read), cfg.chunk_documents):
         share = tokenize_share(docs, tokenizer, plan.setup.prefix, rank, world, cfg.detokenizer)
         yield {k: v for part in gather(share, plan) for k, v in part.items()}
 

@@ -26,6 +26,7 @@ from lm_ce.config.fields import Config
 from lm_ce.config.protocols import detokenized
 from lm_ce.errors import UsageError
 from lm_ce.model import load as model_lib
+from lm_ce.rundir.identity import model_record
 from lm_ce.scoring.head import head_of
 from lm_ce.scoring.parallel import Plan, score_windows
 from lm_ce.scoring.progress import Progress
@@ -47,6 +48,7 @@ class Evaluator:
     shared: bool  # the run's own tokens (self, or a tokenizer that maps text to the same ids): no offsets needed
     evaluated: Scorer  # the run's model, giving per-token NLL
     run_tokenizer: object
+    models: dict = field(default_factory=dict)  # "--longppl-evaluator NAME" -> what it is, by content (not self)
 
     def key_tokens(self, sequences: dict, texts: dict[int, str], plan: Plan) -> dict[int, KeyTokens] | None:
         """Each document's KeyTokens for one chunk (`chunk_key_tokens`): what the document pass calls, before it
@@ -83,7 +85,8 @@ def load_evaluator(cfg: Config, *, setup: Setup, scorer: Scorer, tokenizer, acce
                          "tokenizers, or use --longppl-evaluator self")
     evaluator_scorer = Scorer(model, head_of(model), setup.device, scorer.pad_left, want_top1=True)
     return Evaluator(name, evaluator_scorer, other, prefix, window_first_id(cfg, other, prefix), shared=shared,
-                     evaluated=tokens_scorer, run_tokenizer=tokenizer)
+                     evaluated=tokens_scorer, run_tokenizer=tokenizer,
+                     models={f"--longppl-evaluator {name}": model_record(info)})
 
 
 def chunk_key_tokens(sequences: dict, texts: dict[int, str], plan: Plan,

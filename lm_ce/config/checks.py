@@ -55,6 +55,9 @@ def check(cfg: Config) -> None:
     twice = sorted({name for name in cfg.compare_to or [] if cfg.compare_to.count(name) > 1})
     if twice:
         raise UsageError(f"--compare-to names {', '.join(twice)} more than once; give each model once")
+    if cfg.dataset_revision is not None and cfg.data_files:
+        raise UsageError(f"--dataset-revision {cfg.dataset_revision} names a revision of a Hub dataset; --data-files "
+                         "have none (their content is hashed and recorded): drop --dataset-revision")
     if cfg.data_files == []:  # `--data-files ""`: without this the default Hub dataset would be scored
         raise UsageError("--data-files is empty: give one or more files (--data-files a.jsonl,b.jsonl), "
                          "or leave it out to score --dataset")

@@ -42,6 +42,8 @@ class Config:
                                               "for --data-files")
     dataset_config: str | None = option("wikitext-2-raw-v1", "data", "the Hub dataset's configuration (subset)")
     split: str = option("test", "data", "the dataset split scored")
+    dataset_revision: str | None = option(None, "data", "Hub revision (branch, tag or commit) of the dataset; the "
+                                                        "commit read is recorded (data.resolved_revision)")
     data_files: list[str] | None = option(None, "data", "local files (a.jsonl,b.jsonl); the builder follows "
                                                         "their extension")
     text_field: str = option("text", "data", "the field holding each document's text")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from lm_ce.config.fields import Config
 from lm_ce.data.arrow import ArrowCopy, arrow_files, arrow_rows
+from lm_ce.data.identity import DataIdentity
 from lm_ce.data.reading import load_rows, quiet_datasets, read_error, row_fields
 from lm_ce.errors import UsageError
 
@@ -32,13 +33,14 @@ def has_text(doc: Document) -> bool:
     return doc.text is not None and doc.text.strip() != ""
 
 
-def iter_documents(cfg: Config, rows=None, *, start: int = 0) -> Iterator[Document]:
+def iter_documents(cfg: Config, rows=None, *, start: int = 0, read: DataIdentity | None = None) -> Iterator[Document]:
     """The documents of the run, in order, from index `start` on: rows joined by --join-by, at most --limit of
     them. `rows` (dicts, a Dataset or an IterableDataset) are read instead of what the config names (the Python
     API's data in memory). A resumed run starts after its finished documents: the rows before them are skipped
-    unread where the data allows it (a Dataset, an IterableDataset, a list), not turned into documents."""
+    unread where the data allows it (a Dataset, an IterableDataset, a list), not turned into documents. `read`: the
+    data as the run recorded it (reading.load_rows checks what it reads against it)."""
     if rows is None:
-        rows = load_rows(cfg)
+        rows = load_rows(cfg, read)
         source = ", ".join(cfg.data_files) if cfg.data_files else f"dataset '{cfg.dataset}'"
     else:
         source = "the data given in memory"

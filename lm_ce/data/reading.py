@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lm_ce.config.fields import Config
 from lm_ce.data.arrow import ArrowCopy, plain_values
+from lm_ce.data.identity import DataIdentity
 from lm_ce.data.local import first_bad_json_line, first_bad_utf8, local_files, whole_text
 from lm_ce.errors import UsageError, first_line
 from lm_ce.files import file_sha256
@@ -63,16 +64,19 @@ def cache_options(cfg: Config) -> dict:
     return {"streaming": cfg.streaming}
 
 
-def cache_name(paths: list[str]) -> str:
+def cache_name(paths: list[str], read: DataIdentity | None = None) -> str:
     """The config name that keys datasets' Arrow cache of local files by their content. datasets keys it by path
     and mtime alone, so a file replaced by another with its mtime kept (cp -p, rsync -t, tar) was read from the
-    old copy, while results.json recorded the new file's sha256."""
-    content = hashlib.sha256(" ".join(file_sha256(p) for p in paths).encode()).hexdigest()
+    old copy, while results.json recorded the new file's sha256. `read`: the content the run recorded at its
+    start, which these hashes must be (the copy read is then the content recorded)."""
+    digests = read.check_read(paths) if read is not None else [file_sha256(p) for p in paths]
+    content = hashlib.sha256(" ".join(digests).encode()).hexdigest()
     return f"lm_ce-{content[:32]}"
 
 
-def load_rows(cfg: Config):
-    """The `datasets` Dataset (or IterableDataset when streaming) the config names."""
+def load_rows(cfg: Config, read: DataIdentity | None = None):
+    """The `datasets` Dataset (or IterableDataset when streaming) the config names. `read`: the data as the run
+    recorded it at its start (data/identity.py), checked against what is read here, and given the Hub commit."""
     import datasets
 
     if cfg.dataset == MEMORY and not cfg.data_files:
@@ -86,22 +90,29 @@ def load_rows(cfg: Config):
             for p in paths:
                 if bad := first_bad_utf8(p):
                     raise UsageError(bad)
-            return datasets.Dataset.from_dict({"text": [whole_text(p) for p in paths]})
+            rows = datasets.Dataset.from_dict({"text": [whole_text(p) for p in paths]})
+            if read is not None:
+                read.check_unchanged("reading it whole")
+            return rows
         # A byte order mark starts many files saved on Windows; json strips it, text would score it (3 bytes)
         options = {"encoding": "utf-8-sig"} if builder == "text" else {}
         cache = cache_options(cfg)
         try:
             with quiet_datasets():
                 if cache.pop("streaming"):
+                    if read is not None:  # read as the run goes: the runner checks the files at its end
+                        read.streamed = True
                     return datasets.load_dataset(builder, data_files=paths, split="train", streaming=True, **cache,
                                                  **options)
-                return arrow_copy(cfg, builder, paths, cache_dir=cache.get("cache_dir"), options=options)
+                return arrow_copy(cfg, builder, paths, cache_dir=cache.get("cache_dir"), options=options, read=read)
+        except UsageError:
+            raise
         except Exception as e:  # datasets raises many kinds; turn them into one clear line
             raise read_error(cfg, e) from None
     try:
-        return datasets.load_dataset(
-            cfg.dataset, cfg.dataset_config, split=cfg.split, revision=None, **cache_options(cfg)
-        )
+        return hub_rows(cfg, read)
+    except UsageError:
+        raise
     except ValueError as e:
         if "split" in str(e).lower():
             raise UsageError(f"dataset '{cfg.dataset}' has no split '{cfg.split}': {first_line(e)}") from None
@@ -114,15 +125,35 @@ def load_rows(cfg: Config):
         ) from None
 
 
-def arrow_copy(cfg: Config, builder: str, paths: list[str], *, cache_dir: str | None, options: dict):
+def hub_rows(cfg: Config, read: DataIdentity | None):
+    """A Hub dataset at --dataset-revision (a resumed run: at the commit it started on), its commit recorded."""
+    import datasets
+
+    cache = cache_options(cfg)
+    revision = (read.resolved_revision if read is not None else None) or cfg.dataset_revision
+    builder = datasets.load_dataset_builder(cfg.dataset, cfg.dataset_config, revision=revision,
+                                            cache_dir=cache.get("cache_dir"))
+    if read is not None:
+        read.resolve(builder.hash)  # the commit datasets resolved the revision to (or found in its cache, offline)
+    if cache["streaming"]:
+        return builder.as_streaming_dataset(split=cfg.split)
+    builder.download_and_prepare()
+    return builder.as_dataset(split=cfg.split)
+
+
+def arrow_copy(cfg: Config, builder: str, paths: list[str], *, cache_dir: str | None, options: dict,
+               read: DataIdentity | None = None):
     """datasets' Arrow copy of local files, keyed by their content (`cache_name`): written on the first run,
     found on later ones. An `ArrowCopy` when the run's fields hold plain values, else the Dataset."""
     import datasets
     from datasets.arrow_reader import ArrowReader
 
-    prepared = datasets.load_dataset_builder(builder, data_files=paths, cache_dir=cache_dir, name=cache_name(paths),
-                                             **options)
+    prepared = datasets.load_dataset_builder(builder, data_files=paths, cache_dir=cache_dir,
+                                             name=cache_name(paths, read), **options)
+    made = not Path(prepared.cache_dir, "dataset_info.json").exists()  # datasets' own test for a finished copy
     prepared.download_and_prepare()
+    if read is not None and made:  # the copy is of the content recorded, unless a file was written while it was made
+        read.check_unchanged("making its Arrow copy")
     features = prepared.info.features
     if features is not None and plain_values(features, row_fields(cfg)):
         parts = ArrowReader(prepared.cache_dir, prepared.info).get_file_instructions(

@@ -9,7 +9,7 @@ import torch
 
 from lm_ce.config.fields import Config, resolve_path
 from lm_ce.errors import UsageError
-from lm_ce.model import placement
+from lm_ce.model import fingerprint, placement
 from lm_ce.model.diagnose import hub_unreachable, load_error, model_flag
 from lm_ce.model.gguf import gguf_source, save_gguf_cache
 
@@ -26,6 +26,9 @@ class ModelInfo:
     max_positions: int | None
     parameters: int
     device_map: dict | None = None  # module -> GPU number, "cpu" or "disk", as loaded (None: one device)
+    commit: str | None = None  # the Hub commit the weights were read at (a Hub model)
+    weights: dict | None = None  # what the weights are, by content (model/fingerprint.py)
+    tokenizer: dict | None = None  # the tokenizer's fingerprint (model/fingerprint.py)
 
 
 def torch_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -56,9 +59,11 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
     kwargs: dict = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     place = placement.from_pretrained_kwargs(cfg, gpus=torch.cuda.device_count(), **placement.local_process())
     cache_to = None
+    weights, stats = None, {}  # a local model's files: hashed before they are read, checked unchanged after loading
     if spec.lower().endswith(".gguf"):
         source = "gguf"
-        path, kwargs, cache_to = gguf_source(spec, cfg, dtype)
+        weights, stats = fingerprint.file_weights(spec) if Path(spec).is_file() else (None, {})
+        path, kwargs, cache_to = gguf_source(spec, cfg, dtype)  # its cache is keyed by the same (remembered) sha256
         if place and not cfg.gguf_cache:
             raise UsageError("--device-map with a GGUF file places its dequantized cache: drop --no-gguf-cache")
     elif Path(spec).exists():
@@ -70,6 +75,7 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
             )
         if not (Path(spec) / "config.json").is_file():
             raise UsageError(f"model directory {spec} has no config.json; is it a transformers model directory?")
+        weights, stats = fingerprint.file_weights(spec)
     elif spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1:
         raise UsageError(
             f"model path {spec} does not exist; check {model_flag(cfg)}: give an existing directory, a .gguf file, "
@@ -80,6 +86,7 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
         unreachable = hub_unreachable(spec, cfg)
         if unreachable:
             raise unreachable
+        kwargs["revision"] = fingerprint.pinned_revision(spec, cfg.revision)  # tokenizer and weights of one commit
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         # a GGUF file is dequantized in memory; with a device map its cache is then placed (transformers
@@ -115,7 +122,13 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
         max_positions=max_positions(model.config),
         parameters=sum(p.numel() for p in model.parameters()),
         device_map=placement.used_map(model) if place else None,
+        commit=fingerprint.hub_commit(spec, kwargs.get("revision"), model) if source == "hub" else None,
+        weights=weights,
+        tokenizer=fingerprint.tokenizer_fingerprint(tokenizer),
     )
+    if source == "hub":  # a Hub snapshot's files are named by their content: nothing to read
+        info.weights = fingerprint.hub_weights(spec, info.commit)
+    fingerprint.check_unchanged(stats)
     return model, tokenizer, info
 
 

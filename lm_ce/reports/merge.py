@@ -18,8 +18,10 @@ import torch
 from lm_ce.config.fields import Config
 from lm_ce.errors import UsageError
 from lm_ce.reports.figures import figures
+from lm_ce.reports.summary import identity_of
 from lm_ce.rundir.checkpoint import FINGERPRINTED, STATE
 from lm_ce.rundir.claims import RUN_FILES
+from lm_ce.rundir.identity import differences
 from lm_ce.rundir.outputs import DOCUMENTS, TOKENS, DocumentRows
 from lm_ce.sums.extremes import Extremes
 from lm_ce.sums.records import Results, Run, Tally
@@ -62,25 +64,29 @@ def read_shard(directory: str) -> ShardRun:
 
 
 def identity(s: ShardRun) -> dict:
-    """What must be the same in every shard of one run: settings, data (content hashes) and model."""
+    """What must be the same in every shard of one run, beside the content each recorded (check_shards): settings,
+    how the data was read, and the model as loaded."""
     settings = {k: s.config.get(k) for k in FINGERPRINTED if k != "shard"}
     data = s.summary.get("data", {})
-    files = [(f.get("bytes"), f.get("sha256")) for f in data.get("files", [])]
     model = {k: s.summary.get("model", {}).get(k) for k in MODEL_KEYS}
-    return {**{f"settings.{k}": v for k, v in settings.items()}, "data files (size and sha256)": files,
-            "data source": {k: v for k, v in data.items() if k != "files"}, **{f"model.{k}": v for k, v in model.items()}}
+    return {**{f"settings.{k}": v for k, v in settings.items()},
+            "data source": {k: v for k, v in data.items() if k not in ("files", "resolved_revision")},
+            **{f"model.{k}": v for k, v in model.items()}}
 
 
 def check_shards(shards: list[ShardRun]) -> None:
-    """Refuse shards of different runs, of different counts, missing or given twice."""
+    """Refuse shards of different runs (settings, or content: the weights, tokenizers and data each shard recorded
+    as it read them), of different counts, missing or given twice."""
     first = shards[0]
     mine = identity(first)
     for s in shards[1:]:
         theirs = identity(s)
         differ = [k for k in mine if mine[k] != theirs.get(k)]
+        differ += differences(identity_of(first.summary), identity_of(s.summary))
         if differ:
             raise UsageError(f"merge: {s.directory} (shard {s.index}/{s.count}) is not of the same run as "
-                             f"{first.directory}: they differ in {', '.join(differ)}")
+                             f"{first.directory}: they differ in {', '.join(differ)}; merge shards that read the "
+                             "same model and data, or rerun the shards that differ (--overwrite)")
         if s.count != first.count:
             raise UsageError(f"merge: {s.directory} is shard {s.index}/{s.count}, {first.directory} shard "
                              f"{first.index}/{first.count}: shards of one run share N")
@@ -195,6 +201,10 @@ def merge(directories: list[str], output_dir: str) -> Results:
         **found,
         "merged": {"shards": len(shards), "directories": [str(s.directory) for s in shards]},
     }
+    for name, table in summary.get("compare", {}).items():  # what each other model was (the same in every shard)
+        table["model"] = first.get("compare", {}).get(name, {}).get("model")
+    if "longppl" in summary:
+        summary["longppl"]["evaluator_model"] = first.get("longppl", {}).get("evaluator_model")
     out.mkdir(parents=True, exist_ok=True)
     merge_documents(shards, cfg.chunk_documents, out / DOCUMENTS)
     token_files = [str(out / TOKENS)] if cfg.save_tokens and merge_tokens(shards, out / TOKENS) else []

@@ -90,6 +90,9 @@ def check_comparable(a: RunFiles, b: RunFiles) -> bool:
     differ = [f"data.{k}: {x.get(k)!r} vs {y.get(k)!r}" for k in x if x.get(k) != y.get(k)]
     differ += [f"settings.{k}: {a.summary['settings'].get(k)!r} vs {b.summary['settings'].get(k)!r}"
                for k in ("mode", "prefix_token", "separator") if a.summary["settings"].get(k) != b.summary["settings"].get(k)]
+    commits = [r.summary["data"].get("resolved_revision") for r in (a, b)]
+    if all(commits) and commits[0] != commits[1]:  # a Hub dataset read at two commits (recorded by both runs)
+        differ.append(f"data.resolved_revision: {commits[0][:12]} vs {commits[1][:12]}")
     if differ:
         raise UsageError(f"the runs are on different data or settings ({'; '.join(differ)}): compare runs of the same data")
     if a.documents is None:  # stream mode: the same joined text has the same bytes
@@ -107,6 +110,9 @@ def check_comparable(a: RunFiles, b: RunFiles) -> bool:
                     raise UsageError(f"document {x.get('index')} differs ({key}: {x.get(key)!r} vs {y.get(key)!r}): "
                                      "compare runs of the same data")
         same = all(x["tokens"] == y["tokens"] for x, y in zip(a.documents, b.documents))
+    tokenizers = [tokenizer_of(r) for r in (a, b)]
+    if all(tokenizers):  # recorded by both: the same tokens need the same tokenizer, whatever the counts say
+        same = same and tokenizers[0] == tokenizers[1]
     if same:
         windows = [f"{k}: {a.summary['settings'][k]} vs {b.summary['settings'][k]}" for k in WINDOW_KEYS
                    if a.summary["settings"][k] != b.summary["settings"][k]]
@@ -114,6 +120,24 @@ def check_comparable(a: RunFiles, b: RunFiles) -> bool:
             raise UsageError(f"the runs scored the same tokens in different windows ({'; '.join(windows)}): "
                              "compare runs with the same --max-length and --stride")
     return same
+
+
+def tokenizer_of(run: RunFiles) -> str | None:
+    """The sha256 fingerprint of the tokenizer a run scored with (model.tokenizer; None in older runs)."""
+    return ((run.summary.get("model") or {}).get("tokenizer") or {}).get("sha256")
+
+
+def tokens_note(a: RunFiles, b: RunFiles) -> str:
+    """Why two runs are compared by bits per byte alone: their tokenizers differ by fingerprint, or (older runs, or
+    one tokenizer under other settings) their token counts differ."""
+    x, y = tokenizer_of(a), tokenizer_of(b)
+    if x and y and x != y:
+        why = f"tokenizers differ (fingerprint {x[:12]} vs {y[:12]})"
+    elif x and y:
+        why = f"the same tokenizer ({x[:12]}) gave different token counts (settings differ)"
+    else:
+        why = "tokenizers differ (token counts differ; a run has no tokenizer fingerprint)"
+    return f"{why}: compared by bits per byte alone, paired by document"
 
 
 def _data_identity(data: dict) -> dict:
@@ -142,7 +166,7 @@ def compare_runs(dir_a: str, dir_b: str) -> dict:
         x, y = read_tokens(a.tokens), read_tokens(b.tokens)
         same = len(x) == len(y) and all(np.array_equal(x[k], y[k]) for k in ("doc", "position", "token_id"))
     out: dict = {"a": _describe(a), "b": _describe(b), "same_tokens": same}
-    notes = [] if same else ["tokenizers differ (token counts differ): compared by bits per byte alone, paired by document"]
+    notes = [] if same else [tokens_note(a, b)]
     if a.documents is not None:
         rows = [(x, y) for x, y in zip(a.documents, b.documents) if not x.get("skipped")]
         a_nll, b_nll = np.array([x["nll_sum"] for x, _ in rows]), np.array([y["nll_sum"] for _, y in rows])

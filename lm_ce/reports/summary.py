@@ -4,7 +4,6 @@ The key paths typed below are a contract other tools read; the README's key tabl
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TypedDict
 
@@ -14,7 +13,6 @@ from lm_ce.config.fields import Config
 from lm_ce.config.protocols import PROTOCOLS, protocol_values
 from lm_ce.data.local import local_files
 from lm_ce.data.reading import MEMORY
-from lm_ce.files import file_sha256
 from lm_ce.model.load import ModelInfo
 from lm_ce.reports.figures import Metrics, figures
 from lm_ce.rundir.outputs import Outputs
@@ -107,17 +105,46 @@ def summarize(cfg: Config, *, run: Run, stopped: bool, setup: Setup, info: Model
                    extremes=run.extremes)
 
 
-def data_summary(cfg: Config) -> dict:
-    """What was read: the local files (paths, sizes, content hashes), the Hub dataset, or rows given in memory;
-    then how the rows were read. Only what was actually read: no Hub dataset for local files."""
-    read = {k: getattr(cfg, k) for k in READ_FIELDS}
+def data_summary(cfg: Config, read: dict | None = None) -> dict:
+    """What was read: the local files (paths, sizes, content hashes), the Hub dataset (the revision asked, the commit
+    read), or rows given in memory; then how the rows were read. Only what was actually read: no Hub dataset for
+    local files. `read`: the data as the run recorded it when it read it (data/identity.py); without it the files'
+    sizes and hashes are not known here, and are not taken again at the end."""
+    read = read or {}
+    fields = {k: getattr(cfg, k) for k in READ_FIELDS}
     if cfg.data_files:
         builder, paths = local_files(cfg)
-        files = [{"path": p, "bytes": os.path.getsize(p), "sha256": file_sha256(p)} for p in paths]
-        return {"source": "files", "format": builder, "data_files": cfg.data_files, "files": files, **read}
+        files = read.get("files") or [{"path": p, "bytes": None, "sha256": None} for p in paths]
+        return {"source": "files", "format": builder, "data_files": cfg.data_files, "files": files, **fields}
     if cfg.dataset == MEMORY:
-        return {"source": "memory", **read}
-    return {"source": "hub", "dataset": cfg.dataset, "dataset_config": cfg.dataset_config, "split": cfg.split, **read}
+        return {"source": "memory", **fields}
+    return {"source": "hub", "dataset": cfg.dataset, "dataset_config": cfg.dataset_config, "split": cfg.split,
+            "revision": cfg.dataset_revision, "resolved_revision": read.get("resolved_revision"), **fields}
+
+
+def record_identity(summary: dict, cfg: Config, identity: dict) -> None:
+    """Put what the run recorded as it read it (rundir/identity.py) into results.json: the data's sizes, hashes and
+    Hub commit, and each --compare-to model's and the LongPPL evaluator's identity beside its table."""
+    summary["data"] = data_summary(cfg, identity["data"])
+    models = identity["models"]
+    for name in cfg.compare_to or []:
+        if name in summary.get("compare", {}):
+            summary["compare"][name]["model"] = models.get(f"--compare-to {name}")
+    if "longppl" in summary:
+        summary["longppl"]["evaluator_model"] = models.get(f"--longppl-evaluator {cfg.longppl_evaluator}")
+
+
+def identity_of(summary: dict) -> dict:
+    """The record of what a finished run read (rundir/identity.py's form), from its results.json: what lm-ce merge
+    and lm-ce compare check. A key missing in an older run's results.json reads as not recorded."""
+    model = summary.get("model", {})
+    models = {"model": {k: model.get(k) for k in ("commit", "weights", "tokenizer")}}
+    for name, table in (summary.get("compare") or {}).items():
+        models[f"--compare-to {name}"] = table.get("model")
+    evaluator = (summary.get("longppl") or {}).get("evaluator")
+    if evaluator not in (None, "self"):
+        models[f"--longppl-evaluator {evaluator}"] = summary["longppl"].get("evaluator_model")
+    return {"data": summary.get("data", {}), "models": models}
 
 
 def _settings(cfg: Config, setup: Setup) -> dict:

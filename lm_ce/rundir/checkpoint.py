@@ -21,20 +21,10 @@ FINGERPRINTED = (
     "model", "revision", "dtype", "dataset", "dataset_config", "split", "data_files", "text_field", "prompt_field",
     "group_field", "id_field", "join_by", "streaming", "limit", "mode", "max_length", "stride", "prefix_token",
     "separator", "batch_size", "token_budget", "padding_side", "chunk_documents", "compare_to", "save_tokens",
+    "dataset_revision",
     "protocol", "bos_policy", "chunks", "detokenizer", "shard", "min_k",
     "longppl_evaluator", "longppl_short", "longppl_step", "longppl_alpha", "longppl_beta",
 )
-
-
-def _file_identity(path: str) -> dict:
-    """Size and modification time of a file, or of every file of a directory (cheap, content-sensitive enough)."""
-    p = Path(path)
-    if p.is_file():
-        st = p.stat()
-        return {"size": st.st_size, "mtime": int(st.st_mtime)}
-    if p.is_dir():
-        return {f.name: _file_identity(str(f)) for f in sorted(p.iterdir()) if f.is_file()}
-    return {}
 
 
 def model_identity(spec: str) -> str:
@@ -48,17 +38,11 @@ def model_identity(spec: str) -> str:
 
 
 def fingerprint(cfg: Config) -> str:
-    """A hash of the model, the data and every setting that affects the result."""
+    """A hash of every setting that affects the result, the model's path resolved. What the model, tokenizer and
+    data are by content is recorded beside it (the state's `identity`: rundir/identity.py) and compared as read."""
     settings = {name: getattr(cfg, name) for name in FINGERPRINTED}
     settings["model"] = model_identity(cfg.model)
-    files = {}
-    for spec in [cfg.model, *(cfg.compare_to or []), *(cfg.data_files or [])]:
-        key = settings["model"] if spec == cfg.model else spec
-        try:
-            files[key] = _file_identity(resolve_path(spec))
-        except UsageError:
-            files[key] = None
-    blob = json.dumps({"settings": settings, "files": files}, sort_keys=True, default=str)
+    blob = json.dumps({"settings": settings}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -83,11 +67,14 @@ def load(cfg: Config) -> dict:
     if not hasattr(state.get("run"), "rows"):  # per-document records of a version before the running sums
         raise UsageError(f"--resume: {path} was saved by an older version of lm_ce, which this one cannot continue; "
                          "rerun with --overwrite, or use another --output-dir")
+    if state.get("identity") is None:  # a version that did not record what it read: nothing to check a resume by
+        raise UsageError(f"--resume: {path} was saved by an older version of lm_ce, which did not record the content "
+                         "it scored; rerun with --overwrite, or use another --output-dir")
     if state.get("fingerprint") != fingerprint(cfg):
         old = state.get("config", {})
         changed = [k for k in FINGERPRINTED if old.get(k) != getattr(cfg, k)
                    and (k != "model" or model_identity(str(old.get(k))) != model_identity(cfg.model))]
-        what = f"changed: {', '.join(changed)}" if changed else "the model or data files changed on disk"
+        what = f"changed: {', '.join(changed)}" if changed else "the model's path now resolves to another place"
         raise UsageError(
             f"--resume: {path} was saved by a different run ({what}); resume with the same model, data and settings, "
             "or use another --output-dir"
@@ -96,7 +83,8 @@ def load(cfg: Config) -> dict:
 
 
 
-def state_of(cfg: Config, run, processes: int, complete: bool) -> dict:
-    """What the state file holds: the run (records.Run), what it was, and whether it finished."""
-    return {"fingerprint": fingerprint(cfg), "config": cfg.resolved(), "run": run, "processes": processes,
-            "complete": complete}
+def state_of(cfg: Config, run, processes: int, complete: bool, identity: dict | None = None) -> dict:
+    """What the state file holds: the run (records.Run), what it was, what it read (`identity`: plain JSON,
+    rundir/identity.py), and whether it finished."""
+    return {"fingerprint": fingerprint(cfg), "config": cfg.resolved(), "identity": identity, "run": run,
+            "processes": processes, "complete": complete}

@@ -17,6 +17,7 @@ import torch
 from lm_ce.config.fields import Config
 from lm_ce.data.shards import Shard
 from lm_ce.rundir import checkpoint
+from lm_ce.rundir.identity import Recorded
 from lm_ce.rundir.outputs import Outputs
 from lm_ce.scoring.progress import Progress, StopRequest
 from lm_ce.scoring.scorer import Scorer
@@ -41,7 +42,13 @@ class Plan:
     outputs: Outputs | None = None  # where finished rows and tokens go
     shard: Shard | None = None  # the share of the documents this run scores (--shard)
     evaluator: object = None  # longppl.Evaluator: finds each chunk's key tokens (--longppl-evaluator)
+    identity: Recorded | None = None  # what the run reads, as its saved state records it
     last_save: float = field(default_factory=time.monotonic)
+
+    @property
+    def read(self):
+        """The data as the run recorded it (data.identity.DataIdentity), for reading.load_rows to check against."""
+        return self.identity.data if self.identity else None
 
     def new_tally(self) -> Tally:
         return Tally(positions=stats.PositionLoss.zeros(self.setup.max_length),
@@ -161,4 +168,6 @@ def _save_partial(plan: Plan, run: Run, resumed: Tally, tally: Tally) -> None:
         for part in parts:
             merged.merge(part)
         snapshot = dataclasses.replace(run, partial=merged)
-        checkpoint.save(plan.cfg.output_dir, checkpoint.state_of(plan.cfg, snapshot, plan.setup.processes, complete=False))
+        header = plan.identity.header() if plan.identity else None
+        checkpoint.save(plan.cfg.output_dir, checkpoint.state_of(plan.cfg, snapshot, plan.setup.processes,
+                                                                 complete=False, identity=header))

@@ -61,7 +61,7 @@ def run_documents(plan: Plan, run: Run, tokenizer) -> bool:
     rank, world = plan.accelerator.process_index, plan.accelerator.num_processes
     # A resumed run starts at its first unfinished chunk: the documents before it are skipped, not read
     first = plan.shard.chunk(run.chunks_done) if plan.shard else run.chunks_done
-    source = data.iter_documents(plan.cfg, plan.rows, start=first * plan.cfg.chunk_documents)
+    source = data.iter_documents(plan.cfg, plan.rows, start=first * plan.cfg.chunk_documents, read=plan.read)
     mine = (docs for c, docs in enumerate(chunks(source, plan.cfg.chunk_documents), start=first)
             if not plan.shard or plan.shard.owns(c))
     with ThreadPoolExecutor(1) as pool:
@@ -78,7 +78,7 @@ def run_documents(plan: Plan, run: Run, tokenizer) -> bool:
 
 def run_stream(plan: Plan, run: Run, tokenizer) -> bool:
     """One token stream of all documents joined by the separator, windows every `stride` tokens."""
-    docs = list(data.iter_documents(plan.cfg, plan.rows))
+    docs = list(data.iter_documents(plan.cfg, plan.rows, read=plan.read))
     refuse_blank(docs, plan.cfg.text_field)
     texts = [d.text for d in docs if d.text is not None]  # empty rows still add a separator, as in the recipe
     run.stream_bytes = len(plan.cfg.separator.join(texts).encode("utf-8"))
@@ -104,7 +104,7 @@ def run_chunks(plan: Plan, run: Run, tokenizer) -> bool:
     """llama-cpp and gptq modes: the documents joined by the separator, tokenized once, cut into chunks of
     max_length tokens (the remainder dropped, at most --chunks of them)."""
     cfg, n_ctx = plan.cfg, plan.setup.max_length
-    docs = list(data.iter_documents(cfg, plan.rows))
+    docs = list(data.iter_documents(cfg, plan.rows, read=plan.read))
     refuse_blank(docs, cfg.text_field)
     joined = cfg.separator.join(detokenized(cfg.detokenizer, d.text) for d in docs if d.text is not None)
     seq, doubled = chunk_sequence(cfg.mode, tokenizer, joined)
