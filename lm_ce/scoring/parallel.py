@@ -162,3 +162,10 @@ def _save_partial(plan: Plan, run: Run, resumed: Tally, tally: Tally) -> None:
             merged.merge(part)
         snapshot = dataclasses.replace(run, partial=merged)
         checkpoint.save(plan.cfg.output_dir, checkpoint.state_of(plan.cfg, snapshot, plan.setup.processes, complete=False))
+
+
+def save_if_due(plan: Plan, run: Run) -> None:
+    """Between chunks of a pass whose sums every process holds alike (--context-curve): the main process saves the
+    run when a periodic save is due."""
+    if plan.accelerator.is_main_process and _save_due(plan):
+        checkpoint.save(plan.cfg.output_dir, checkpoint.state_of(plan.cfg, run, plan.setup.processes, complete=False))

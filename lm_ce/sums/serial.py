@@ -1,0 +1,280 @@
+"""The records of a run as data: JSON for numbers and text, named arrays for tensors; never code.
+
+`encode(run)` gives a JSON-able tree and the arrays it refers to by name; `decode(tree, arrays)` builds the records
+back. Each record type is listed in SCHEMA with the kind of each of its fields, and nothing else is built: a record
+is a JSON object tagged with its type ("@": "Run"), checked to be the type its place expects, with exactly its
+fields, each of its kind (integers, floats, text, lists, maps as [key, value] pairs, tensors and numpy arrays of a
+given dtype and shape). Anything else is refused with a `StateError` naming the place. float64 values survive
+Python's JSON exactly (repr is the shortest round-trip form; inf and nan are written as Infinity and NaN).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from lm_ce.sums import divergence, extremes, quantiles, records, signals, stats
+
+FORMAT = 1  # the version of the records' layout; a state of another version is refused, not guessed at
+
+
+class StateError(ValueError):
+    """A saved state that is not what lm_ce writes: the message names the place (run.tally.positions.nll: ...)."""
+
+
+class Kind:
+    def encode(self, value, arrays: dict, path: str):
+        raise NotImplementedError
+
+    def decode(self, data, arrays: dict, path: str):
+        raise NotImplementedError
+
+
+class Scalar(Kind):
+    """int (not bool), float (an int accepted), str or bool."""
+
+    def __init__(self, *types: type):
+        self.types = types
+
+    def encode(self, value, arrays, path):
+        if isinstance(value, (np.generic, torch.Tensor)):  # a numpy or torch scalar that slipped into a sum
+            value = value.item()
+        if float in self.types and isinstance(value, float):
+            value = float(value)
+        return self.decode(value, arrays, path)  # what is written is what would be read
+
+    def decode(self, data, arrays, path):
+        if isinstance(data, bool) != (bool in self.types) or not isinstance(data, self.types):
+            raise StateError(f"{path}: expected {'/'.join(t.__name__ for t in self.types)}, found {type(data).__name__}")
+        return float(data) if float in self.types and not isinstance(data, bool) else data
+
+
+INT, FLOAT, STR, BOOL = Scalar(int), Scalar(float, int), Scalar(str), Scalar(bool)
+
+
+class Opt(Kind):
+    def __init__(self, kind: Kind):
+        self.kind = kind
+
+    def encode(self, value, arrays, path):
+        return None if value is None else self.kind.encode(value, arrays, path)
+
+    def decode(self, data, arrays, path):
+        return None if data is None else self.kind.decode(data, arrays, path)
+
+
+class List(Kind):
+    def __init__(self, kind: Kind, tuple_of: tuple[Kind, ...] | None = None):
+        self.kind, self.tuple_of = kind, tuple_of
+
+    def _kinds(self, n: int, path: str) -> list[Kind]:
+        if self.tuple_of is None:
+            return [self.kind] * n
+        if n != len(self.tuple_of):
+            raise StateError(f"{path}: expected {len(self.tuple_of)} items, found {n}")
+        return list(self.tuple_of)
+
+    def encode(self, value, arrays, path):
+        return [k.encode(v, arrays, f"{path}[{i}]") for i, (k, v) in enumerate(zip(self._kinds(len(value), path), value))]
+
+    def decode(self, data, arrays, path):
+        if not isinstance(data, list):
+            raise StateError(f"{path}: expected a list, found {type(data).__name__}")
+        out = [k.decode(v, arrays, f"{path}[{i}]") for i, (k, v) in enumerate(zip(self._kinds(len(data), path), data))]
+        return tuple(out) if self.tuple_of is not None else out
+
+
+def Tuple(*kinds: Kind) -> List:
+    return List(kinds[0], tuple_of=kinds)
+
+
+class Map(Kind):
+    """A dict, written as a list of [key, value] pairs (keys keep their type: int, str or None)."""
+
+    def __init__(self, key: Kind, value: Kind):
+        self.key, self.value = key, value
+
+    def encode(self, value, arrays, path):
+        return [[self.key.encode(k, arrays, path), self.value.encode(v, arrays, f"{path}[{k!r}]")] for k, v in value.items()]
+
+    def decode(self, data, arrays, path):
+        if not isinstance(data, list) or not all(isinstance(p, list) and len(p) == 2 for p in data):
+            raise StateError(f"{path}: expected a list of [key, value] pairs")
+        out = {}
+        for k, v in data:
+            key = self.key.decode(k, arrays, f"{path} key")
+            if key in out:
+                raise StateError(f"{path}: the key {key!r} is given twice")
+            out[key] = self.value.decode(v, arrays, f"{path}[{key!r}]")
+        return out
+
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+NUMBERS = (*FLOATS, torch.int64, torch.int32, torch.bool)
+
+
+class Tensor(Kind):
+    """A torch tensor (or with `numpy`, a numpy array) of one of `dtypes`, with `shape` (None: any length), stored
+    among the arrays under a name."""
+
+    def __init__(self, dtypes, shape: tuple, numpy: bool = False):
+        self.dtypes = dtypes if isinstance(dtypes, tuple) else (dtypes,)
+        self.shape, self.numpy, self.tag = shape, numpy, "array" if numpy else "tensor"
+
+    def encode(self, value, arrays, path):
+        tensor = torch.from_numpy(np.ascontiguousarray(value)) if self.numpy else value.detach().cpu()
+        self._check(tensor, path)
+        name = f"a{len(arrays)}"
+        whole = tensor.is_contiguous() and tensor.storage_offset() == 0 and \
+            tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+        arrays[name] = tensor if whole else tensor.contiguous().clone()
+        return {self.tag: name}
+
+    def decode(self, data, arrays, path):
+        if not isinstance(data, dict) or list(data) != [self.tag] or data[self.tag] not in arrays:
+            raise StateError(f"{path}: expected a reference to a saved {self.tag}")
+        tensor = arrays[data[self.tag]]
+        self._check(tensor, path)
+        return tensor.numpy() if self.numpy else tensor
+
+    def _check(self, tensor, path):
+        if tensor.dtype not in self.dtypes:
+            raise StateError(f"{path}: expected {'/'.join(str(d) for d in self.dtypes)}, found {tensor.dtype}")
+        if len(tensor.shape) != len(self.shape) or any(s is not None and s != n for s, n in zip(self.shape, tensor.shape)):
+            want = "x".join("n" if s is None else str(s) for s in self.shape)
+            raise StateError(f"{path}: expected shape [{want}], found {list(tensor.shape)}")
+
+
+class Rec(Kind):
+    """A record of one type of SCHEMA."""
+
+    def __init__(self, cls: type):
+        self.cls = cls
+
+    def encode(self, value, arrays, path):
+        if type(value) is not self.cls:
+            raise StateError(f"{path}: expected {self.cls.__name__}, found {type(value).__name__}")
+        out = {"@": self.cls.__name__}
+        for name, kind in SCHEMA[self.cls].items():
+            out[name] = kind.encode(getattr(value, name), arrays, f"{path}.{name}")
+        return out
+
+    def decode(self, data, arrays, path):
+        if not isinstance(data, dict) or "@" not in data:
+            raise StateError(f"{path}: expected a record {self.cls.__name__}")
+        if data["@"] != self.cls.__name__:
+            known = data["@"] in {c.__name__ for c in SCHEMA}
+            what = "a record type lm_ce does not save" if not known else f"a {data['@']} where {self.cls.__name__} belongs"
+            raise StateError(f"{path}: {what} ({str(data['@'])[:40]!r})")
+        fields = SCHEMA[self.cls]
+        if set(data) - {"@"} != set(fields):
+            odd = sorted((set(data) - {"@"}) ^ set(fields))
+            raise StateError(f"{path}: {self.cls.__name__} with other fields than lm_ce saves ({', '.join(map(str, odd))})")
+        value = self.cls(**{name: kind.decode(data[name], arrays, f"{path}.{name}") for name, kind in fields.items()})
+        for check in CHECKS.get(self.cls, ()):
+            if (why := check(value)) is not None:
+                raise StateError(f"{path}: {why}")
+        return value
+
+
+SUM = Rec(stats.ExactSum)
+F1, I1 = Tensor(FLOATS, (None,)), Tensor(torch.int64, (None,))
+SCHEMA: dict[type, dict[str, Kind]] = {
+    stats.ExactSum: {"partials": List(FLOAT)},
+    stats.Clustered: {"count": INT, "tokens": INT, "tokens_sq": INT, "nll": SUM, "nll_sq": SUM, "nll_tokens": SUM},
+    stats.PositionLoss: {"nll": Tensor(torch.float64, (None,)), "count": I1},
+    stats.GroupSums: {"documents": INT, "tokens": INT, "bytes": INT, "nll": SUM},
+    quantiles.Quantiles: {"exact_cap": INT, "k": INT, "levels": List(List(Tensor(torch.float32, (None,), numpy=True))),
+                          "count": INT, "rank_error": INT, "low": FLOAT, "high": FLOAT, "turns": List(INT)},
+    divergence.Divergence: {"keys": List(Tensor(torch.int64, (None, 2), numpy=True)),
+                            "sums": List(Tensor(torch.float64, (None, len(divergence.COLUMNS)), numpy=True)),
+                            "kl": Rec(quantiles.Quantiles), "delta_p": Rec(quantiles.Quantiles), "with_kl": BOOL},
+    signals.TokenSignals: {"docs": Map(INT, List(Tuple(INT, F1, F1)))},
+    signals.SignalSums: {"documents": INT, "sums": Map(STR, SUM)},
+    extremes.ShownDocument: {"index": INT, "id": Opt(STR), "group": Opt(STR), "tokens": INT, "nll_sum": FLOAT,
+                             "text": List(STR), "nll": List(FLOAT), "top1": List(STR)},
+    extremes.Extremes: {"count": INT, "kept": Map(INT, Rec(extremes.ShownDocument)), "lost": Opt(STR)},
+    records.KeySums: {"documents": INT, "tokens": INT, "key_tokens": INT, "nll": SUM},
+    records.DocSums: {"nll": FLOAT, "tokens": INT, "sum_sq": FLOAT},
+    records.WindowSums: {"doc": INT, "first_target": INT, "nll": FLOAT, "tokens": INT},
+    records.Tally: {"docs": Map(INT, Rec(records.DocSums)), "windows": List(Rec(records.WindowSums)),
+                    "positions": Opt(Rec(stats.PositionLoss)), "compares": List(Rec(divergence.Divergence)),
+                    "token_blocks": List(Map(STR, Tensor(NUMBERS, (None,)))), "padding": INT, "inputs": INT,
+                    "batches_done": List(INT), "signals": Opt(Rec(signals.TokenSignals))},
+    records.TokenSums: {"tokens": INT, "nll": SUM, "sum_sq": SUM, "by_window": Rec(stats.Clustered)},
+    records.RowSums: {"rows": INT, "documents": INT, "not_text": INT, "bytes": INT, "words": INT,
+                      "by_document": Rec(stats.Clustered), "groups": Map(STR, Rec(stats.GroupSums)),
+                      "signals": Opt(Map(Opt(STR), Rec(signals.SignalSums))),
+                      "longppl": Opt(Map(Opt(STR), Rec(records.KeySums)))},
+    records.CurveSums: {"lengths": List(INT), "strides": List(INT), "nll": List(SUM), "tokens": List(INT), "documents": INT,
+                        "chunks_done": INT, "seconds": FLOAT, "done": BOOL},
+    records.Run: {"rows": Rec(records.RowSums), "sums": Rec(records.TokenSums), "tally": Rec(records.Tally),
+                  "chunks_done": INT, "partial": Opt(Rec(records.Tally)), "windows": INT, "stream_bytes": INT,
+                  "stream_words": INT, "doubled_prefix": INT, "tokens_per_process": List(INT), "rows_offset": INT,
+                  "rows_sha256": Opt(STR), "shard": Opt(STR), "extremes": Opt(Rec(extremes.Extremes)),
+                  "passes_done": BOOL, "curve": Opt(Rec(records.CurveSums))},
+}
+
+
+def _same_lengths(*names: str):
+    def check(value) -> str | None:
+        lengths = {n: len(getattr(value, n)) for n in names}
+        return None if len(set(lengths.values())) <= 1 else f"{', '.join(names)} differ in length {lengths}"
+    return check
+
+
+def _blocks(tally) -> str | None:
+    for i, block in enumerate(tally.token_blocks):
+        if len({len(t) for t in block.values()}) > 1:
+            return f"token_blocks[{i}]: columns of different lengths"
+    return None
+
+
+def _divergence(d) -> str | None:
+    if len(d.keys) != len(d.sums) or any(len(k) != len(s) for k, s in zip(d.keys, d.sums)):
+        return "keys and sums do not pair up"
+    return None
+
+
+def _quantiles(q) -> str | None:
+    return None if q.levels and q.k >= 1 and q.exact_cap >= 0 else "no level, or k below 1"
+
+
+def _signals(t) -> str | None:
+    bad = any(len(lp) != len(z) for parts in t.docs.values() for _, lp, z in parts)
+    return "lp and z of a window differ in length" if bad else None
+
+
+CHECKS = {
+    stats.PositionLoss: [_same_lengths("nll", "count")],
+    records.Tally: [_blocks],
+    divergence.Divergence: [_divergence],
+    quantiles.Quantiles: [_quantiles],
+    signals.TokenSignals: [_signals],
+    signals.SignalSums: [lambda s: None if set(s.sums) == set(signals.NAMES) else "not the three signals' sums"],
+    extremes.ShownDocument: [_same_lengths("text", "nll", "top1"),
+                             lambda d: None if d.tokens >= 1 else "a shown document without tokens"],
+    records.CurveSums: [_same_lengths("lengths", "strides", "nll", "tokens")],
+}
+
+
+def check_schema() -> None:
+    """Every field of every record is in SCHEMA (a field added to a record and not here would not be saved)."""
+    for cls, fields in SCHEMA.items():
+        names = [f.name for f in dataclasses.fields(cls)]
+        assert set(names) == set(fields), (cls.__name__, sorted(set(names) ^ set(fields)))
+
+
+def encode(run: records.Run) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON-able tree, arrays by name) of a run's records."""
+    arrays: dict[str, torch.Tensor] = {}
+    return {"format": FORMAT, "run": Rec(records.Run).encode(run, arrays, "run")}, arrays
+
+
+def decode(tree, arrays: dict[str, torch.Tensor]) -> records.Run:
+    """The run's records from `encode`'s tree and arrays, or a StateError naming what is not as lm_ce writes it."""
+    if not isinstance(tree, dict) or tree.get("format") != FORMAT or set(tree) != {"format", "run"}:
+        found = tree.get("format") if isinstance(tree, dict) else None
+        raise StateError(f"records of format {found!r}, not {FORMAT}")
+    return Rec(records.Run).decode(tree["run"], arrays, "run")
