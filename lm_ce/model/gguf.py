@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ log = logging.getLogger("lm_ce")
 
 MANIFEST = "lm_ce_cache.json"  # in each entry: its source file, sha256, dtype, versions, size and date
 SPARE = 2**28  # bytes left free on the cache's disk beyond an entry's own
+ENTRY = re.compile(r"([0-9a-f]{32}-[a-z0-9]+)-.+")  # an entry's name: <content hash>-<dtype>-<format and versions>
 
 
 def gguf_source(spec: str, cfg: Config, dtype: torch.dtype) -> tuple[str, dict, str | None]:
@@ -94,16 +96,18 @@ def save_gguf_cache(model, tokenizer, target: str, source: str | None = None) ->
             (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
             save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             tokenizer.save_pretrained(tmp)
-            manifest = {"source": str(Path(source).absolute()) if source else None, "sha256": target_path.name[:32],
-                        "dtype": target_path.name.split("-")[1], "format": GGUF_CACHE_FORMAT, **versions(),
+            manifest = {"source": str(Path(source).absolute()) if source else None,
+                        "dtype": str(next(iter(weights.values())).dtype).replace("torch.", ""),
+                        "format": GGUF_CACHE_FORMAT, **versions(),
                         "bytes": folder_bytes(tmp), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
             atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     except (OSError, ValueError, RuntimeError) as e:
         log.warning("could not cache the dequantized GGUF weights in %s: %s", target, e)
         return
-    prefix = "-".join(target_path.name.split("-")[:2]) + "-"  # same content, same dtype
-    for old in target_path.parent.glob(prefix + "*"):
-        if old != target_path and old.is_dir() and not old.name.startswith("."):
+    key = ENTRY.fullmatch(target_path.name)
+    for old in target_path.parent.iterdir() if key else []:
+        other = ENTRY.fullmatch(old.name)
+        if other and other[1] == key[1] and old != target_path and old.is_dir():  # same content and dtype
             shutil.rmtree(old, ignore_errors=True)
             log.info("removed %s: the same GGUF file's cache made by other versions", old.name)
 
