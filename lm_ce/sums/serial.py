@@ -1,15 +1,18 @@
-"""The records of a run as data: JSON for numbers and text, named arrays for tensors; never code.
+"""The records of a run as data: JSON for numbers and text, arrays of numbers for tensors; never code.
 
-`encode(run)` gives a JSON-able tree and the arrays it refers to by name; `decode(tree, arrays)` builds the records
-back. Each record type is listed in SCHEMA with the kind of each of its fields, and nothing else is built: a record
-is a JSON object tagged with its type ("@": "Run"), checked to be the type its place expects, with exactly its
-fields, each of its kind (integers, floats, text, lists, maps as [key, value] pairs, tensors and numpy arrays of a
-given dtype and shape). Anything else is refused with a `StateError` naming the place. float64 values survive
-Python's JSON exactly (repr is the shortest round-trip form; inf and nan are written as Infinity and NaN).
+`encode(run)` gives a JSON-able tree and the arrays it refers to; `decode(tree, arrays)` builds the records back.
+Each record type is listed in SCHEMA with the kind of each of its fields, and nothing else is built: a record is a
+JSON object tagged with its type ("@": "Run"), checked to be the type its place expects, with exactly its fields,
+each of its kind (integers, floats, text, lists, maps as [key, value] pairs, tensors and numpy arrays of a given
+dtype and shape). Tensors are packed into one flat array per dtype (a tensor is {"tensor": dtype, "at": offset,
+"shape": [...]}), so that many small ones cost no more than one large. Anything else is refused with a
+`StateError` naming the place. float64 values survive Python's JSON exactly (repr is the shortest round-trip
+form; inf and nan are written as Infinity and NaN).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import torch
@@ -23,11 +26,21 @@ class StateError(ValueError):
     """A saved state that is not what lm_ce writes: the message names the place (run.tally.positions.nll: ...)."""
 
 
+def where(path) -> str:
+    """A place as written in messages ('run.tally.positions.nll'), from the (parent, step) pairs kept while walking
+    (built only when something is wrong)."""
+    steps = []
+    while isinstance(path, tuple):
+        path, step = path
+        steps.append(f".{step}" if isinstance(step, str) else f"[{step!r}]")
+    return str(path) + "".join(reversed(steps))
+
+
 class Kind:
-    def encode(self, value, arrays: dict, path: str):
+    def encode(self, value, arrays, path):
         raise NotImplementedError
 
-    def decode(self, data, arrays: dict, path: str):
+    def decode(self, data, arrays, path):
         raise NotImplementedError
 
 
@@ -35,19 +48,22 @@ class Scalar(Kind):
     """int (not bool), float (an int accepted), str or bool."""
 
     def __init__(self, *types: type):
-        self.types = types
+        self.types, self.first = types, types[0]
 
     def encode(self, value, arrays, path):
+        if type(value) is self.first:
+            return value
         if isinstance(value, (np.generic, torch.Tensor)):  # a numpy or torch scalar that slipped into a sum
             value = value.item()
-        if float in self.types and isinstance(value, float):
-            value = float(value)
         return self.decode(value, arrays, path)  # what is written is what would be read
 
     def decode(self, data, arrays, path):
+        if type(data) is self.first:
+            return data
         if isinstance(data, bool) != (bool in self.types) or not isinstance(data, self.types):
-            raise StateError(f"{path}: expected {'/'.join(t.__name__ for t in self.types)}, found {type(data).__name__}")
-        return float(data) if float in self.types and not isinstance(data, bool) else data
+            raise StateError(f"{where(path)}: expected {'/'.join(t.__name__ for t in self.types)}, found "
+                             f"{type(data).__name__}")
+        return float(data) if self.first is float else self.first(data)
 
 
 INT, FLOAT, STR, BOOL = Scalar(int), Scalar(float, int), Scalar(str), Scalar(bool)
@@ -68,20 +84,22 @@ class List(Kind):
     def __init__(self, kind: Kind, tuple_of: tuple[Kind, ...] | None = None):
         self.kind, self.tuple_of = kind, tuple_of
 
-    def _kinds(self, n: int, path: str) -> list[Kind]:
+    def _kinds(self, n: int, path) -> list[Kind]:
         if self.tuple_of is None:
             return [self.kind] * n
         if n != len(self.tuple_of):
-            raise StateError(f"{path}: expected {len(self.tuple_of)} items, found {n}")
+            raise StateError(f"{where(path)}: expected {len(self.tuple_of)} items, found {n}")
         return list(self.tuple_of)
 
     def encode(self, value, arrays, path):
-        return [k.encode(v, arrays, f"{path}[{i}]") for i, (k, v) in enumerate(zip(self._kinds(len(value), path), value))]
+        if self.kind in (FLOAT, INT, STR) and self.tuple_of is None:  # a list of plain values: one check each
+            return [self.kind.encode(v, arrays, (path, i)) for i, v in enumerate(value)]
+        return [k.encode(v, arrays, (path, i)) for i, (k, v) in enumerate(zip(self._kinds(len(value), path), value))]
 
     def decode(self, data, arrays, path):
         if not isinstance(data, list):
-            raise StateError(f"{path}: expected a list, found {type(data).__name__}")
-        out = [k.decode(v, arrays, f"{path}[{i}]") for i, (k, v) in enumerate(zip(self._kinds(len(data), path), data))]
+            raise StateError(f"{where(path)}: expected a list, found {type(data).__name__}")
+        out = [k.decode(v, arrays, (path, i)) for i, (k, v) in enumerate(zip(self._kinds(len(data), path), data))]
         return tuple(out) if self.tuple_of is not None else out
 
 
@@ -96,54 +114,76 @@ class Map(Kind):
         self.key, self.value = key, value
 
     def encode(self, value, arrays, path):
-        return [[self.key.encode(k, arrays, path), self.value.encode(v, arrays, f"{path}[{k!r}]")] for k, v in value.items()]
+        return [[self.key.encode(k, arrays, path), self.value.encode(v, arrays, (path, k))] for k, v in value.items()]
 
     def decode(self, data, arrays, path):
         if not isinstance(data, list) or not all(isinstance(p, list) and len(p) == 2 for p in data):
-            raise StateError(f"{path}: expected a list of [key, value] pairs")
+            raise StateError(f"{where(path)}: expected a list of [key, value] pairs")
         out = {}
         for k, v in data:
-            key = self.key.decode(k, arrays, f"{path} key")
+            key = self.key.decode(k, arrays, (path, "key"))
             if key in out:
-                raise StateError(f"{path}: the key {key!r} is given twice")
-            out[key] = self.value.decode(v, arrays, f"{path}[{key!r}]")
+                raise StateError(f"{where(path)}: the key {key!r} is given twice")
+            out[key] = self.value.decode(v, arrays, (path, key))
         return out
 
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NUMBERS = (*FLOATS, torch.int64, torch.int32, torch.bool)
+DTYPES = {str(d).replace("torch.", ""): d for d in (*NUMBERS, torch.uint8)}  # the packed arrays' names
+
+
+class Packed:
+    """Tensors being encoded: one list of flat tensors per dtype, and how many values each holds so far."""
+
+    def __init__(self):
+        self.parts: dict[str, list[torch.Tensor]] = {}
+        self.sizes: dict[str, int] = {}
+
+    def add(self, tensor: torch.Tensor) -> tuple[str, int]:
+        name = str(tensor.dtype).replace("torch.", "")
+        at = self.sizes.get(name, 0)
+        self.parts.setdefault(name, []).append(tensor.reshape(-1))
+        self.sizes[name] = at + tensor.numel()
+        return name, at
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        return {name: torch.cat(parts) for name, parts in self.parts.items()}
 
 
 class Tensor(Kind):
     """A torch tensor (or with `numpy`, a numpy array) of one of `dtypes`, with `shape` (None: any length), stored
-    among the arrays under a name."""
+    as a slice of its dtype's packed array."""
 
     def __init__(self, dtypes, shape: tuple, numpy: bool = False):
         self.dtypes = dtypes if isinstance(dtypes, tuple) else (dtypes,)
         self.shape, self.numpy, self.tag = shape, numpy, "array" if numpy else "tensor"
+        self.fixed = [(i, n) for i, n in enumerate(shape) if n is not None]  # dimensions of a given size
 
-    def encode(self, value, arrays, path):
+    def encode(self, value, packed: Packed, path):
         tensor = torch.from_numpy(np.ascontiguousarray(value)) if self.numpy else value.detach().cpu()
         self._check(tensor, path)
-        name = f"a{len(arrays)}"
-        whole = tensor.is_contiguous() and tensor.storage_offset() == 0 and \
-            tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
-        arrays[name] = tensor if whole else tensor.contiguous().clone()
-        return {self.tag: name}
+        name, at = packed.add(tensor)
+        return {self.tag: name, "at": at, "shape": list(tensor.shape)}
 
     def decode(self, data, arrays, path):
-        if not isinstance(data, dict) or list(data) != [self.tag] or data[self.tag] not in arrays:
-            raise StateError(f"{path}: expected a reference to a saved {self.tag}")
-        tensor = arrays[data[self.tag]]
+        if not isinstance(data, dict) or set(data) != {self.tag, "at", "shape"} or data[self.tag] not in DTYPES:
+            raise StateError(f"{where(path)}: expected a reference to a saved {self.tag}")
+        at, shape, flat = data["at"], data["shape"], arrays.get(data[self.tag])
+        counts = [type(n) is int and n >= 0 for n in (at, *shape)] if isinstance(shape, list) else [False]
+        if flat is None or not all(counts) or len(shape) > 4 or at + math.prod(shape) > len(flat):
+            raise StateError(f"{where(path)}: a {self.tag} outside the saved arrays")
+        tensor = flat[at : at + math.prod(shape)].view(shape)
         self._check(tensor, path)
         return tensor.numpy() if self.numpy else tensor
 
     def _check(self, tensor, path):
         if tensor.dtype not in self.dtypes:
-            raise StateError(f"{path}: expected {'/'.join(str(d) for d in self.dtypes)}, found {tensor.dtype}")
-        if len(tensor.shape) != len(self.shape) or any(s is not None and s != n for s, n in zip(self.shape, tensor.shape)):
+            raise StateError(f"{where(path)}: expected {'/'.join(str(d) for d in self.dtypes)}, found {tensor.dtype}")
+        shape = tensor.shape
+        if len(shape) != len(self.shape) or (self.fixed and any(shape[i] != n for i, n in self.fixed)):
             want = "x".join("n" if s is None else str(s) for s in self.shape)
-            raise StateError(f"{path}: expected shape [{want}], found {list(tensor.shape)}")
+            raise StateError(f"{where(path)}: expected shape [{want}], found {list(tensor.shape)}")
 
 
 class Rec(Kind):
@@ -154,27 +194,28 @@ class Rec(Kind):
 
     def encode(self, value, arrays, path):
         if type(value) is not self.cls:
-            raise StateError(f"{path}: expected {self.cls.__name__}, found {type(value).__name__}")
+            raise StateError(f"{where(path)}: expected {self.cls.__name__}, found {type(value).__name__}")
         out = {"@": self.cls.__name__}
         for name, kind in SCHEMA[self.cls].items():
-            out[name] = kind.encode(getattr(value, name), arrays, f"{path}.{name}")
+            out[name] = kind.encode(getattr(value, name), arrays, (path, name))
         return out
 
     def decode(self, data, arrays, path):
         if not isinstance(data, dict) or "@" not in data:
-            raise StateError(f"{path}: expected a record {self.cls.__name__}")
+            raise StateError(f"{where(path)}: expected a record {self.cls.__name__}")
         if data["@"] != self.cls.__name__:
             known = data["@"] in {c.__name__ for c in SCHEMA}
             what = "a record type lm_ce does not save" if not known else f"a {data['@']} where {self.cls.__name__} belongs"
-            raise StateError(f"{path}: {what} ({str(data['@'])[:40]!r})")
+            raise StateError(f"{where(path)}: {what} ({str(data['@'])[:40]!r})")
         fields = SCHEMA[self.cls]
-        if set(data) - {"@"} != set(fields):
+        if len(data) != len(fields) + 1 or any(name not in data for name in fields):
             odd = sorted((set(data) - {"@"}) ^ set(fields))
-            raise StateError(f"{path}: {self.cls.__name__} with other fields than lm_ce saves ({', '.join(map(str, odd))})")
-        value = self.cls(**{name: kind.decode(data[name], arrays, f"{path}.{name}") for name, kind in fields.items()})
+            raise StateError(f"{where(path)}: {self.cls.__name__} with other fields than lm_ce saves "
+                             f"({', '.join(map(str, odd))})")
+        value = self.cls(**{name: kind.decode(data[name], arrays, (path, name)) for name, kind in fields.items()})
         for check in CHECKS.get(self.cls, ()):
             if (why := check(value)) is not None:
-                raise StateError(f"{path}: {why}")
+                raise StateError(f"{where(path)}: {why}")
         return value
 
 
@@ -267,9 +308,10 @@ def check_schema() -> None:
 
 
 def encode(run: records.Run) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(JSON-able tree, arrays by name) of a run's records."""
-    arrays: dict[str, torch.Tensor] = {}
-    return {"format": FORMAT, "run": Rec(records.Run).encode(run, arrays, "run")}, arrays
+    """(JSON-able tree, packed arrays by dtype name) of a run's records."""
+    packed = Packed()
+    tree = {"format": FORMAT, "run": Rec(records.Run).encode(run, packed, "run")}
+    return tree, packed.arrays()
 
 
 def decode(tree, arrays: dict[str, torch.Tensor]) -> records.Run:
@@ -277,4 +319,6 @@ def decode(tree, arrays: dict[str, torch.Tensor]) -> records.Run:
     if not isinstance(tree, dict) or tree.get("format") != FORMAT or set(tree) != {"format", "run"}:
         found = tree.get("format") if isinstance(tree, dict) else None
         raise StateError(f"records of format {found!r}, not {FORMAT}")
+    if any(name not in DTYPES or a.dim() != 1 or str(a.dtype).replace("torch.", "") != name for name, a in arrays.items()):
+        raise StateError("arrays other than lm_ce's packed ones")
     return Rec(records.Run).decode(tree["run"], arrays, "run")
