@@ -190,3 +190,10 @@ def test_a_resume_whose_documents_lost_rows_is_refused(tiny_llama_dir, tmp_path,
     assert cli.main(base + ["--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"does not hold the {len(rows)} rows the saved state records" in err[0], err
+
+
+@pytest.mark.parametrize("argv", [[], ["lst"], ["list", "extra"]])
+def test_a_cache_command_without_list_or_clear_is_one_line(argv, capsys):
+    assert cli.main(["cache", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "give list or clear" in err[0], err

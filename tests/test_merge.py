@@ -154,3 +154,15 @@ def test_shard_flags_refused_in_one_line(tiny_llama_dir, tmp_path, capsys, no_mo
     assert cli.main(["--model", tiny_llama_dir, "--data-files", data, *extra]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and message in err[0], err
+
+
+def test_compare_refuses_a_cut_documents_file(shards, tmp_path, capsys):
+    """lm-ce compare pairs documents.jsonl rows: a file cut since its run is refused, not paired in part."""
+    dirs = copies(shards, tmp_path)
+    assert cli.main(["compare", str(shards[0] / "s0"), str(dirs[0]), "--output-dir", str(tmp_path / "c1")]) == 0
+    lines = (dirs[0] / "documents.jsonl").read_text().splitlines(keepends=True)
+    (dirs[0] / "documents.jsonl").write_text("".join(lines[:-2]))
+    capsys.readouterr()
+    assert cli.main(["compare", str(shards[0] / "s0"), str(dirs[0]), "--output-dir", str(tmp_path / "c2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"holds {len(lines) - 2} rows" in err[0] and "its state records" in err[0], err

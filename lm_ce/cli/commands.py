@@ -80,9 +80,13 @@ def merge_main(argv: list[str]) -> int:
 
 def cache_main(argv: list[str]) -> int:
     """`lm-ce cache list` (each entry: size, source file, date) and `lm-ce cache clear [NAME...]`."""
-    if not argv or argv[0] not in ("list", "clear") or any(a in ("-h", "--help") for a in argv):
-        print(CACHE_USAGE, file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if any(a in ("-h", "--help") for a in argv):
+        print(CACHE_USAGE)
+        return 0
+    if not argv or argv[0] not in ("list", "clear") or (argv[0] == "list" and len(argv) > 1):
+        print(f"lm_ce: error: cache: give list or clear: lm-ce cache list | lm-ce cache clear [NAME...] (got "
+              f"{' '.join(argv) or 'nothing'})", file=sys.stderr)
+        return 2
     import shutil
 
     from lm_ce.files import cache_root, memo_files

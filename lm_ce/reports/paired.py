@@ -10,6 +10,7 @@ token by token in blocks of `stride` targets when both saved tokens, else only t
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from lm_ce.errors import UsageError
+from lm_ce.files import atomic_write
 from lm_ce.rundir import claims as outdir
+from lm_ce.rundir import state as saved
 from lm_ce.sums.stats import exp_capped, paired
 
 DATA_KEYS = ("source", "dataset", "dataset_config", "split", "text_field", "prompt_field", "join_by", "streaming", "limit")
@@ -54,6 +57,7 @@ def read_run(directory: str) -> RunFiles:
         if not docs.is_file():
             raise UsageError(f"{docs} not found: a document-mode run writes it; rerun that evaluation with --output-dir")
         documents = read_documents(docs)
+        check_rows(path, docs)
     tokens = path / "tokens.parquet"
     return RunFiles(path, summary, documents, tokens if tokens.is_file() else None)
 
@@ -82,6 +86,24 @@ def read_documents(path: Path) -> list[dict]:
                              "damaged: rerun that evaluation")
         rows.append(row)
     return rows
+
+
+def check_rows(directory: Path, docs: Path) -> None:
+    """documents.jsonl is whole: the rows, bytes and sha256 its run's state.json records (runs merged or made
+    without an output directory of their own have no state: nothing to check against)."""
+    try:
+        header = saved.read_header(directory)
+    except saved.StateError as e:
+        raise UsageError(f"{directory}: the saved state cannot be used ({e}); rerun that evaluation") from None
+    record = (header or {}).get("documents") or {}
+    if not record.get("sha256"):
+        return
+    data = docs.read_bytes()
+    if len(data) != record.get("bytes") or hashlib.sha256(data).hexdigest() != record["sha256"]:
+        rows = data.count(b"\n")
+        raise UsageError(f"{docs} holds {rows:,} rows in {len(data):,} bytes, not the "
+                         f"{record.get('rows')} rows in {record.get('bytes')} bytes its state records (cut or "
+                         "changed); rerun that evaluation")
 
 
 def check_comparable(a: RunFiles, b: RunFiles) -> bool:
@@ -300,8 +322,8 @@ def write(comparison: dict, output_dir: str) -> Path:
     directory = Path(output_dir)
     outdir.make(directory)  # a file there, or a folder that cannot be created: one line, as evaluate says it
     try:
-        (directory / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n", encoding="utf-8")
-        (directory / "comparison.md").write_text(markdown(comparison), encoding="utf-8")
+        atomic_write(directory / "comparison.json", json.dumps(comparison, indent=2) + "\n")
+        atomic_write(directory / "comparison.md", markdown(comparison))
     except OSError as e:
         raise UsageError(f"--output-dir {directory} is not writable ({e.strerror}); give a writable directory") from None
     return directory

@@ -4,9 +4,9 @@ A directory holding another run's files is refused unless --resume continues tha
 replaces it (deleting only the files lm_ce writes; other files are kept). A run is known by lm_ce's
 own marker, a results.json or state.json that lm_ce wrote (or the state.pt of an earlier version, known by its
 bytes and never loaded): files with a run's names (config.yaml, documents.jsonl, ...) and no marker are someone
-else's, never replaced or deleted. What a directory holds is told from state.json alone: no records are loaded. A lock file keeps
-a second live run out: the run holds an OS lock on it, which the system drops when the process dies, so a
-lock file left by a killed run is recognized as stale and taken over.
+else's, never replaced or deleted. What a directory holds is told from state.json alone: no records are loaded.
+A lock file keeps a second live run out: the run holds an OS lock on it, which the system drops when the process
+dies, so a lock file left by a killed run is recognized as stale and taken over.
 """
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ log = logging.getLogger("lm_ce")
 
 REPORTS = ("results.json", "results.md", "config.yaml", "documents.jsonl", "tokens.parquet", "position_loss.png",
            "context_curve.png", "results.html")
-RUN_FILES = (*REPORTS, STATE, LEGACY)  # every file a run writes (and the records' files state.json names); --overwrite
-# deletes these and nothing else
+# Every file a run writes, with the records' files state.json names (state.body_files): --overwrite deletes these
+# and nothing else
+RUN_FILES = (*REPORTS, STATE, LEGACY)
 LOCK = ".lm_ce.lock"
 
 _held: dict[Path, list[int]] = {}  # directories this process holds: [lock file descriptor, nested claims]
