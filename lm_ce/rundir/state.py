@@ -72,9 +72,9 @@ def read_header(directory: Path) -> dict | None:
     path = directory / STATE
     if not path.is_file():
         return None
+    if path.stat().st_size > MAX_STATE_BYTES:
+        raise StateError(f"{STATE} is {path.stat().st_size:,} bytes, far more than lm_ce writes")
     try:
-        if path.stat().st_size > MAX_STATE_BYTES:
-            raise StateError(f"{STATE} is {path.stat().st_size:,} bytes, far more than lm_ce writes")
         header = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:
         raise StateError(f"{STATE} is not readable JSON ({type(e).__name__})") from None

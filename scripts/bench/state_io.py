@@ -83,11 +83,15 @@ def state_io(repeat: int = 5) -> list[dict]:
                     lambda: torch.load(old / "state.pt", weights_only=False),
                     lambda: (old / "state.pt").stat().st_size),
             }
-            for name, (save, load, size) in rows.items():
-                save_s = timed(save, repeat)
-                load_s = timed(load, repeat)
-                out.append({"case": "heavy" if heavy else "default", "format": name, "save_s": save_s,
-                            "load_s": load_s, "bytes": size(), "tokens": run.tokens})
+            times = {name: {"save": [], "load": []} for name in rows}
+            for _ in range(repeat):  # the two formats alternately, so that a busy machine slows both alike
+                for name, (save, load, _size) in rows.items():
+                    times[name]["save"].append(timed(save, 1))
+                    times[name]["load"].append(timed(load, 1))
+            for name, (_save, _load, size) in rows.items():
+                out.append({"case": "heavy" if heavy else "default", "format": name,
+                            "save_s": statistics.median(times[name]["save"]),
+                            "load_s": statistics.median(times[name]["load"]), "bytes": size(), "tokens": run.tokens})
             same = state.load(new)["run"]
             assert same.rows == run.rows and same.partial.windows == run.partial.windows
     return out
