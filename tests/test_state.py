@@ -212,8 +212,8 @@ def test_a_pickle_in_place_of_the_new_files_runs_nothing(tiny_llama_dir, data, t
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("case", ["unknown type", "other record", "shape", "dtype", "extra field", "out of bounds",
-                                  "array name"])
+@pytest.mark.parametrize("case", ["unknown type", "other record", "shape", "dtype", "extra field", "columns",
+                                  "out of bounds", "array name"])
 def test_a_crafted_state_is_refused_in_one_line(tiny_llama_dir, data, tmp_path, capsys, monkeypatch, case):
     """A stopped run's records rewritten (with a state.json that matches them): an unknown record type, a record
     of another type, an array of the wrong shape or dtype, a field lm_ce does not save, a reference to no array:
@@ -236,6 +236,8 @@ def test_a_crafted_state_is_refused_in_one_line(tiny_llama_dir, data, tmp_path, 
             tally["positions"]["count"]["tensor"] = "float64"
         elif case == "extra field":
             tally["__reduce__"] = "os.system"
+        elif case == "columns":
+            tally["windows"]["nll"]["shape"] = [1]
         elif case == "out of bounds":
             tally["positions"]["nll"]["at"] = 10**9
         else:

@@ -5,7 +5,8 @@ Each record type is listed in SCHEMA with the kind of each of its fields, and no
 JSON object tagged with its type ("@": "Run"), checked to be the type its place expects, with exactly its fields,
 each of its kind (integers, floats, text, lists, maps as [key, value] pairs, tensors and numpy arrays of a given
 dtype and shape). Tensors are packed into one flat array per dtype (a tensor is {"tensor": dtype, "at": offset,
-"shape": [...]}), so that many small ones cost no more than one large. Anything else is refused with a
+"shape": [...]}), so that many small ones cost no more than one large; a chunk's per-window and per-document sums
+are written as columns of such arrays (`Columns`). Anything else is refused with a
 `StateError` naming the place. float64 values survive Python's JSON exactly (repr is the shortest round-trip
 form; inf and nan are written as Infinity and NaN).
 """
@@ -92,7 +93,10 @@ class List(Kind):
         return list(self.tuple_of)
 
     def encode(self, value, arrays, path):
-        if self.kind in (FLOAT, INT, STR) and self.tuple_of is None:  # a list of plain values: one check each
+        if isinstance(self.kind, Scalar) and self.tuple_of is None:  # plain values: written as they are
+            plain = self.kind.first
+            if all(type(v) is plain for v in value):
+                return list(value)
             return [self.kind.encode(v, arrays, (path, i)) for i, v in enumerate(value)]
         return [k.encode(v, arrays, (path, i)) for i, (k, v) in enumerate(zip(self._kinds(len(value), path), value))]
 
@@ -196,8 +200,9 @@ class Rec(Kind):
         if type(value) is not self.cls:
             raise StateError(f"{where(path)}: expected {self.cls.__name__}, found {type(value).__name__}")
         out = {"@": self.cls.__name__}
-        for name, kind in SCHEMA[self.cls].items():
-            out[name] = kind.encode(getattr(value, name), arrays, (path, name))
+        for name, kind, plain in _fields(self.cls):
+            v = getattr(value, name)
+            out[name] = v if type(v) is plain else kind.encode(v, arrays, (path, name))  # a plain value as it is
         return out
 
     def decode(self, data, arrays, path):
@@ -219,7 +224,61 @@ class Rec(Kind):
         return value
 
 
+class Columns(Kind):
+    """A list of records whose fields are all int or float (with `keyed`: a dict of int keys to them), written
+    column by column: one int64 or float64 array per field (float64 bits kept exactly), and the keys' column. A
+    chunk's thousands of per-window and per-document sums then cost a few arrays, not thousands of JSON objects."""
+
+    def __init__(self, cls: type, keyed: bool = False):
+        self.cls, self.keyed = cls, keyed
+
+    def encode(self, value, arrays, path):
+        items = list(value.items()) if self.keyed else list(enumerate(value))
+        if any(type(v) is not self.cls for _, v in items):
+            raise StateError(f"{where(path)}: expected {self.cls.__name__} records")
+        out = {"columns": self.cls.__name__}
+        if self.keyed:
+            out["keys"] = _column(INT, [k for k, _ in items], arrays, (path, "keys"))
+        for name, kind, _plain in _fields(self.cls):
+            out[name] = _column(kind, [getattr(v, name) for _, v in items], arrays, (path, name))
+        return out
+
+    def decode(self, data, arrays, path):
+        names = [name for name, _, _ in _fields(self.cls)]
+        if not isinstance(data, dict) or data.get("columns") != self.cls.__name__ or \
+                set(data) != {"columns", *names, *(["keys"] if self.keyed else [])}:
+            raise StateError(f"{where(path)}: expected the columns of {self.cls.__name__} records")
+        columns = {name: COLUMN[kind.first].decode(data[name], arrays, (path, name)).tolist()
+                   for name, kind, _ in _fields(self.cls)}
+        keys = COLUMN[int].decode(data["keys"], arrays, (path, "keys")).tolist() if self.keyed else None
+        if len({len(c) for c in [*columns.values(), *([keys] if keys is not None else [])]}) > 1:
+            raise StateError(f"{where(path)}: columns of different lengths")
+        rows = [self.cls(**dict(zip(names, row))) for row in zip(*(columns[name] for name in names))]
+        if keys is None:
+            return rows
+        if len(set(keys)) != len(keys):
+            raise StateError(f"{where(path)}: a key given twice")
+        return dict(zip(keys, rows))
+
+
+def _column(kind: Scalar, values: list, arrays, path) -> dict:
+    if not all(type(v) is kind.first for v in values):  # numpy scalars made plain; anything else refused
+        values = [kind.encode(v, arrays, (path, i)) for i, v in enumerate(values)]
+    dtype = torch.int64 if kind.first is int else torch.float64
+    return COLUMN[kind.first].encode(torch.tensor(values, dtype=dtype), arrays, path)
+
+
+def _fields(cls: type) -> list[tuple[str, Kind, type | None]]:
+    """(name, kind, the Python type written as it is: int, float, str or bool; else None) of each field of a record."""
+    if cls not in _FIELDS:
+        _FIELDS[cls] = [(name, kind, kind.first if isinstance(kind, Scalar) else None)
+                        for name, kind in SCHEMA[cls].items()]
+    return _FIELDS[cls]
+
+
+_FIELDS: dict[type, list] = {}
 SUM = Rec(stats.ExactSum)
+COLUMN = {int: Tensor(torch.int64, (None,)), float: Tensor(torch.float64, (None,))}
 F1, I1 = Tensor(FLOATS, (None,)), Tensor(torch.int64, (None,))
 SCHEMA: dict[type, dict[str, Kind]] = {
     stats.ExactSum: {"partials": List(FLOAT)},
@@ -239,7 +298,7 @@ SCHEMA: dict[type, dict[str, Kind]] = {
     records.KeySums: {"documents": INT, "tokens": INT, "key_tokens": INT, "nll": SUM},
     records.DocSums: {"nll": FLOAT, "tokens": INT, "sum_sq": FLOAT},
     records.WindowSums: {"doc": INT, "first_target": INT, "nll": FLOAT, "tokens": INT},
-    records.Tally: {"docs": Map(INT, Rec(records.DocSums)), "windows": List(Rec(records.WindowSums)),
+    records.Tally: {"docs": Columns(records.DocSums, keyed=True), "windows": Columns(records.WindowSums),
                     "positions": Opt(Rec(stats.PositionLoss)), "compares": List(Rec(divergence.Divergence)),
                     "token_blocks": List(Map(STR, Tensor(NUMBERS, (None,)))), "padding": INT, "inputs": INT,
                     "batches_done": List(INT), "signals": Opt(Rec(signals.TokenSignals))},
@@ -248,8 +307,8 @@ SCHEMA: dict[type, dict[str, Kind]] = {
                       "by_document": Rec(stats.Clustered), "groups": Map(STR, Rec(stats.GroupSums)),
                       "signals": Opt(Map(Opt(STR), Rec(signals.SignalSums))),
                       "longppl": Opt(Map(Opt(STR), Rec(records.KeySums)))},
-    records.CurveSums: {"lengths": List(INT), "strides": List(INT), "nll": List(SUM), "tokens": List(INT), "documents": INT,
-                        "chunks_done": INT, "seconds": FLOAT, "done": BOOL},
+    records.CurveSums: {"lengths": List(INT), "strides": List(INT), "nll": List(SUM), "tokens": List(INT),
+                        "documents": INT, "chunks_done": INT, "seconds": FLOAT, "done": BOOL},
     records.Run: {"rows": Rec(records.RowSums), "sums": Rec(records.TokenSums), "tally": Rec(records.Tally),
                   "chunks_done": INT, "partial": Opt(Rec(records.Tally)), "windows": INT, "stream_bytes": INT,
                   "stream_words": INT, "doubled_prefix": INT, "tokens_per_process": List(INT), "rows_offset": INT,
