@@ -135,7 +135,12 @@ def arrow_copy(cfg: Config, builder: str, paths: list[str], *, cache_dir: str | 
     if why is not None:
         log.warning("the Arrow copy of %s in %s is damaged (%s): making it again", ", ".join(paths),
                     prepared.cache_dir, why)
-        prepared.download_and_prepare(download_mode="force_redownload")
+        try:
+            prepared.download_and_prepare(download_mode="force_redownload")
+        except OSError as e:  # the cache, not the data: a folder that cannot be written
+            raise UsageError(f"the Arrow copy of {', '.join(paths)} in {prepared.cache_dir} is damaged ({why}) and "
+                             f"cannot be made again ({e.strerror or e}); delete that folder, or use --data-cache "
+                             "off") from None
         files, rows = copy_files(prepared)
     if files and (not found or why is not None):
         record_copy(prepared.cache_dir, files)
