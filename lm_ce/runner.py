@@ -138,11 +138,13 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, read: DataIdentity, 
             checkpoint.save(cfg.output_dir, checkpoint.state_of(cfg, run, setup.processes, complete=False,
                                                                 identity=recorded.header()))
         try:
-            stopped = _passes(plan, run, tokenizer, done=bool(state and state.get("complete")))
+            stopped = _passes(plan, run, tokenizer, done=bool(state and (state["complete"] or run.passes_done)))
         finally:
             outputs.close()
+        run.passes_done = not stopped
         finished = time.perf_counter()  # the run's timing; the curve times itself (context_curve.seconds)
-        curve = context_curve(plan, tokenizer) if cfg.context_curve and not stopped else None
+        if cfg.context_curve and not stopped:
+            stopped = context_curve(plan, tokenizer, run)
         if read.streamed:  # read as it went: the figures are of the recorded content if no file changed meanwhile
             read.check_unchanged("as a stream")
     emit("scored")
@@ -155,8 +157,6 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, read: DataIdentity, 
     results = summarize(cfg, run=run, stopped=stopped, setup=setup, info=loaded.info,
                         durations=durations, outputs=outputs)
     record_identity(results.summary, cfg, recorded.header())
-    if curve is not None:
-        results.summary["context_curve"] = curve
     for name in compared.by_bytes:
         results.summary.setdefault("compare", {})[name] = compare_by_bytes(cfg, name, results, score=evaluate)
         results.summary["compare"][name]["model"] = compared.models[f"--compare-to {name}"]
@@ -171,7 +171,8 @@ def shows_documents(cfg: Config) -> bool:
 
 def _resumable(cfg: Config, processes: int) -> dict | None:
     """A suite dataset's saved state with --resume, when it has one (datasets not reached yet start afresh)."""
-    if cfg.resume and cfg.output_dir and (Path(cfg.output_dir) / checkpoint.STATE).is_file():
+    saved = [Path(cfg.output_dir or ".") / name for name in (checkpoint.STATE, checkpoint.LEGACY)]
+    if cfg.resume and cfg.output_dir and any(p.is_file() for p in saved):
         return _saved_state(cfg, processes)
     return None
 
@@ -180,7 +181,8 @@ def _passes(plan: Plan, run: Run, tokenizer, done: bool) -> bool:
     """The pass the mode asks for, unless the saved run is complete. True when stopped early."""
     try:
         if done:
-            log.info("the saved run in %s is complete: reporting it", plan.cfg.output_dir)
+            log.info("the saved run in %s has scored all its data: %s", plan.cfg.output_dir,
+                     "going on with --context-curve" if plan.cfg.context_curve else "reporting it")
             return False
         reuse_freed_memory()
         if plan.cfg.mode == "document":

@@ -3,6 +3,7 @@
     python scripts/benchmark.py                                   # every case, the scaling case, the targets
     python scripts/benchmark.py --cases smollm2-short --tokens 3000 --no-scaling   # a quick run
     python scripts/benchmark.py --documents-scaling --documents-top 100000        # documents 10^3..10^5 only
+    python scripts/benchmark.py --state-io                        # one save and load of a large run's state
 
 This file is the parent: it starts one child process per path (scripts/bench/), so that each path's peak
 memory is its own, and imports only the standard library.
@@ -38,6 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     (work / "logs").mkdir(parents=True, exist_ok=True)
     if args.documents_scaling:
         return documents_main(args, output, work)
+    if args.state_io:  # in this process: a timing of lm_ce's own code, no peer and no memory measured
+        from bench.state_io import state_io, state_io_table
+
+        text = "\n".join(state_io_table(state_io(args.repeat)))
+        print(text)
+        output.with_suffix(".state_io.md").write_text(text + "\n")
+        return 0
     report = {"settings": settings(args), "cases": {},
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                           "load_average_start": load_average()}}
@@ -110,6 +118,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the 10^3..10^6 scaling case")
     ap.add_argument("--documents-scaling", action="store_true",
                     help="run only the documents-scaling case (10^3 documents up to --documents-top)")
+    ap.add_argument("--state-io", action="store_true",
+                    help="only time a save and a load of a large run's state, this format against a pickle (--repeat)")
     ap.add_argument("--documents-top", type=int, default=10**6, help="the largest size of the documents-scaling case")
     ap.add_argument("--documents-variants", default="save-tokens,checkpoint-1s",
                     help="besides the default run: save-tokens (up to 10^5), checkpoint-1s (at 10^5); empty: none")

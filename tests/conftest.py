@@ -10,6 +10,10 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub read their constants
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# lm_ce's cache (GGUF weights, signed sha256 memos) in a folder of this session, never the user's home
+_CACHE = __import__("tempfile").mkdtemp(prefix="lm_ce-test-cache-")
+os.environ["LM_CE_CACHE"] = _CACHE
+__import__("atexit").register(__import__("shutil").rmtree, _CACHE, True)
 
 import json
 import random
@@ -303,6 +307,13 @@ def perturbed_copy(source_dir: str, path, *, seed: int, scale: float):
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(source_dir).save_pretrained(path)
     return str(path), model
+
+
+def saved_run(directory):
+    """The records.Run saved in a run directory (state.json and its records' file)."""
+    from lm_ce.rundir import state
+
+    return state.load(Path(directory))["run"]
 
 
 def stop_at_batch(monkeypatch, at: int | None) -> dict:

@@ -17,7 +17,7 @@ from lm_ce.cli.main import main
 from lm_ce.config.fields import Config
 from lm_ce.runner import evaluate
 
-from .conftest import make_jsonl
+from .conftest import make_jsonl, saved_run, stop_at_batch
 from .reference import document_sequence, document_windows, reference_nll, stream_windows
 
 LENGTHS = [8, 16, 32]
@@ -166,7 +166,6 @@ def test_documents_too_short_give_stated_empty_points(tiny_llama_dir, tmp_path, 
     (["--context-curve", ""], "--context-curve is empty"),
     (["--context-curve", "8,16", "--mode", "gptq"], "--mode gptq cuts fixed chunks"),
     (["--context-curve", "8,16", "--context-curve-divisor", "0"], "--context-curve-divisor must be at least 1"),
-    (["--context-curve", "8,16", "--resume", "--output-dir", "OUT"], "cannot be resumed yet"),
     (["--context-curve", "64,256"], "256 is beyond the model's 128 positions"),
 ])
 def test_bad_input_refused_in_one_line(tiny_gpt2_dir, data_file, tmp_path, capsys, args, message):
@@ -217,3 +216,52 @@ def test_prompts_and_bos_in_every_window_match_the_reference(tiny_llama_dir, tin
             nll, tokens = nll + part, tokens + n
         assert curve["tokens"][k] == tokens > 100
         assert math.isclose(curve["nll_sum"][k], nll, rel_tol=REL), (case, length)
+
+
+CURVE_FIELDS = dict(context_curve=LENGTHS, context_curve_divisor=DIVISOR, max_length=16, chunk_documents=3)
+
+
+def test_sharded_curves_merge_to_one_runs_curve(tiny_llama_dir, data_file, tmp_path):
+    """Each shard scores the curve over its own chunks' documents and saves its exact sums; lm-ce merge adds them:
+    the same curve as one run over all documents, bit for bit."""
+    from lm_ce.reports import files as report
+    from lm_ce.reports.merge import merge
+
+    one = run(tiny_llama_dir, data_file, **CURVE_FIELDS).summary["context_curve"]
+    shards = []
+    for k in range(3):
+        shard = run(tiny_llama_dir, data_file, shard=f"{k}/3", output_dir=str(tmp_path / f"s{k}"), **CURVE_FIELDS)
+        report.write(shard, str(tmp_path / f"s{k}"), plot=False)
+        shards.append(shard.summary["context_curve"])
+    assert all(0 < s["tokens"][0] < one["tokens"][0] for s in shards)  # each shard: its own documents' targets
+    merged = merge([str(tmp_path / f"s{k}") for k in range(3)], str(tmp_path / "merged")).summary["context_curve"]
+    for key in ("lengths", "strides", "context", "tokens", "nll_sum", "mean_loss", "documents", "targets"):
+        assert merged[key] == one[key], key
+    assert (tmp_path / "merged" / "context_curve.png").is_file()
+
+
+def test_a_curve_stopped_midway_resumes_to_the_uninterrupted_curve(tiny_llama_dir, data_file, tmp_path, monkeypatch):
+    """A stop inside the curve (after the run's own pass) saves the run and the curve's finished chunks (results.json
+    says complete: false, no context_curve); --resume scores only the rest of the curve: the same curve."""
+    calls = stop_at_batch(monkeypatch, None)
+    whole = run(tiny_llama_dir, data_file, output_dir=str(tmp_path / "whole"), batch_size=2, **CURVE_FIELDS)
+    total = calls["n"]
+    calls["n"] = 0
+    run(tiny_llama_dir, data_file, batch_size=2, max_length=16, chunk_documents=3)
+    curve_batches = total - calls["n"]  # the batches of the curve alone
+    calls.update(n=0, stop=total - curve_batches // 3)  # in the curve's later chunks
+    stopped = run(tiny_llama_dir, data_file, output_dir=str(tmp_path / "run"), batch_size=2, **CURVE_FIELDS)
+    assert stopped.summary["complete"] is False and "context_curve" not in stopped.summary
+    saved = saved_run(tmp_path / "run")
+    assert saved.passes_done and 0 < saved.curve.chunks_done < 4 and not saved.curve.done
+    assert stopped.summary["nll_sum"] == whole.summary["nll_sum"]  # the run's own figures were finished
+    calls["stop"] = None
+    calls["n"] = 0
+    resumed = run(tiny_llama_dir, data_file, output_dir=str(tmp_path / "run"), batch_size=2, resume=True,
+                  **CURVE_FIELDS)
+    assert calls["n"] < curve_batches  # only the curve's unfinished chunks were scored again
+    assert resumed.summary["complete"] is True
+    curve, expected = resumed.summary["context_curve"], whole.summary["context_curve"]
+    for key in ("tokens", "nll_sum", "documents"):
+        assert curve[key] == expected[key], key
+    assert resumed.summary["nll_sum"] == whole.summary["nll_sum"]

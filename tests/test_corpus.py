@@ -2,7 +2,6 @@
 saves that hold one chunk, reports of what was saved, and shards merged into the figures of one run."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import random
@@ -10,14 +9,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from lm_ce.cli import main as cli
 from lm_ce.data import documents as data
 from lm_ce.runner import evaluate
 from lm_ce.sums.stats import Clustered, ExactSum, uncertainty
 
-from .conftest import chunked_settings, corpus_rows, make_jsonl, stop_at_batch
+from .conftest import chunked_settings, corpus_rows, make_jsonl, saved_run, stop_at_batch
 
 
 def test_exact_sum_is_fsum_in_any_order_and_merged():
@@ -54,9 +52,7 @@ def corpus(tmp_path_factory):
 
 
 def state_bytes(out: Path) -> int:
-    buffer = io.BytesIO()
-    torch.save(torch.load(out / "state.pt", weights_only=False), buffer)
-    return buffer.tell()
+    return sum(p.stat().st_size for p in [out / "state.json", *out.glob("state-*.safetensors")])
 
 
 def test_rows_go_to_disk_and_the_state_does_not_grow(tiny_llama_dir, corpus, tmp_path):
@@ -71,7 +67,7 @@ def test_rows_go_to_disk_and_the_state_does_not_grow(tiny_llama_dir, corpus, tmp
     few = evaluate(chunked_settings(tiny_llama_dir, corpus, tmp_path / "few", limit=16))
     assert few.summary["counts"]["documents"] < on_disk.summary["counts"]["documents"]
     assert state_bytes(tmp_path / "all") - state_bytes(tmp_path / "few") < 1000
-    run = torch.load(tmp_path / "all" / "state.pt", weights_only=False)["run"]
+    run = saved_run(tmp_path / "all")
     assert not run.tally.docs and not run.tally.windows and run.partial is None
     assert run.rows_offset == (tmp_path / "all" / "documents.jsonl").stat().st_size
 
@@ -79,7 +75,7 @@ def test_rows_go_to_disk_and_the_state_does_not_grow(tiny_llama_dir, corpus, tmp
 def test_a_stopped_report_shows_what_was_saved(tiny_llama_dir, corpus, tmp_path, monkeypatch):
     stop_at_batch(monkeypatch, 30)  # inside a chunk
     stopped = evaluate(chunked_settings(tiny_llama_dir, corpus, tmp_path))
-    run = torch.load(tmp_path / "state.pt", weights_only=False)["run"]
+    run = saved_run(tmp_path)
     assert run.partial is not None and run.partial.tokens > 0
     assert stopped.summary["counts"]["tokens"] == run.tokens == run.sums.tokens + run.partial.tokens
     assert stopped.summary["counts"]["windows"] == run.windows + len(run.partial.windows)
@@ -124,7 +120,7 @@ def test_a_resumed_shard_starts_at_its_first_unfinished_chunk(tiny_llama_dir, co
     out = tmp_path / "stopped"
     assert not evaluate(chunked_settings(tiny_llama_dir, corpus, out, shard="1/3")).summary["complete"]
     monkeypatch.undo()
-    done = torch.load(out / "state.pt", weights_only=False)["run"].chunks_done
+    done = saved_run(out).chunks_done
     assert done >= 1
     starts = []
     read = data.iter_documents

@@ -306,10 +306,12 @@ def test_a_file_hash_is_remembered_on_disk_until_the_file_changes(tmp_path, monk
     monkeypatch.setattr(model, "SETTLED_NS", -10**12)
     monkeypatch.setattr(model, "_digests", {})
     assert model.file_sha256(str(path)) == hashlib.sha256(b"one\n").hexdigest()
-    [memo] = (tmp_path / "cache" / "sha256").iterdir()
-    memo.write_text("f" * 64)  # what a later process finds instead of reading the file
+    [memo] = [p for p in (tmp_path / "cache" / "sha256").iterdir() if p.name != model.KEY]
+    assert memo.is_file()
     monkeypatch.setattr(model, "_digests", {})
-    assert model.file_sha256(str(path)) == "f" * 64
+    monkeypatch.setattr(model, "open", lambda *a, **k: pytest.fail("the file was read again"), raising=False)
+    assert model.file_sha256(str(path)) == hashlib.sha256(b"one\n").hexdigest()  # what a later process finds
+    monkeypatch.delattr(model, "open")
     time.sleep(0.05)  # past the file system's timestamp tick
     path.write_text("two\n")  # same size, new content: the ctime moves
     assert model.file_sha256(str(path)) == hashlib.sha256(b"two\n").hexdigest()

@@ -77,7 +77,7 @@ def test_results_record_the_weights_tokenizer_and_data_as_read(tiny_llama_dir, l
     again = tokenizer_fingerprint(AutoTokenizer.from_pretrained(llama_tokenizer_dir))
     assert model["tokenizer"]["sha256"] == again["sha256"] and model["tokenizer"]["fast"] is True
     assert data["files"] == [{"path": corpus, "bytes": os.path.getsize(corpus), "sha256": sha256(corpus)}]
-    state = torch.load(out / "state.pt", weights_only=False)
+    state = json.loads((out / "state.json").read_text())
     assert state["identity"]["data"]["files"] == data["files"]
     assert state["identity"]["models"]["model"]["weights"]["sha256"] == model["weights"]["sha256"]
     json.dumps(state["identity"])  # plain JSON
@@ -379,8 +379,9 @@ def test_a_state_that_recorded_no_content_is_not_resumed(tiny_llama_dir, corpus,
     args = ["--model", tiny_llama_dir, "--data-files", corpus, "--max-length", "24", "--limit", "4",
             "--output-dir", str(tmp_path / "run"), "--no-progress"]
     assert cli(args) == 0
-    state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
-    torch.save({k: v for k, v in state.items() if k != "identity"}, tmp_path / "run" / "state.pt")
+    saved = tmp_path / "run" / "state.json"
+    state = json.loads(saved.read_text())
+    saved.write_text(json.dumps({k: v for k, v in state.items() if k != "identity"}))
     capsys.readouterr()
     assert cli(args + ["--resume"]) == 2
     assert "did not record the content it scored" in one_line_error(capsys)

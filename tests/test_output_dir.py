@@ -41,7 +41,9 @@ def one_error_line(capsys) -> str:
 
 
 def run_files(out: Path) -> dict[str, bytes]:
-    return {name: (out / name).read_bytes() for name in outdir.RUN_FILES if (out / name).exists()}
+    """The files of a run in `out` (the saved records' file under its name of the moment)."""
+    names = [name for name in outdir.RUN_FILES if (out / name).exists()] + [p.name for p in out.glob("state-*")]
+    return {name: (out / name).read_bytes() for name in names}
 
 
 def test_a_finished_run_is_kept(tiny_llama_dir, data, tmp_path, capsys):
@@ -75,7 +77,7 @@ def test_an_interrupted_run_is_kept_and_resumable(tiny_llama_dir, data, tmp_path
     assert cli.main(args(tiny_llama_dir, data, out)) == 130
     monkeypatch.undo()
     before = run_files(out)
-    assert "state.pt" in before
+    assert "state.json" in before
     capsys.readouterr()
     assert cli.main(args(tiny_llama_dir, data, out)) == 2
     line = one_error_line(capsys)
@@ -305,7 +307,7 @@ def test_the_users_own_files_are_not_a_run_and_never_replaced(tiny_llama_dir, da
 
 
 def test_a_run_is_known_by_its_state_alone(tiny_llama_dir, data, tmp_path, capsys, monkeypatch):
-    """An interrupted run before its first report (state.pt only) is still a run: kept, resumable."""
+    """An interrupted run before its first report (state.json only) is still a run: kept, resumable."""
     out = tmp_path / "run"
     stop_at_second_batch(monkeypatch)
     assert cli.main(args(tiny_llama_dir, data, out)) == 130

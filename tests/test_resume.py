@@ -64,7 +64,7 @@ def test_stop_and_resume_equals_uninterrupted(tiny_llama_dir, corpus, tmp_path, 
     cfg = settings(tiny_llama_dir, corpus, tmp_path)
     first = evaluate(cfg)
     assert first.summary["complete"] is False
-    assert (tmp_path / "state.pt").is_file()
+    assert (tmp_path / "state.json").is_file()
     assert first.summary["counts"]["tokens"] < uninterrupted.summary["counts"]["tokens"]
     monkeypatch.setattr(Scorer, "score", score)
     resumed = evaluate(Config(**{**cfg.__dict__, "resume": True}))
@@ -105,7 +105,7 @@ def test_sigterm_on_a_real_process_then_resume(tiny_llama_dir, corpus, tmp_path,
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not (out / "state.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not (out / "state.json").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)  # the first periodic save: the run is scoring
     assert proc.poll() is None, "the run finished before it could be signalled; give it more data"
     proc.send_signal(signal.SIGTERM)

@@ -12,31 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
-from dataclasses import dataclass
 
 from lm_ce.data import documents as data
 from lm_ce.errors import UsageError
-from lm_ce.scoring.parallel import Plan, gather, score_windows
-from lm_ce.scoring.passes import Sequence, chunks, stream_sequence, tokenize_share
+from lm_ce.scoring.parallel import Plan, gather, save_if_due, score_windows
+from lm_ce.scoring.passes import Sequence, document_chunks, stream_sequence, tokenize_share
 from lm_ce.scoring.progress import Progress
 from lm_ce.scoring.windows import document_spans, stream_spans, windows_of
-from lm_ce.sums.records import DocumentResult, Run
+from lm_ce.sums.records import CurveSums, DocumentResult, Run
 
 log = logging.getLogger("lm_ce")
-
-TARGETS = "every token with at least max(lengths) tokens of its sequence before it (after the prompt, if any)"
-
-
-@dataclass
-class CurvePoint:
-    """One context length: its stride and the exact float64 sums over the targets."""
-
-    length: int
-    stride: int
-    nll_sum: float = 0.0
-    tokens: int = 0
 
 
 def curve_stride(length: int, divisor: int, mode: str = "document") -> int:
@@ -67,72 +53,71 @@ def check_lengths(lengths: list[int], positions: int | None) -> None:
                          f"{positions} positions; use lengths of at most {positions}")
 
 
-def context_curve(plan: Plan, tokenizer) -> dict | None:
-    """results.json's `context_curve`: each length's mean loss and perplexity over the same targets, or None when
-    the run was stopped before the curve was finished."""
+def context_curve(plan: Plan, tokenizer, run: Run) -> bool:
+    """Score the curve into `run.curve` (results.json's `context_curve`, made by reports.figures): each length's
+    exact NLL sum over the same targets, a chunk of documents at a time (a shard's own chunks), saved with the
+    run between chunks, so that --resume continues it. True when stopped before its end."""
     cfg = plan.cfg
     longest = cfg.context_curve[-1]
-    points = [CurvePoint(n, curve_stride(n, cfg.context_curve_divisor, cfg.mode)) for n in cfg.context_curve]
-    # Its own progress bar; no periodic saves (a saved state holds the run's own figures, never the curve's).
+    strides = [curve_stride(n, cfg.context_curve_divisor, cfg.mode) for n in cfg.context_curve]
+    if run.curve is None or (run.curve.lengths, run.curve.strides) != (cfg.context_curve, strides):
+        run.curve = CurveSums.empty(cfg.context_curve, strides)
+    curve = run.curve
+    if curve.done:
+        return False
+    # Its own progress bar; its points' runs are never saved (the state holds the curve's sums, between chunks).
     curve_plan = dataclasses.replace(plan, setup=dataclasses.replace(plan.setup, max_length=longest),
                                      progress=Progress(plan.progress.enabled, main=plan.progress.main))
     # The token budget bounds a batch's memory: short windows fill it (more of them than --batch-size).
     plans = [dataclasses.replace(curve_plan, cfg=dataclasses.replace(
-        cfg, output_dir=None, batch_size=max(cfg.batch_size, plan.setup.budget // p.length))) for p in points]
-    started, documents = time.perf_counter(), 0
+        cfg, output_dir=None, batch_size=max(cfg.batch_size, plan.setup.budget // n))) for n in cfg.context_curve]
+    started = time.perf_counter()
     try:
-        for sequences in _sequences(plan, tokenizer):
-            documents += sum(len(s.ids) - 1 >= max(longest, s.first_target) for s in sequences.values())
-            for point, point_plan in zip(points, plans):
+        for sequences in _sequences(plan, tokenizer, curve.chunks_done):
+            sums = []
+            for k, point_plan in enumerate(plans):
                 windows = []
                 for index in sorted(sequences):
                     s = sequences[index]
-                    spans = curve_spans(cfg.mode, len(s.ids), s.first_target, point.length, point.stride, longest)
+                    spans = curve_spans(cfg.mode, len(s.ids), s.first_target, curve.lengths[k], curve.strides[k],
+                                        longest)
                     windows += windows_of(index, s.ids, spans, plan.setup.window_first)
                 results = {index: DocumentResult(index=index) for index in sequences}
                 if score_windows(windows, point_plan, Run(tally=curve_plan.new_tally()), results):
-                    log.warning("stopped during --context-curve: results.json has no context_curve")
-                    return None
-                for index in sorted(results):  # document order: the same float64 sum with any number of processes
-                    point.nll_sum += results[index].nll_sum
-                    point.tokens += results[index].tokens
+                    log.warning("stopped during --context-curve: its sums are saved up to the last finished chunk; "
+                                "--resume continues it")
+                    return True
+                sums.append(results)
+            for k, results in enumerate(sums):  # every document's exact sum: the same with any shards or processes
+                for index in sorted(results):
+                    curve.nll[k].add(results[index].nll_sum)
+                    curve.tokens[k] += results[index].tokens
+            curve.documents += sum(len(s.ids) - 1 >= max(longest, s.first_target) for s in sequences.values())
+            curve.chunks_done += 1
+            curve.seconds += time.perf_counter() - started
+            started = time.perf_counter()
+            save_if_due(plan, run)
     finally:
         curve_plan.progress.close()
-    return _summary(points, documents, cfg.mode, time.perf_counter() - started)
+    curve.done = True
+    if not any(curve.tokens):
+        log.warning("--context-curve: no token has %d tokens of context before it; give shorter lengths or longer "
+                    "documents (context_curve lists empty points)", longest)
+    return False
 
 
-def _sequences(plan: Plan, tokenizer):
-    """{index: Sequence} per chunk of documents (document mode), or the one joined stream (stream mode, index -1)."""
+def _sequences(plan: Plan, tokenizer, done: int):
+    """{index: Sequence} per chunk of documents this run scores, from its `done`-th on (document mode), or the one
+    joined stream (stream mode, index -1)."""
     cfg = plan.cfg
     if cfg.mode == "stream":
+        if done:
+            return
         texts = [d.text for d in data.iter_documents(cfg, plan.rows, read=plan.read) if d.text is not None]
         ids, _ = stream_sequence(plan, tokenizer, texts)
         yield {-1: Sequence(ids, 1)}
         return
     rank, world = plan.accelerator.process_index, plan.accelerator.num_processes
-    for docs in chunks(data.iter_documents(cfg, plan.rows, read=plan.read), cfg.chunk_documents):
+    for docs in document_chunks(plan, done):
         share = tokenize_share(docs, tokenizer, plan.setup.prefix, rank, world, cfg.detokenizer)
         yield {k: v for part in gather(share, plan) for k, v in part.items()}
-
-
-def _summary(points: list[CurvePoint], documents: int, mode: str, seconds: float) -> dict:
-    """The curve as results.json lists it, one entry per length, with what defines its targets and windows."""
-    tokens = points[0].tokens
-    assert all(p.tokens == tokens for p in points), "every context length scores the same targets"
-    if not tokens:
-        log.warning("--context-curve: no token has %d tokens of context before it; give shorter lengths or longer "
-                    "documents (context_curve lists empty points)", points[-1].length)
-    means = [p.nll_sum / p.tokens if p.tokens else None for p in points]
-    low = 1 if mode == "stream" else 0  # a stream window never scores its first token
-    return {
-        "lengths": [p.length for p in points],
-        "mean_loss": means,
-        "perplexity": [math.exp(m) if m is not None else None for m in means],
-        "tokens": [p.tokens for p in points],
-        "nll_sum": [p.nll_sum for p in points],
-        "strides": [p.stride for p in points],
-        "context": [[p.length - p.stride + 1 - low, p.length - low] for p in points],  # fewest, most tokens seen
-        "targets": TARGETS.replace("max(lengths)", str(points[-1].length)),
-        "documents": documents,
-        "seconds": seconds,
-    }

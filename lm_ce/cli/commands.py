@@ -1,9 +1,10 @@
-"""The commands that read finished runs, no model: `lm-ce compare RUN_A RUN_B` and `lm-ce merge SHARD_DIR...`."""
+"""The commands that need no model: `lm-ce compare RUN_A RUN_B` and `lm-ce merge SHARD_DIR...` (finished runs), and
+`lm-ce cache list|clear` (lm_ce's cache folder)."""
 from __future__ import annotations
 
 import sys
 
-from lm_ce.cli.help import COMPARE_USAGE, MERGE_USAGE
+from lm_ce.cli.help import CACHE_USAGE, COMPARE_USAGE, MERGE_USAGE
 
 
 def compare_main(argv: list[str] | None = None) -> int:
@@ -75,3 +76,55 @@ def merge_main(argv: list[str]) -> int:
     print(report.table(results.summary))
     print(f"wrote {output_dir}/ (merged from {len(directories)} shards)")
     return 0
+
+
+def cache_main(argv: list[str]) -> int:
+    """`lm-ce cache list` (each entry: size, source file, date) and `lm-ce cache clear [NAME...]`."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(CACHE_USAGE)
+        return 0
+    if not argv or argv[0] not in ("list", "clear") or (argv[0] == "list" and len(argv) > 1):
+        print(f"lm_ce: error: cache: give list or clear: lm-ce cache list | lm-ce cache clear [NAME...] (got "
+              f"{' '.join(argv) or 'nothing'})", file=sys.stderr)
+        return 2
+    import shutil
+
+    from lm_ce.files import cache_root, memo_files
+    from lm_ce.model.gguf import cache_entries
+
+    root = cache_root()
+    if root is None:
+        print("LM_CE_CACHE is set empty: lm_ce keeps no cache on disk")
+        return 0
+    entries, memos = cache_entries(), memo_files()
+    if argv[0] == "list":
+        print(f"{root}:")
+        for e in entries:
+            state = "" if e["finished"] else "  (unfinished: left by a stopped run)"
+            print(f"  {e['name']}  {_size(e['bytes'])}  {e['created']}  from {e['source'] or '(unknown)'}{state}")
+        print(f"  sha256  {_size(sum(p.stat().st_size for p in memos))}  {len(memos)} memo{'s' * (len(memos) != 1)}")
+        print(f"  total  {_size(sum(e['bytes'] for e in entries))} of GGUF weights in {len(entries)} entries")
+        return 0
+    names = argv[1:]
+    known = {e["name"]: e for e in entries}
+    unknown = [n for n in names if n not in known and n != "sha256"]
+    if unknown:
+        print(f"lm_ce: error: cache clear: no entry {', '.join(unknown)} in {root / 'gguf'}; `lm-ce cache list` "
+              "names them", file=sys.stderr)
+        return 2
+    freed = 0
+    for e in entries:
+        if not names or e["name"] in names:
+            shutil.rmtree(e["path"], ignore_errors=True)
+            freed += e["bytes"]
+            print(f"removed {e['name']} ({_size(e['bytes'])})")
+    if not names or "sha256" in names:
+        for p in memos:
+            p.unlink(missing_ok=True)
+        print(f"removed {len(memos)} sha256 memo{'s' * (len(memos) != 1)}")
+    print(f"freed {_size(freed)} in {root}")
+    return 0
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.1f} MB" if n < 2**30 else f"{n / 2**30:,.2f} GB"

@@ -4,6 +4,7 @@ from __future__ import annotations
 USAGE = """usage: lm-ce [--config FILE.yaml] [--FIELD VALUE ...]     (also: python scripts/evaluate.py ...)
        lm-ce compare RUN_A RUN_B [--output-dir DIR]   (two finished runs; see lm-ce compare --help)
        lm-ce merge SHARD_DIR... --output-dir OUT      (the shards of one --shard K/N run; see lm-ce merge --help)
+       lm-ce cache list | clear [NAME...]             (lm_ce's cache: GGUF weights, file hashes; lm-ce cache --help)
 
 Scores a text dataset with a causal LM: mean token cross-entropy, perplexity, bits per byte.
 Every field below is a flag (--max-length 1024; dashes or underscores) and a key of the --config file
@@ -17,7 +18,20 @@ MERGE_USAGE = """usage: lm-ce merge SHARD_DIR... --output-dir OUT
 Writes the report of a whole run from its finished shards (each run with --shard K/N, or --shard auto in a
 Slurm array, into its own --output-dir), without loading a model: the same tokens, NLL sum, clustered
 standard error and groups as one run over all documents; documents.jsonl (and tokens.parquet) in document
-order. Shards of different runs, missing or given twice, are refused.
+order. Shards of different runs, missing or given twice, are refused, and so is a shard whose
+documents.jsonl or tokens.parquet is not what its saved state records (missing, cut or changed): nothing
+is written then.
+"""
+
+
+CACHE_USAGE = """usage: lm-ce cache list
+       lm-ce cache clear [NAME...]
+
+lm_ce's cache folder (LM_CE_CACHE, else ~/.cache/lm_ce; LM_CE_CACHE="" turns it off) holds the dequantized
+weights of GGUF files (gguf/NAME, one per file content, dtype and transformers/gguf versions) and the sha256
+of data and model files (sha256/, signed memos). `list` shows each entry's size, source file and date;
+`clear` removes every entry and the memos, or only the entries NAME... (as `list` names them; `sha256`
+for the memos).
 """
 
 

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from lm_ce.cli.commands import compare_main, merge_main
+from lm_ce.cli.commands import cache_main, compare_main, merge_main
 from lm_ce.cli.help import help_text
 
 
@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
         return compare_main(argv[1:])
     if argv[:1] == ["merge"]:
         return merge_main(argv[1:])
+    if argv[:1] == ["cache"]:
+        return cache_main(argv[1:])
     if any(a in ("-h", "--help") for a in argv):
         print(help_text())
         return 0
@@ -71,8 +73,8 @@ def report_run(results, cfg) -> None:
         # names relative to the output directory (a suite's datasets write into NAME/)
         written = report_files.write(results, cfg.output_dir, plot=cfg.plot, page=cfg.page)
         names = [str(p.relative_to(cfg.output_dir)) for p in written]
-        if (Path(cfg.output_dir) / "state.pt").is_file():  # saved by the run itself, for --resume
-            names.append("state.pt")
+        if (Path(cfg.output_dir) / "state.json").is_file():  # saved by the run itself, for --resume and merge
+            names += ["state.json", *(p.name for p in sorted(Path(cfg.output_dir).glob("state-*.safetensors")))]
         print(f"wrote {Path(cfg.output_dir)}/: {', '.join(names)}")
 
 

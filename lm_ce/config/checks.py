@@ -1,7 +1,10 @@
 """The settings that cannot work together, refused by name before anything is loaded."""
 from __future__ import annotations
 
+import re
+
 from lm_ce.config.fields import CHOICES, Config
+from lm_ce.config.protocols import PROTOCOLS
 from lm_ce.config.values import MAPPINGS
 from lm_ce.errors import UsageError
 
@@ -26,9 +29,13 @@ def check(cfg: Config) -> None:
             f"--stride {cfg.stride} is larger than --max-length {cfg.max_length}: tokens between windows "
             "would never be scored; use a stride at most max_length"
         )
-    if cfg.shard is not None and not valid_shard(cfg.shard, cfg.mode):
-        raise UsageError(f"--shard {cfg.shard}: give K/N with 0 <= K < N (or auto, from SLURM_ARRAY_TASK_ID and "
-                         "SLURM_ARRAY_TASK_COUNT), in --mode document")
+    if cfg.shard is not None and not valid_shard(cfg.shard):
+        raise UsageError(f"--shard {cfg.shard}: give K/N with 0 <= K < N (e.g. 0/4), or auto (from "
+                         "SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT)")
+    if cfg.shard is not None and cfg.mode != "document":
+        by = f", set by --protocol {cfg.protocol}" if PROTOCOLS[cfg.protocol].fields.get("mode") == cfg.mode else ""
+        raise UsageError(f"--shard cuts the documents into chunks, which needs --mode document; --mode is {cfg.mode}"
+                         f"{by} (a joined text cannot be cut into shards): give --mode document, or drop --shard")
     if cfg.min_k is not None and not (0 < cfg.min_k <= 1 and cfg.mode == "document"):
         raise UsageError(f"--min-k {cfg.min_k}: give the fraction K of each document's lowest tokens, 0 < K <= 1 "
                          f"(e.g. 0.2), in --mode document (the signals are per document; --mode is {cfg.mode})")
@@ -89,7 +96,7 @@ def check(cfg: Config) -> None:
 
 
 def check_context_curve(cfg: Config) -> None:
-    """--context-curve: increasing lengths of at least 1 (2 in stream mode), in document or stream mode, not resumed."""
+    """--context-curve: increasing lengths of at least 1 (2 in stream mode), in document or stream mode."""
     lengths = cfg.context_curve
     if lengths is None:
         return
@@ -103,19 +110,14 @@ def check_context_curve(cfg: Config) -> None:
     if cfg.mode not in ("document", "stream"):
         raise UsageError(f"--context-curve scores document or stream windows; --mode {cfg.mode} cuts fixed chunks "
                          "(use --mode document or stream)")
-    if cfg.resume:
-        raise UsageError("--context-curve cannot be resumed yet (its sums are not saved): rerun without --resume, "
-                         "with --overwrite")
 
 
-def valid_shard(shard: str, mode: str) -> bool:
-    """Whether --shard is `auto` or K/N with 0 <= K < N, in document mode (the only mode cut into documents)."""
-    if mode != "document":
-        return False
+def valid_shard(shard: str) -> bool:
+    """Whether --shard is `auto` or K/N with 0 <= K < N (ASCII digits)."""
     if shard == "auto":
         return True
-    k, _, n = shard.partition("/")
-    return k.isdigit() and n.isdigit() and int(k) < int(n)
+    match = re.fullmatch(r"([0-9]+)/([0-9]+)", shard)
+    return match is not None and int(match[1]) < int(match[2])
 
 
 def check_longppl(cfg: Config) -> None:

@@ -3,8 +3,15 @@ from the batches' headers alone, in memory that is freed after each batch.
 """
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+
+from lm_ce.files import atomic_write, file_sha256
+
+RECORD = "lm_ce_copy.json"  # beside datasets' Arrow files: what lm_ce found in them when it made the copy
 
 
 @dataclass
@@ -83,10 +90,17 @@ def batch_at(name: str, index: int) -> BatchAt:
     (MADV_RANDOM): reading the batches themselves to count their rows reads the whole file from disk."""
     import mmap
 
+    error = None
     with open(name, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_RANDOM"):
             mapped.madvise(mmap.MADV_RANDOM)
-        found = _batch_at(mapped, index, name)  # holds no view of the map once it returns, so the map can close
+        try:
+            found = _batch_at(mapped, index, name)  # holds no view of the map once it returns, so the map can close
+        except (ValueError, OSError) as e:  # a cut or damaged file (pyarrow's ArrowInvalid is a ValueError)
+            error = f"{name}: not a whole Arrow stream ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        # the error's traceback, which held views of the map, is gone here: the map can close
+    if error is not None:
+        raise ValueError(error)
     return found
 
 
@@ -109,3 +123,43 @@ def _batch_at(mapped, index: int, name: str) -> BatchAt:
         if rows + count > index:
             return BatchAt(offset=offset, rows_before=rows, schema=schema)
         rows += count
+
+
+def count_rows(name: str) -> int:
+    """The rows of an Arrow stream file, from its batches' headers alone."""
+    return batch_at(name, 2**62).rows_before
+
+
+def record_copy(directory: str, files: list[str]) -> None:
+    """Write down each Arrow file of a copy just made: size, rows and sha256 (checked by `copy_damage`)."""
+    entries = [{"name": Path(f).name, "bytes": os.path.getsize(f), "rows": count_rows(f), "sha256": file_sha256(f)}
+               for f in files]
+    atomic_write(Path(directory) / RECORD, json.dumps({"files": entries}, indent=1) + "\n")
+
+
+def copy_damage(directory: str, files: list[str], rows: int) -> str | None:
+    """Why the Arrow copy in `directory` is not the one lm_ce made (None: it is): no record of it, other files,
+    sizes, row counts (also against datasets' own count, `rows`) or sha256 (remembered while a file's inode, size
+    and times stay the same, so that only a changed file is read again)."""
+    try:
+        record = json.loads((Path(directory) / RECORD).read_text(encoding="utf-8"))["files"]
+        saved = {e["name"]: e for e in record}
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {RECORD}: not made by this version of lm_ce"
+    if sorted(saved) != sorted(Path(f).name for f in files):
+        return "its Arrow files are not those lm_ce made"
+    try:
+        counts = {f: count_rows(f) for f in files}
+        for f in files:
+            e = saved[Path(f).name]
+            if os.path.getsize(f) != e["bytes"] or counts[f] != e["rows"]:
+                return f"{Path(f).name} holds {counts[f]:,} rows in {os.path.getsize(f):,} bytes, not {e['rows']:,} " \
+                       f"in {e['bytes']:,}"
+        if sum(counts.values()) != rows:
+            return f"{sum(counts.values()):,} rows, not the {rows:,} datasets counted"
+        for f in files:
+            if file_sha256(f) != saved[Path(f).name]["sha256"]:
+                return f"{Path(f).name} was changed (its sha256 differs)"
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a file that is no Arrow stream
+        return f"unreadable: {str(e)[:300]}"
+    return None

@@ -10,11 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lm_ce.config.fields import Config
-from lm_ce.data.arrow import ArrowCopy, plain_values
+from lm_ce.data.arrow import ArrowCopy, copy_damage, plain_values, record_copy
 from lm_ce.data.identity import DataIdentity
 from lm_ce.data.local import first_bad_json_line, first_bad_utf8, local_files, whole_text
 from lm_ce.errors import UsageError, first_line
 from lm_ce.files import file_sha256
+
+log = logging.getLogger("lm_ce")
 
 MEMORY = "<memory>"  # Config.dataset when the rows were given in memory (lm_ce.evaluate, PerplexityCallback)
 
@@ -143,23 +145,60 @@ def hub_rows(cfg: Config, read: DataIdentity | None):
 
 def arrow_copy(cfg: Config, builder: str, paths: list[str], *, cache_dir: str | None, options: dict,
                read: DataIdentity | None = None):
-    """datasets' Arrow copy of local files, keyed by their content (`cache_name`): written on the first run,
-    found on later ones. An `ArrowCopy` when the run's fields hold plain values, else the Dataset."""
+    """datasets' Arrow copy of local files, keyed by their content (`cache_name`): written on the first run (and its
+    files written down: sizes, rows, sha256), found on later ones and checked against that record and datasets'
+    own row count; a copy that fails (cut, changed, not made by lm_ce) is made again, said in one line. An
+    `ArrowCopy` when the run's fields hold plain values, else the Dataset."""
     import datasets
-    from datasets.arrow_reader import ArrowReader
 
+    check_cache_folder(cache_dir)
     prepared = datasets.load_dataset_builder(builder, data_files=paths, cache_dir=cache_dir,
                                              name=cache_name(paths, read), **options)
-    made = not Path(prepared.cache_dir, "dataset_info.json").exists()  # datasets' own test for a finished copy
+    found = (Path(prepared.cache_dir) / "dataset_info.json").is_file()
     prepared.download_and_prepare()
-    if read is not None and made:  # the copy is of the content recorded, unless a file was written while it was made
-        read.check_unchanged("making its Arrow copy")
+    files, rows = copy_files(prepared)
+    why = copy_damage(prepared.cache_dir, files, rows) if found and files else None
+    if why is not None:
+        log.warning("the Arrow copy of %s in %s is damaged (%s): making it again", ", ".join(paths),
+                    prepared.cache_dir, why)
+        try:
+            prepared.download_and_prepare(download_mode="force_redownload")
+        except OSError as e:  # the cache, not the data: a folder that cannot be written
+            raise UsageError(f"the Arrow copy of {', '.join(paths)} in {prepared.cache_dir} is damaged ({why}) and "
+                             f"cannot be made again ({e.strerror or e}); delete that folder, or use --data-cache "
+                             "off") from None
+        files, rows = copy_files(prepared)
+    if read is not None and (not found or why is not None):  # the copy is of the content recorded, unless a file
+        read.check_unchanged("making its Arrow copy")  # was written while it was made
+    if files and (not found or why is not None):
+        record_copy(prepared.cache_dir, files)
     features = prepared.info.features
-    if features is not None and plain_values(features, row_fields(cfg)):
-        parts = ArrowReader(prepared.cache_dir, prepared.info).get_file_instructions(
-            prepared.dataset_name, "train", prepared.info.splits.values())
-        split = prepared.info.splits["train"]
-        if parts and all(p["skip"] == 0 for p in parts) and sum(p["take"] for p in parts) == split.num_examples:
-            return ArrowCopy(files=[p["filename"] for p in parts], column_names=list(features),
-                             num_rows=split.num_examples)
+    if features is not None and plain_values(features, row_fields(cfg)) and files:
+        return ArrowCopy(files=files, column_names=list(features), num_rows=rows)
     return prepared.as_dataset(split="train")
+
+
+def copy_files(prepared) -> tuple[list[str], int]:
+    """(the Arrow files of the copy's train split in order, its row count as datasets recorded it); no files when
+    the split is not read whole from its files."""
+    from datasets.arrow_reader import ArrowReader
+
+    split = prepared.info.splits["train"]
+    parts = ArrowReader(prepared.cache_dir, prepared.info).get_file_instructions(
+        prepared.dataset_name, "train", prepared.info.splits.values())
+    if parts and all(p["skip"] == 0 for p in parts) and sum(p["take"] for p in parts) == split.num_examples:
+        return [p["filename"] for p in parts], split.num_examples
+    return [], split.num_examples
+
+
+def check_cache_folder(cache_dir: str | None) -> None:
+    """The folder datasets keeps its Arrow copies in (--data-cache output's, else HF_DATASETS_CACHE's), refused in
+    one line naming it when it is a file or lies under one (not blamed on the data files)."""
+    import datasets
+
+    folder = Path(cache_dir or datasets.config.HF_DATASETS_CACHE)
+    which = "--data-cache output's folder" if cache_dir else "the datasets cache (HF_DATASETS_CACHE)"
+    blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"{which} {folder} cannot be used: {blocker} is a file; point it at a folder, or use "
+                         "--data-cache off")

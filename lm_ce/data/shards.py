@@ -7,6 +7,7 @@ figures, are the same as that run's; document indices stay global.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from lm_ce.config.fields import Config
@@ -37,12 +38,23 @@ def shard_of(cfg: Config) -> Shard | None:
     if cfg.shard != "auto":
         k, n = (int(x) for x in cfg.shard.split("/"))
         return Shard(k, n)
-    task, count = os.environ.get("SLURM_ARRAY_TASK_ID"), os.environ.get("SLURM_ARRAY_TASK_COUNT")
-    if not (task or "").isdigit() or not (count or "").isdigit():
-        raise UsageError("--shard auto reads SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT, which are not set: run it "
-                         "in a Slurm array (sbatch --array=0-99), or give --shard K/N")
-    k = int(task) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0") or 0)
+    task, count, low = (os.environ.get(f"SLURM_ARRAY_TASK_{k}") for k in ("ID", "COUNT", "MIN"))
+    if not _whole(task) or not _whole(count):
+        raise UsageError("--shard auto reads SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT, which are not set (or not "
+                         "whole numbers): run it in a Slurm array (sbatch --array=0-99), or give --shard K/N")
+    if int(count) < 1:
+        raise UsageError(f"--shard auto: SLURM_ARRAY_TASK_COUNT is {count}, no task at all; run it in a Slurm array "
+                         "of at least one task (sbatch --array=0-99), or give --shard K/N")
+    if low not in (None, "") and not _whole(low):
+        raise UsageError(f"--shard auto: SLURM_ARRAY_TASK_MIN is {low!r}, not a whole number; run it in a Slurm "
+                         "array, or give --shard K/N")
+    k = int(task) - int(low or 0)
     if not 0 <= k < int(count):
         raise UsageError(f"--shard auto: SLURM_ARRAY_TASK_ID {task} is not one of {count} tasks counted from "
-                         f"SLURM_ARRAY_TASK_MIN; use --array=0-{int(count) - 1}, or give --shard K/N")
+                         f"SLURM_ARRAY_TASK_MIN {low or 0}; use --array=0-{int(count) - 1} (consecutive ids), or "
+                         "give --shard K/N")
     return Shard(k, int(count))
+
+
+def _whole(value: str | None) -> bool:
+    return value is not None and re.fullmatch(r"[0-9]+", value) is not None

@@ -1,12 +1,15 @@
 """GGUF files: dequantized by transformers (slow, memory-hungry), then the plain weights cached under
-`LM_CE_CACHE`/gguf/<content hash> so that later runs load them in seconds."""
+`LM_CE_CACHE`/gguf/<content hash>-<dtype>-<format>-<transformers and gguf versions> so that later runs load them in
+seconds. Each entry says what it was made from (`lm_ce_cache.json`); `lm-ce cache list` and `lm-ce cache clear`
+show and remove them."""
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-import os
+import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,10 +17,14 @@ import torch
 
 from lm_ce.config.fields import Config
 from lm_ce.errors import UsageError
-from lm_ce.files import cache_root, file_sha256
+from lm_ce.files import atomic_path, atomic_write, cache_root, file_sha256
 from lm_ce.model.diagnose import model_flag
 
 log = logging.getLogger("lm_ce")
+
+MANIFEST = "lm_ce_cache.json"  # in each entry: its source file, sha256, dtype, versions, size and date
+SPARE = 2**28  # bytes left free on the cache's disk beyond an entry's own
+ENTRY = re.compile(r"([0-9a-f]{32}-[a-z0-9]+)-.+")  # an entry's name: <content hash>-<dtype>-<format and versions>
 
 
 def gguf_source(spec: str, cfg: Config, dtype: torch.dtype) -> tuple[str, dict, str | None]:
@@ -28,9 +35,12 @@ def gguf_source(spec: str, cfg: Config, dtype: torch.dtype) -> tuple[str, dict, 
         if f.read(4) != b"GGUF":
             raise UsageError(f"{spec} is not a GGUF file (no GGUF magic bytes); give a valid .gguf file")
     kwargs = {"trust_remote_code": cfg.trust_remote_code}
-    if cfg.gguf_cache:
-        name = f"{file_sha256(spec)[:32]}-{str(dtype).replace('torch.', '')}-{GGUF_CACHE_FORMAT}"
-        cached = cache_root() / "gguf" / name
+    root = cache_root()
+    if cfg.gguf_cache and root is None and cfg.device_map:
+        raise UsageError("--device-map with a GGUF file places its dequantized cache, and LM_CE_CACHE is set empty "
+                         "(no disk cache): set LM_CE_CACHE to a folder, or unset it")
+    if cfg.gguf_cache and root is not None:
+        cached = root / "gguf" / entry_name(file_sha256(spec), dtype)
         if (cached / "config.json").is_file():
             return str(cached), kwargs, None
         return str(Path(spec).parent), {**kwargs, "gguf_file": Path(spec).name}, str(cached)
@@ -42,27 +52,94 @@ def gguf_source(spec: str, cfg: Config, dtype: torch.dtype) -> tuple[str, dict, 
 GGUF_CACHE_FORMAT = "v2"
 
 
-def save_gguf_cache(model, tokenizer, target: str) -> None:
-    """Write the dequantized weights where gguf_source will find them next time (write, then rename)."""
-    Path(target).parent.mkdir(parents=True, exist_ok=True)
+def versions() -> dict[str, str]:
+    """The versions that dequantize a GGUF file (transformers, reading it with gguf): part of an entry's key."""
+    import importlib.metadata
+
+    import transformers
+
+    return {"transformers": transformers.__version__, "gguf": importlib.metadata.version("gguf")}
+
+
+def entry_name(sha256: str, dtype: torch.dtype) -> str:
+    v = versions()
+    return (f"{sha256[:32]}-{str(dtype).replace('torch.', '')}-{GGUF_CACHE_FORMAT}-transformers{v['transformers']}"
+            f"-gguf{v['gguf']}")
+
+
+def save_gguf_cache(model, tokenizer, target: str, source: str | None = None) -> None:
+    """Write the dequantized weights where gguf_source will find them next time, saying first how much space they
+    take (written into a temporary folder, then renamed; the temporary is removed on any stop, Ctrl-C included).
+    Entries made from the same file with the same dtype by other versions are removed once it is written."""
     from safetensors.torch import save_file
 
-    tmp = Path(f"{target}.tmp{os.getpid()}")
+    target_path = Path(target)
+    weights = unshared_state(model)
+    size = sum(t.numel() * t.element_size() for t in weights.values())
+    free = shutil.disk_usage(next(p for p in [target_path, *target_path.parents] if p.exists())).free
+    if free < size + SPARE:
+        log.warning("not caching the dequantized GGUF weights (%s) in %s: %s free on that disk; free space, set "
+                    "LM_CE_CACHE elsewhere, or --no-gguf-cache", _mb(size), target_path.parent, _mb(free))
+        return
+    log.info("caching the dequantized GGUF weights (%s) in %s, so that later runs load them in seconds "
+             "(--no-gguf-cache: not cached; lm-ce cache list / clear)", _mb(size), target)
     try:
-        with quiet_progress():  # one progress display at a time: no library bar while the weights are written
-            tmp.mkdir(parents=True, exist_ok=True)
+        target_path.parent.mkdir(parents=True, exist_ok=True)
+        if target_path.exists():  # an entry without its config.json: not one gguf_source would read
+            shutil.rmtree(target_path)
+        with atomic_path(target_path) as tmp, quiet_progress():  # one progress display at a time
+            tmp.mkdir()
             # save_pretrained refuses GGUF-loaded models; the dequantized tensors are plain, so save them as such
             config = model.config.to_dict()
             config.pop("quantization_config", None)
             config["architectures"] = [type(model).__name__]  # what other tools (and converters) read the class from
             (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-            save_file(unshared_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-        log.info("cached the dequantized GGUF weights in %s (--no-gguf-cache to turn off)", target)
+            manifest = {"source": str(Path(source).absolute()) if source else None,
+                        "dtype": str(next(iter(weights.values())).dtype).replace("torch.", ""),
+                        "format": GGUF_CACHE_FORMAT, **versions(),
+                        "bytes": folder_bytes(tmp), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+            atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     except (OSError, ValueError, RuntimeError) as e:
         log.warning("could not cache the dequantized GGUF weights in %s: %s", target, e)
-        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    key = ENTRY.fullmatch(target_path.name)
+    for old in target_path.parent.iterdir() if key else []:
+        other = ENTRY.fullmatch(old.name)
+        if other and other[1] == key[1] and old != target_path and old.is_dir():  # same content and dtype
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("removed %s: the same GGUF file's cache made by other versions", old.name)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.0f} MB" if n < 2**30 else f"{n / 2**30:,.1f} GB"
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def cache_entries() -> list[dict]:
+    """Each folder under LM_CE_CACHE/gguf: {name, path, bytes, source, created, finished} (`lm-ce cache list`);
+    a temporary that a killed run left is listed as unfinished."""
+    root = cache_root()
+    folder = root / "gguf" if root is not None else None
+    if folder is None or not folder.is_dir():
+        return []
+    out = []
+    for entry in sorted(folder.iterdir()):
+        if not entry.is_dir():
+            continue
+        try:
+            manifest = json.loads((entry / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            manifest = {}
+        manifest = manifest if isinstance(manifest, dict) else {}
+        created = manifest.get("created") or time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.stat().st_mtime))
+        out.append({"name": entry.name, "path": entry, "bytes": folder_bytes(entry), "source": manifest.get("source"),
+                    "created": created, "finished": (entry / "config.json").is_file() and not entry.name.startswith(".")})
+    return out
 
 
 @contextlib.contextmanager

@@ -99,7 +99,7 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
             raise
         raise error from None
     if cache_to and main_process:
-        save_gguf_cache(model, tokenizer, cache_to)
+        save_gguf_cache(model, tokenizer, cache_to, source=spec)
     drop_build_tables(tokenizer)
     if cache_to and place:
         del model

@@ -10,7 +10,7 @@ from typing import TypedDict
 from lm_ce.config.fields import Config
 from lm_ce.errors import UsageError
 from lm_ce.sums import stats
-from lm_ce.sums.records import KeySums, RowSums, Run, Tally, TokenSums
+from lm_ce.sums.records import CurveSums, KeySums, RowSums, Run, Tally, TokenSums
 from lm_ce.sums.signals import SignalSums
 
 
@@ -77,7 +77,32 @@ def figures(cfg: Config, run: Run, stopped: bool) -> tuple[dict, Tally]:
     if run.shard is not None:
         k, n = (int(x) for x in run.shard.split("/"))
         out["shard"] = {"index": k, "count": n}
+    if cfg.context_curve and run.curve is not None and run.curve.done:
+        out["context_curve"] = curve_figures(run.curve, cfg.mode)
     return out, tally
+
+
+CURVE_TARGETS = "every token with at least {} tokens of its sequence before it (after the prompt, if any)"
+
+
+def curve_figures(curve: CurveSums, mode: str) -> dict:
+    """results.json's `context_curve` from its exact sums (analysis/curve.py), one entry per length, with what
+    defines its targets and windows."""
+    nll = [s.value for s in curve.nll]
+    means = [v / n if n else None for v, n in zip(nll, curve.tokens)]
+    low = 1 if mode == "stream" else 0  # a stream window never scores its first token
+    return {
+        "lengths": curve.lengths,
+        "mean_loss": means,
+        "perplexity": [math.exp(m) if m is not None else None for m in means],
+        "tokens": curve.tokens,
+        "nll_sum": nll,
+        "strides": curve.strides,
+        "context": [[n - s + 1 - low, n - low] for n, s in zip(curve.lengths, curve.strides)],  # fewest, most seen
+        "targets": CURVE_TARGETS.format(curve.lengths[-1]),
+        "documents": curve.documents,
+        "seconds": curve.seconds,
+    }
 
 
 def longppl_settings(cfg: Config) -> dict:

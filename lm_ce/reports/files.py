@@ -8,10 +8,23 @@ from pathlib import Path
 
 import yaml
 
+from lm_ce.files import atomic_path, atomic_write
+
 from lm_ce.reports.page import PageParts
 from lm_ce.reports.page import render as render_page
 from lm_ce.reports.plots import plot_curve, plot_positions
-from lm_ce.reports.tables import ROWS, fmt, headline, interval, lookup, markdown, sections, title, what_was_run
+from lm_ce.reports.tables import (
+    ROWS,
+    fmt,
+    headline,
+    interval,
+    lookup,
+    markdown,
+    sections,
+    shard_note,
+    title,
+    what_was_run,
+)
 from lm_ce.rundir.claims import REPORTS
 from lm_ce.rundir.outputs import DOCUMENTS, TOKENS, DocumentRows, join_parquet, row_line
 from lm_ce.sums.records import Results
@@ -44,28 +57,27 @@ def write(results: Results, output_dir: str, plot: bool = True, page: bool = Tru
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        tmp = directory / f".tokens.parquet.tmp{os.getpid()}"
-        pq.write_table(pa.table(results.token_table), tmp)
-        os.replace(tmp, directory / "tokens.parquet")
-        written.append(directory / "tokens.parquet")
+        with atomic_path(directory / TOKENS) as tmp:
+            pq.write_table(pa.table(results.token_table), tmp)
+        written.append(directory / TOKENS)
     if plot and results.positions is not None and "suite" not in results.summary and int(results.positions.count.sum()):
         if plot_positions(results.positions, directory / "position_loss.png", title(results.summary)):
             written.append(directory / "position_loss.png")
     if plot and "context_curve" in results.summary and any(results.summary["context_curve"]["tokens"]):
         if plot_curve(results.summary["context_curve"], directory / "context_curve.png", title(results.summary)):
             written.append(directory / "context_curve.png")
-    written.append(_atomic(directory / "results.json", json.dumps(results.summary, indent=2, default=str) + "\n"))
-    written.append(_atomic(directory / "results.md", markdown(results.summary)))
+    written.append(atomic_write(directory / "results.json", json.dumps(results.summary, indent=2, default=str) + "\n"))
+    written.append(atomic_write(directory / "results.md", markdown(results.summary)))
     if page and "suite" not in results.summary:  # a suite: each dataset's own page
-        written.append(_atomic(directory / "results.html", render_page(page_parts(results))))
+        written.append(atomic_write(directory / "results.html", render_page(page_parts(results))))
     config = yaml.safe_dump(results.summary["config"], sort_keys=False, allow_unicode=True)
-    written.append(_atomic(directory / "config.yaml", config))
+    written.append(atomic_write(directory / "config.yaml", config))
     if isinstance(results.documents, DocumentRows) and results.documents.path == directory / DOCUMENTS:
         if results.documents.path.is_file():
             written.append(results.documents.path)  # written row by row as the run went
     elif results.documents:
         text = "".join(row_line(d) + "\n" for d in results.documents)
-        written.append(_atomic(directory / DOCUMENTS, text))
+        written.append(atomic_write(directory / DOCUMENTS, text))
     for name in REPORTS:
         if directory / name not in written and (directory / name).is_file():
             (directory / name).unlink()
@@ -90,7 +102,8 @@ def page_parts(results: Results) -> PageParts:
     return PageParts(title=title(summary), interrupted=not summary.get("complete", True), figures=figures,
                      tables=[t for t in sections(summary) if not t[0].startswith("Mean loss by position")],
                      what_was_run=what_was_run(summary), buckets=summary.get("by_position") or [],
-                     per_position=per_position(results.positions), extremes=results.extremes, no_documents=no_documents)
+                     per_position=per_position(results.positions), extremes=results.extremes, no_documents=no_documents,
+                     note=shard_note(summary))
 
 
 def per_position(positions, at_most: int = 2048) -> list[tuple[int, float]]:
@@ -104,9 +117,3 @@ def per_position(positions, at_most: int = 2048) -> list[tuple[int, float]]:
     return [(p, float(positions.nll[p]) / int(positions.count[p])) for p in seen]
 
 
-def _atomic(path: Path, text: str) -> Path:
-    """Write then rename, so a crash never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path

@@ -52,6 +52,7 @@ class PageParts:
     per_position: list[tuple[int, float]]  # (position, mean loss) of every position seen
     extremes: Extremes | None
     no_documents: str | None  # why the page has no documents section (None: it has one)
+    note: str | None = None  # a line under the title (a shard's report: that it is one shard of N)
 
 
 def loss_class(nll: float) -> int:
@@ -68,6 +69,8 @@ def render(parts: PageParts) -> str:
            f"<title>{e(parts.title)}</title><style>{CSS}</style></head><body>", f"<h1>{e(parts.title)}</h1>"]
     if parts.interrupted:
         out.append('<p class="warn">Interrupted: these figures cover only what was scored before the stop.</p>')
+    if parts.note:
+        out.append(f'<p class="warn">{e(parts.note)}.</p>')
     out += ['<section id="summary"><h2>Summary</h2>', _table(["figure", "value"], [list(r) for r in parts.figures]),
             "</section>"]
     for name, header, rows in parts.tables:

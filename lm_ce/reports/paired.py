@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from lm_ce.errors import UsageError
+from lm_ce.files import atomic_write
 from lm_ce.rundir import claims as outdir
+from lm_ce.rundir import state as saved
 from lm_ce.sums.stats import exp_capped, paired
 
 DATA_KEYS = ("source", "dataset", "dataset_config", "split", "text_field", "prompt_field", "join_by", "streaming", "limit")
@@ -54,6 +56,7 @@ def read_run(directory: str) -> RunFiles:
         if not docs.is_file():
             raise UsageError(f"{docs} not found: a document-mode run writes it; rerun that evaluation with --output-dir")
         documents = read_documents(docs)
+        saved.check_documents(path, docs)
     tokens = path / "tokens.parquet"
     return RunFiles(path, summary, documents, tokens if tokens.is_file() else None)
 
@@ -324,8 +327,8 @@ def write(comparison: dict, output_dir: str) -> Path:
     directory = Path(output_dir)
     outdir.make(directory)  # a file there, or a folder that cannot be created: one line, as evaluate says it
     try:
-        (directory / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n", encoding="utf-8")
-        (directory / "comparison.md").write_text(markdown(comparison), encoding="utf-8")
+        atomic_write(directory / "comparison.json", json.dumps(comparison, indent=2) + "\n")
+        atomic_write(directory / "comparison.md", markdown(comparison))
     except OSError as e:
         raise UsageError(f"--output-dir {directory} is not writable ({e.strerror}); give a writable directory") from None
     return directory

@@ -1,8 +1,9 @@
 """The run's PNG plots: the loss by position in the window, and the perplexity against context length."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from lm_ce.files import atomic_path
 
 
 def plot_positions(positions, path: Path, caption: str) -> bool:
@@ -27,10 +28,9 @@ def plot_positions(positions, path: Path, caption: str) -> bool:
     ax.set_title(caption, fontsize=7)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path, suffix=".png") as tmp:  # matplotlib reads the format from the name
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 
@@ -52,8 +52,7 @@ def plot_curve(curve: dict, path: Path, caption: str) -> bool:
     ax.set_ylabel("mean loss (nats/token)")
     ax.set_title(f"{caption}\n{curve['tokens'][0]:,} targets: {curve['targets']}", fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path, suffix=".png") as tmp:  # matplotlib reads the format from the name
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
     return True

@@ -48,7 +48,17 @@ def title(summary: dict) -> str:
     return (
         f"{m['name']} ({m['dtype']}) on {data_source(summary['data'])}: {protocol}{s['mode']} mode, "
         f"max_length {s['max_length']}" + (f", stride {s['stride']}" if s.get("stride") else "")
+        + (f", shard {summary['shard']['index']} of {summary['shard']['count']}" if summary.get("shard") else "")
     )
+
+
+def shard_note(summary: dict) -> str | None:
+    """For one shard's report: that its figures are of that shard's documents only."""
+    shard = summary.get("shard")
+    if not shard:
+        return None
+    return (f"SHARD {shard['index']} of {shard['count']}: these figures cover only this shard's documents; "
+            "lm-ce merge joins the shards into the whole run's figures")
 
 
 def protocol_label(s: dict) -> str:
@@ -225,6 +235,8 @@ def table(summary: dict) -> str:
     lines = [title(summary)]
     if not summary.get("complete", True):
         lines.append("INTERRUPTED: these figures cover only what was scored before the stop")
+    if shard_note(summary):
+        lines.append(shard_note(summary))
     lines += [f"  {label:<{width}}  {value}" for label, value in rows]
     for name, header, body in sections(summary):
         lines += ["", name, *_grid(header, body)]
@@ -242,6 +254,8 @@ def markdown(summary: dict) -> str:
     out = [f"# {title(summary)}", ""]
     if not summary.get("complete", True):
         out += ["**Interrupted: these figures cover only what was scored before the stop.**", ""]
+    if shard_note(summary):
+        out += [f"**{shard_note(summary)}.**", ""]
     out += ["| metric | value |", "|---|---|"]
     out += [f"| {label} | {fmt(lookup(summary, path))} |" for label, path in ROWS]
     out += [f"| perplexity 95% interval | {interval(summary)} |"]

@@ -1,7 +1,8 @@
 """Saved progress of a run: exact sums so far, where in the data, and a fingerprint of what was run.
 
-The state file is written whole and then renamed, so a crash while saving leaves the previous
-state intact. A resume with a different model, data or setting is refused by the fingerprint.
+The state (rundir/state.py: state.json and the records' file, data and never code) is written whole and then
+renamed, so a crash while saving leaves the previous state intact. A resume with a different model, data or
+setting is refused by the fingerprint.
 """
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
+from lm_ce import __version__
 from lm_ce.config.fields import Config, resolve_path
 from lm_ce.errors import UsageError
-
-STATE = "state.pt"
+from lm_ce.rundir import state as saved
+from lm_ce.rundir.outputs import DOCUMENTS, rows_digest
+from lm_ce.rundir.state import LEGACY, STATE
 # Settings that change which tokens are scored, how batches are formed, or what is recorded.
 FINGERPRINTED = (
     "model", "revision", "dtype", "dataset", "dataset_config", "split", "data_files", "text_field", "prompt_field",
@@ -47,29 +48,30 @@ def fingerprint(cfg: Config) -> str:
 
 
 def save(output_dir: str, state: dict) -> None:
-    """Write the state (write, then rename: never a half-written file)."""
-    directory = Path(output_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{STATE}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, directory / STATE)
+    """Write the state (`state_of`'s): records first, then state.json, each written whole and renamed."""
+    run = state["run"]
+    header = {"lm_ce": __version__, "complete": state["complete"], "tokens": run.tokens, "shard": run.shard,
+              "processes": state["processes"], "fingerprint": state["fingerprint"], "config": state["config"],
+              "identity": state.get("identity"), "documents": saved.documents_record(run)}
+    saved.save(Path(output_dir), header, run)
 
 
 def load(cfg: Config) -> dict:
     """The saved state of the run in cfg.output_dir, checked against this run's fingerprint."""
-    path = Path(cfg.output_dir) / STATE
+    directory = Path(cfg.output_dir)
+    path = directory / STATE
     if not path.is_file():
+        if (directory / LEGACY).is_file():
+            raise UsageError(legacy_refusal("--resume", directory))
         raise UsageError(f"--resume: no saved progress in {path}; run once without --resume to start")
     try:
-        state = torch.load(path, weights_only=False)
-    except Exception as e:  # a state file from another tool or a damaged disk
-        raise UsageError(f"--resume: cannot read {path} ({type(e).__name__}); delete it to start over") from None
-    if not hasattr(state.get("run"), "rows"):  # per-document records of a version before the running sums
-        raise UsageError(f"--resume: {path} was saved by an older version of lm_ce, which this one cannot continue; "
-                         "rerun with --overwrite, or use another --output-dir")
-    if state.get("identity") is None:  # a version that did not record what it read: nothing to check a resume by
-        raise UsageError(f"--resume: {path} was saved by an older version of lm_ce, which did not record the content "
-                         "it scored; rerun with --overwrite, or use another --output-dir")
+        state = saved.load(directory)
+    except saved.StateError as e:
+        raise UsageError(f"--resume: the saved state in {directory} cannot be used: {e}; rerun with --overwrite "
+                         "(deletes it), or use another --output-dir") from None
+    if not isinstance(state.get("identity"), dict):  # a state that did not record what it read: nothing to check by
+        raise UsageError(f"--resume: {path} was saved by a version of lm_ce that did not record the content it "
+                         "scored; rerun with --overwrite, or use another --output-dir")
     if state.get("fingerprint") != fingerprint(cfg):
         old = state.get("config", {})
         changed = [k for k in FINGERPRINTED if old.get(k) != getattr(cfg, k)
@@ -79,8 +81,15 @@ def load(cfg: Config) -> dict:
             f"--resume: {path} was saved by a different run ({what}); resume with the same model, data and settings, "
             "or use another --output-dir"
         )
+    if cfg.mode == "document":  # the rows of the finished chunks are still there, as saved
+        rows_digest(directory / DOCUMENTS, state["run"])
     return state
 
+
+def legacy_refusal(what: str, directory: Path) -> str:
+    """The one line for a state.pt of an earlier version, which is never loaded (a pickle can run code)."""
+    return (f"{what}: {directory} holds {LEGACY}, the saved state of an earlier lm_ce, which this version never "
+            "loads (a pickle can run code); rerun with --overwrite (deletes it), or use another --output-dir")
 
 
 def state_of(cfg: Config, run, processes: int, complete: bool, identity: dict | None = None) -> dict:

@@ -2,10 +2,11 @@
 
 A directory holding another run's files is refused unless --resume continues that run or --overwrite
 replaces it (deleting only the files lm_ce writes; other files are kept). A run is known by lm_ce's
-own marker, a results.json or state.pt that lm_ce wrote: files with a run's names (config.yaml,
-documents.jsonl, ...) and no marker are someone else's, never replaced or deleted. A lock file keeps
-a second live run out: the run holds an OS lock on it, which the system drops when the process dies, so a
-lock file left by a killed run is recognized as stale and taken over.
+own marker, a results.json or state.json that lm_ce wrote (or the state.pt of an earlier version, known by its
+bytes and never loaded): files with a run's names (config.yaml, documents.jsonl, ...) and no marker are someone
+else's, never replaced or deleted. What a directory holds is told from state.json alone: no records are loaded.
+A lock file keeps a second live run out: the run holds an OS lock on it, which the system drops when the process
+dies, so a lock file left by a killed run is recognized as stale and taken over.
 """
 from __future__ import annotations
 
@@ -21,13 +22,16 @@ from pathlib import Path
 
 from lm_ce.config.fields import Config
 from lm_ce.errors import SharedUsageError, UsageError
+from lm_ce.rundir import state as saved
+from lm_ce.rundir.state import LEGACY, STATE
 
 log = logging.getLogger("lm_ce")
 
-STATE = "state.pt"  # saved progress (lm_ce.checkpoint)
 REPORTS = ("results.json", "results.md", "config.yaml", "documents.jsonl", "tokens.parquet", "position_loss.png",
            "context_curve.png", "results.html")
-RUN_FILES = (*REPORTS, STATE)  # every file a run writes; --overwrite deletes these and nothing else
+# Every file a run writes, with the records' files state.json names (state.body_files): --overwrite deletes these
+# and nothing else
+RUN_FILES = (*REPORTS, STATE, LEGACY)
 LOCK = ".lm_ce.lock"
 
 _held: dict[Path, list[int]] = {}  # directories this process holds: [lock file descriptor, nested claims]
@@ -176,6 +180,25 @@ def _lock(directory: Path) -> int:
     raise UsageError(f"--output-dir {directory}: its lock file keeps changing hands; use another --output-dir")
 
 
+def in_use(directory: Path) -> str | None:
+    """Who holds the directory's lock, when a live run does ('pid N on HOST since TIME'); else None."""
+    try:
+        fd = os.open(directory / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES) or _pid_alive(fd):
+                return _holder(fd)
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def _pid_alive(fd: int) -> bool:
     """Whether the lock file names another process of this host that still runs (where OS locks are missing)."""
     try:
@@ -217,51 +240,26 @@ def previous_run(directory: Path) -> Previous | None:
         return None
     files = ", ".join(found)
     results = _json(directory / "results.json")
-    ours = results.keys() >= RESULTS_MARKER or (STATE in found and _written_by_lm_ce(directory / STATE))
+    ours = (results.keys() >= RESULTS_MARKER or (STATE in found and saved.is_ours(directory / STATE))
+            or (LEGACY in found and saved.legacy(directory / LEGACY)))
     if not ours:
         return Previous(f"files not written by lm_ce ({files})", False, found)
     if STATE in found:
-        saved = _saved(directory / STATE)
-        if saved is None:
-            return Previous(f"a run whose {STATE} cannot be read ({files})", False)
-        complete, tokens = saved
-        if not complete:
-            scored = f"{tokens:,} tokens scored before the stop; " if tokens is not None else ""
-            return Previous(f"an interrupted run ({scored}{files})", True)
+        try:
+            header = saved.read_header(directory)
+        except saved.StateError as e:
+            return Previous(f"a run whose {STATE} cannot be used ({e}; {files})", False)
+        if not header["complete"]:
+            return Previous(f"an interrupted run ({header['tokens']:,} tokens scored before the stop; {files})", True)
         return Previous(f"a finished run ({files})", False)
+    if LEGACY in found:
+        return Previous(f"a run of an earlier lm_ce ({files}; this version never loads its {LEGACY})", False)
     if results.get("complete") is False:
         return Previous(f"an interrupted run without saved progress ({files})", False)
     return Previous(f"a finished run ({files})", False)
 
 
 RESULTS_MARKER = {"complete", "model", "config", "environment"}  # keys every results.json of lm_ce has (runs, suites)
-
-
-def _written_by_lm_ce(path: Path) -> bool:
-    """Whether a state file was saved by lm_ce: torch.save stores the pickle uncompressed, so the names of lm_ce's
-    record classes, or the state's 'fingerprint' key, are in its bytes (also in a state that no longer loads)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(2**22)
-        return b"lm_ce." in head or b"fingerprint" in head
-    except OSError:
-        return False
-
-
-def _saved(path: Path) -> tuple[bool, int | None] | None:
-    """(complete, tokens scored) of a saved state (tokens None when they cannot be told); None when unreadable."""
-    import torch
-
-    try:
-        state = torch.load(path, weights_only=False)
-        complete = bool(state["complete"])
-    except Exception:  # another tool's file, a damaged disk, or a format from another version
-        return None
-    try:
-        run = state["run"]
-        return complete, run.tokens
-    except Exception:  # a state of another version: still a run, its count unknown
-        return complete, None
 
 
 def _json(path: Path) -> dict:
@@ -275,10 +273,12 @@ def _json(path: Path) -> dict:
 def clear(directory: Path) -> list[str]:
     """Delete the files a run writes (and their half-written temporaries); other files stay. The names deleted."""
     removed = []
-    for name in RUN_FILES:
-        if (directory / name).is_file():
-            (directory / name).unlink()
-            removed.append(name)
-        for tmp in directory.glob(f".{name}.tmp*"):
+    for path in [*(directory / name for name in RUN_FILES), *saved.body_files(directory)]:
+        if path.is_file():
+            path.unlink()
+            removed.append(path.name)
+        for tmp in directory.glob(f".{path.name}.tmp*"):
             tmp.unlink()
+    for tmp in directory.glob(".state-*.safetensors.tmp*"):
+        tmp.unlink()
     return removed

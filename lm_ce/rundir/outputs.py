@@ -12,15 +12,17 @@ again from the parts it keeps.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from lm_ce.errors import UsageError
+from lm_ce.files import atomic_path
 from lm_ce.sums.extremes import SHOWN_TOKENS
 from lm_ce.sums.records import DocumentResult, KeyTokens, Run
 from lm_ce.sums.signals import Signals
@@ -83,6 +85,27 @@ class DocumentRows(Sequence):
         return f"DocumentRows({str(self.path)!r})"
 
 
+def rows_digest(path: Path, run: Run):
+    """The running sha256 of documents.jsonl's first `run.rows_offset` bytes (the saved run's finished rows), checked
+    against the one the state records; a UsageError when the file does not hold those rows (cut, changed)."""
+    digest = hashlib.sha256()
+    if not run.rows_offset:
+        return digest
+    size = path.stat().st_size if path.is_file() else None
+    if size is not None and size >= run.rows_offset:
+        with open(path, "rb") as f:
+            left = run.rows_offset
+            while left and (block := f.read(min(left, 2**24))):
+                digest.update(block)
+                left -= len(block)
+        if digest.hexdigest() == run.rows_sha256:
+            return digest
+    why = "missing" if size is None else f"{size:,} bytes, fewer than the {run.rows_offset:,} saved" \
+        if size < run.rows_offset else "its rows differ from those saved (sha256)"
+    raise UsageError(f"--resume: {path} does not hold the {run.rows.rows:,} rows the saved state records ({why}); "
+                     "rerun with --overwrite (deletes the run), or use another --output-dir")
+
+
 def part_path(directory: Path, chunk: int) -> Path:
     return directory / f"{PART_PREFIX}{chunk:07d}.parquet"
 
@@ -105,6 +128,7 @@ class Outputs:
     tables: list[dict] = field(default_factory=list)  # token tables in memory (no directory)
     vocab: dict[int, str] = field(default_factory=dict)  # token id -> text, decoded once
     _file: object = None
+    _digest: object = None  # the running sha256 of documents.jsonl's rows (run.rows_sha256)
     _joined: object = None  # pyarrow.parquet.ParquetWriter of JOINED, open while the run writes tokens
 
     @property
@@ -117,6 +141,7 @@ class Outputs:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         if self.document_mode:
+            self._digest = rows_digest(self.directory / DOCUMENTS, run)
             self._file = open(self.directory / DOCUMENTS, "ab")
             self._file.truncate(run.rows_offset)  # rows written after the last save are written again
         for part in token_parts(self.directory):
@@ -141,9 +166,11 @@ class Outputs:
         if self.directory is None:
             self.documents.extend(rows)
         elif self._file is not None:
-            self._file.write(("".join(row_line(d) + "\n" for d in rows)).encode("utf-8"))
+            data = "".join(row_line(d) + "\n" for d in rows).encode("utf-8")
+            self._file.write(data)
             self._file.flush()
-            run.rows_offset = self._file.tell()
+            self._digest.update(data)
+            run.rows_offset, run.rows_sha256 = self._file.tell(), self._digest.hexdigest()
 
     def _add_tokens(self, blocks: list[dict], rows: list[DocumentResult], chunk: int) -> None:
         table = token_table(blocks, rows, self.tokenizer, self.vocab)
@@ -153,11 +180,9 @@ class Outputs:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            path = part_path(self.directory, chunk)
-            tmp = path.with_name(path.name + f".{os.getpid()}")
             arrow = pa.table(table)
-            pq.write_table(arrow, tmp)
-            os.replace(tmp, path)
+            with atomic_path(part_path(self.directory, chunk)) as tmp:
+                pq.write_table(arrow, tmp)
             self._join(arrow)
 
     def _join(self, table) -> None:
@@ -261,16 +286,16 @@ def join_parquet(files: list[str], path: Path) -> None:
     """The parts, one after another, as one parquet file (written then renamed; one part in memory at a time)."""
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    writer = None
-    try:
-        for name in files:
-            table = pq.read_table(name)
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table)
-    finally:
-        if writer is not None:
-            writer.close()
-    if writer is not None:
-        os.replace(tmp, path)
+    if not files:
+        return
+    with atomic_path(path) as tmp:
+        writer = None
+        try:
+            for name in files:
+                table = pq.read_table(name)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+        finally:
+            if writer is not None:
+                writer.close()

@@ -168,6 +168,17 @@ def _save_partial(plan: Plan, run: Run, resumed: Tally, tally: Tally) -> None:
         for part in parts:
             merged.merge(part)
         snapshot = dataclasses.replace(run, partial=merged)
-        header = plan.identity.header() if plan.identity else None
-        checkpoint.save(plan.cfg.output_dir, checkpoint.state_of(plan.cfg, snapshot, plan.setup.processes,
-                                                                 complete=False, identity=header))
+        checkpoint.save(plan.cfg.output_dir, _unfinished(plan, snapshot))
+
+
+def save_if_due(plan: Plan, run: Run) -> None:
+    """Between chunks of a pass whose sums every process holds alike (--context-curve): the main process saves the
+    run when a periodic save is due."""
+    if plan.accelerator.is_main_process and _save_due(plan):
+        checkpoint.save(plan.cfg.output_dir, _unfinished(plan, run))
+
+
+def _unfinished(plan: Plan, run: Run) -> dict:
+    """The state of a run not finished yet, with what it read."""
+    header = plan.identity.header() if plan.identity else None
+    return checkpoint.state_of(plan.cfg, run, plan.setup.processes, complete=False, identity=header)

@@ -59,11 +59,7 @@ TOKENIZE_BATCH = 64  # documents per tokenizer call in the background tokenizati
 def run_documents(plan: Plan, run: Run, tokenizer) -> bool:
     """Chunks of documents: tokenize the next chunk while this one is scored. True when stopped early."""
     rank, world = plan.accelerator.process_index, plan.accelerator.num_processes
-    # A resumed run starts at its first unfinished chunk: the documents before it are skipped, not read
-    first = plan.shard.chunk(run.chunks_done) if plan.shard else run.chunks_done
-    source = data.iter_documents(plan.cfg, plan.rows, start=first * plan.cfg.chunk_documents, read=plan.read)
-    mine = (docs for c, docs in enumerate(chunks(source, plan.cfg.chunk_documents), start=first)
-            if not plan.shard or plan.shard.owns(c))
+    mine = document_chunks(plan, run.chunks_done)
     with ThreadPoolExecutor(1) as pool:
         pending = None
         for docs in mine:
@@ -74,6 +70,15 @@ def run_documents(plan: Plan, run: Run, tokenizer) -> bool:
         if pending is not None and _score_chunk(*pending, plan, run):
             return True
     return False
+
+
+def document_chunks(plan: Plan, done: int):
+    """The chunks of documents this run scores (a shard's own), from its `done`-th on: a resumed run starts at its
+    first unfinished chunk, and the documents before it are skipped, not read."""
+    first = plan.shard.chunk(done) if plan.shard else done
+    source = data.iter_documents(plan.cfg, plan.rows, start=first * plan.cfg.chunk_documents, read=plan.read)
+    return (docs for c, docs in enumerate(chunks(source, plan.cfg.chunk_documents), start=first)
+            if not plan.shard or plan.shard.owns(c))
 
 
 def run_stream(plan: Plan, run: Run, tokenizer) -> bool:

@@ -220,6 +220,34 @@ class RowSums:
 
 
 @dataclass
+class CurveSums:
+    """--context-curve's running sums over the chunks it has finished: per context length, the NLL and count of
+    the same targets (exact sums: shards' curves add up to one run's)."""
+
+    lengths: list[int]
+    strides: list[int]
+    nll: list[stats.ExactSum]
+    tokens: list[int]
+    documents: int = 0  # documents with at least one target
+    chunks_done: int = 0  # chunks of this run's documents (a shard's own) whose targets are in the sums
+    seconds: float = 0.0
+    done: bool = False  # every chunk scored
+
+    @classmethod
+    def empty(cls, lengths: list[int], strides: list[int]) -> CurveSums:
+        return cls(list(lengths), list(strides), [stats.ExactSum() for _ in lengths], [0] * len(lengths))
+
+    def merge(self, other: CurveSums) -> None:
+        for mine, theirs in zip(self.nll, other.nll):
+            mine.merge(theirs)
+        self.tokens = [a + b for a, b in zip(self.tokens, other.tokens)]
+        self.documents += other.documents
+        self.chunks_done += other.chunks_done
+        self.seconds += other.seconds
+        self.done = self.done and other.done
+
+
+@dataclass
 class Run:
     """Everything a run has computed so far, as running sums: what the state file holds and the reports are made
     from. The rows themselves are in documents.jsonl (`rows_offset` bytes of it are this run's finished chunks)."""
@@ -235,8 +263,11 @@ class Run:
     doubled_prefix: int = 0  # texts whose own leading BOS/EOS duplicated the prefix token (removed)
     tokens_per_process: list[int] = field(default_factory=list)
     rows_offset: int = 0  # bytes of documents.jsonl holding the rows of the finished chunks
+    rows_sha256: str | None = None  # the sha256 of those bytes (checked by a resume and by lm-ce merge)
     shard: str | None = None  # "K/N" when this run scores one shard of the documents
     extremes: Extremes | None = None  # results.html's documents of highest and lowest loss, with their tokens
+    passes_done: bool = False  # the pass over the data is finished (a stop after it was in --context-curve)
+    curve: CurveSums | None = None  # --context-curve's sums so far
 
     @property
     def tokens(self) -> int:

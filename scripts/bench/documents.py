@@ -125,7 +125,13 @@ def run_documents_size(spec: dict, _mode: str) -> dict:
             "save_seconds_total": sum(saves), "first_batch_after_start": (calls["first"] - spec["spawned_at"])
             if calls["first"] else None, "disk_read_mb_before_first_batch": calls.get("read_mb"),
             "evicted_files_read_mb_before_first_batch": calls.get("cached_mb"), "nll_sum": s["nll_sum"],
-            "state_bytes": os.path.getsize(Path(spec["output_dir"]) / "state.pt")}
+            "state_bytes": state_bytes(Path(spec["output_dir"]))}
+
+
+def state_bytes(directory: Path) -> int:
+    """The saved state's size: state.json and its records' file (state.pt of the versions before them)."""
+    return sum(p.stat().st_size for p in [directory / "state.pt", directory / "state.json",
+                                          *directory.glob("state-*.safetensors")] if p.is_file())
 
 
 def disk_read_mb() -> float | None:
@@ -252,7 +258,7 @@ def documents_table(scaling: dict) -> list[str]:
     if not rows:
         return []
     lines = ["Documents scaling (byte-level BPE of 512 tokens, ~43k-parameter Llama, 20-60 words a document, one thread):",
-             "", "| documents | variant | docs/s | peak RSS MB | one save max s | saves | state.pt KB | after scoring s "
+             "", "| documents | variant | docs/s | peak RSS MB | one save max s | saves | state KB | after scoring s "
              "| first batch after start s | disk read before it MB (of the evicted files) |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         dps = f"{r['documents_per_second']:.0f}" if r.get("documents_per_second") else "-"
