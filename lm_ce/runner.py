@@ -9,6 +9,7 @@ logic stays here and in parallel.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -32,7 +33,8 @@ from lm_ce.rundir import checkpoint
 from lm_ce.rundir import claims as outdir
 from lm_ce.rundir.outputs import Outputs
 from lm_ce.scoring.parallel import Plan
-from lm_ce.scoring.passes import reuse_freed_memory, run_chunks, run_documents, run_stream
+from lm_ce.data.reading import quiet_datasets
+from lm_ce.scoring.passes import keep_freed_blocks, run_chunks, run_documents, run_stream
 from lm_ce.scoring.progress import Progress, StopRequest
 from lm_ce.scoring.scorer import Scorer
 from lm_ce.scoring.setup import resolve, set_threads
@@ -46,10 +48,15 @@ EVENTS = ("loaded", "scoring", "scored")  # what on_event is called with, in thi
 
 
 def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=None, rows=None, accelerator=None,
-             on_event: Callable[[str], None] | None = None) -> Results:
+             on_event: Callable[[str], None] | None = None, owns_process: bool = False) -> Results:
     """Score the configured data (or the `rows` given) with the configured model (or the one given); the
     summary is results.json. `accelerator`: the processes to share the work with (a Trainer's), else a new one.
     A config with a suite scores each of its datasets in turn with this one model (see suite.py).
+
+    owns_process: the caller owns the process (the command line, the benchmark's children): Ctrl-C and SIGTERM
+    save and stop the run at the next batch (a second Ctrl-C aborts it) and glibc keeps freed blocks for reuse.
+    Otherwise lm_ce is a guest: no signal handler, a Ctrl-C reaches the caller as KeyboardInterrupt once what is
+    consistent is saved, and the allocator is left as it is.
 
     on_event(name) is called as each of EVENTS happens: after the model loads, when the scoring clock
     starts (after the head probe and the compared models), and when scoring ends (for benchmarks)."""
@@ -66,7 +73,7 @@ def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=Non
         state = None if cfg.suite else _saved_state(cfg, accelerator.num_processes)
         model, tokenizer, info = _model(cfg, model, tokenizer, accelerator)
         emit("loaded")
-        loaded = Loaded(model, tokenizer, info, accelerator, threads)
+        loaded = Loaded(model, tokenizer, info, accelerator, threads, owns_process)
         if cfg.suite:
             return run_suite(cfg, lambda entry: _score_entry(entry, loaded, emit))
         return _score(cfg, loaded, state, started, emit, rows)
@@ -81,6 +88,7 @@ class Loaded:
     info: model_lib.ModelInfo
     accelerator: object  # accelerate.Accelerator
     threads: int
+    owns_process: bool = False  # the command line's: signal handlers, the allocator (see evaluate)
 
 
 def _score_entry(cfg: Config, loaded: Loaded, emit: Callable[[str], None]) -> Results:
@@ -112,7 +120,7 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
     shard = shard_of(cfg)
     outputs = Outputs(Path(cfg.output_dir) if cfg.output_dir else None, accelerator.is_main_process,
                       cfg.mode == "document", tokenizer, save_tokens=cfg.save_tokens)
-    with StopRequest() as stop:
+    with StopRequest(handle_signals=loaded.owns_process) as stop, quiet_datasets():
         plan = Plan(cfg, setup, scorer, accelerator, progress, stop, rows, outputs=outputs, shard=shard,
                     evaluator=evaluator)
         run = state["run"] if state else Run(tally=plan.new_tally(), shard=str(shard) if shard else None)
@@ -128,12 +136,18 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
         if cfg.output_dir and accelerator.is_main_process and not state:  # lm_ce's marker before any row is written:
             # a stop before the first periodic save leaves a run that resumes, not files that look like a stranger's
             checkpoint.save(cfg.output_dir, checkpoint.state_of(cfg, run, setup.processes, complete=False))
+        if loaded.owns_process:
+            keep_freed_blocks()
         try:
-            stopped = _passes(plan, run, tokenizer, done=bool(state and state.get("complete")))
-        finally:
-            outputs.close()
-        finished = time.perf_counter()  # the run's timing; the curve times itself (context_curve.seconds)
-        curve = context_curve(plan, tokenizer) if cfg.context_curve and not stopped else None
+            try:
+                stopped = _passes(plan, run, tokenizer, done=bool(state and state.get("complete")))
+            finally:
+                outputs.close()
+            finished = time.perf_counter()  # the run's timing; the curve times itself (context_curve.seconds)
+            curve = context_curve(plan, tokenizer) if cfg.context_curve and not stopped else None
+        except KeyboardInterrupt:  # from Python (the command line's Ctrl-C is a stop: see StopRequest)
+            _save_interrupted(plan, run)
+            raise
     emit("scored")
     if cfg.output_dir and accelerator.is_main_process:
         checkpoint.save(cfg.output_dir, checkpoint.state_of(cfg, run, setup.processes, complete=not stopped))
@@ -144,8 +158,9 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
                         durations=durations, outputs=outputs)
     if curve is not None:
         results.summary["context_curve"] = curve
+    score = functools.partial(evaluate, owns_process=loaded.owns_process)  # stops as the run itself does
     for name in compared.by_bytes:
-        results.summary.setdefault("compare", {})[name] = compare_by_bytes(cfg, name, results, score=evaluate)
+        results.summary.setdefault("compare", {})[name] = compare_by_bytes(cfg, name, results, score=score)
     return results
 
 
@@ -168,17 +183,29 @@ def _passes(plan: Plan, run: Run, tokenizer, done: bool) -> bool:
         if done:
             log.info("the saved run in %s is complete: reporting it", plan.cfg.output_dir)
             return False
-        reuse_freed_memory()
         if plan.cfg.mode == "document":
             return run_documents(plan, run, tokenizer)
         if plan.cfg.mode == "stream":
             return run_stream(plan, run, tokenizer)
         return run_chunks(plan, run, tokenizer)
     except KeyboardInterrupt:
+        if not plan.stop.handle_signals:  # a guest's Ctrl-C is the caller's
+            raise
         log.warning("aborted: the figures cover the chunks finished before the stop")
         return True
     finally:
         plan.progress.close()
+
+
+def _save_interrupted(plan: Plan, run: Run) -> None:
+    """A KeyboardInterrupt from Python: save the run's progress when its records are consistent and newer than the
+    last save (it may arrive while a finished chunk is added to them: the last save then stands)."""
+    cfg, accelerator = plan.cfg, plan.accelerator
+    if not cfg.output_dir or not accelerator.is_main_process:
+        return
+    if plan.settled and not plan.saved_inside:
+        checkpoint.save(cfg.output_dir, checkpoint.state_of(cfg, run, plan.setup.processes, complete=False))
+    log.warning("interrupted: progress saved in %s; evaluate again with resume=True to continue", cfg.output_dir)
 
 
 def _saved_state(cfg: Config, processes: int) -> dict | None:

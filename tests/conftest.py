@@ -324,11 +324,12 @@ def stop_at_batch(monkeypatch, at: int | None) -> dict:
 
 
 def whole_and_resumed(score, monkeypatch, at: int, directory: Path, **fields) -> tuple:
-    """(whole, resumed): `score(**fields)` run once to its end, and once stopped by Ctrl-C at the `at`-th batch
-    (checked to be incomplete), then resumed to its end (checked complete); in directory/whole and directory/run."""
+    """(whole, resumed): `score(**fields)` run once to its end, and once stopped by Ctrl-C at the `at`-th batch as the
+    command line stops (`score(..., owns_process=True)`: checked to be incomplete), then resumed to its end (checked
+    complete); in directory/whole and directory/run."""
     whole = score(**fields, output_dir=str(directory / "whole"))
     stop_at_batch(monkeypatch, at)
-    assert score(**fields, output_dir=str(directory / "run")).summary["complete"] is False
+    assert score(**fields, output_dir=str(directory / "run"), owns_process=True).summary["complete"] is False
     monkeypatch.undo()
     resumed = score(**fields, output_dir=str(directory / "run"), resume=True)
     assert resumed.summary["complete"] is True

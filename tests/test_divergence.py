@@ -347,7 +347,7 @@ def test_compare_run_resumes_exactly(tiny_llama_dir, perturbed_dir, resume_corpu
     cfg = compare_settings(tiny_llama_dir, other, resume_corpus, tmp_path / "stopped")
     with monkeypatch.context() as m:
         stop_at(m, stop_after)
-        first = evaluate(cfg)
+        first = evaluate(cfg, owns_process=True)  # the command line's stop
     assert first.summary["complete"] is False
     partial = first.summary.get("compare", {}).get(other)
     if partial:  # a partial report compares what both models scored: the finished chunks
@@ -367,12 +367,12 @@ def test_interrupted_compare_by_bytes_covers_documents_both_scored(tiny_llama_di
     cfg = dataclasses.replace(compare_settings(tiny_llama_dir, tiny_gpt2_dir, resume_corpus, tmp_path / "a"), output_dir=None)
     with monkeypatch.context() as m:  # the first model stopped: the other is not scored at all
         stop_at(m, 5)
-        first = evaluate(cfg)
+        first = evaluate(cfg, owns_process=True)  # the command line's stop
     assert first.summary["complete"] is False and "not compared" in first.summary["compare"][tiny_gpt2_dir]["note"]
     is_gpt2 = lambda scorer: scorer.model.config.model_type == "gpt2"  # noqa: E731
     with monkeypatch.context() as m:  # the other model stopped in its second chunk
         stop_at(m, 200, is_gpt2)
-        res = evaluate(cfg)
+        res = evaluate(cfg, owns_process=True)
     c = res.summary["compare"][tiny_gpt2_dir]
     assert c["complete"] is False and "documents both models scored" in c["note"]
     alone = evaluate(dataclasses.replace(cfg, model=tiny_gpt2_dir, compare_to=None))

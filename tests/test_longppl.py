@@ -30,8 +30,9 @@ def data_file(tmp_path_factory, texts):
     return make_jsonl(tmp_path_factory.mktemp("longppl") / "docs.jsonl", rows)
 
 
-def run(model_dir: str, data: str, **fields):
-    return evaluate(Config(model=model_dir, data_files=[data], id_field="id", progress=False, **{**SETTINGS, **fields}))
+def run(model_dir: str, data: str, owns_process: bool = False, **fields):
+    return evaluate(Config(model=model_dir, data_files=[data], id_field="id", progress=False, **{**SETTINGS, **fields}),
+                    owns_process=owns_process)
 
 
 def rows_of(res) -> list[tuple]:

@@ -78,8 +78,9 @@ def data_file(tmp_path_factory, texts):
     return make_jsonl(tmp_path_factory.mktemp("mink") / "docs.jsonl", rows + [{"text": None, "id": "none"}])
 
 
-def run(model_dir: str, data: str, **fields):
-    return evaluate(Config(model=model_dir, data_files=[data], id_field="id", min_k=K, progress=False, **fields))
+def run(model_dir: str, data: str, owns_process: bool = False, **fields):
+    return evaluate(Config(model=model_dir, data_files=[data], id_field="id", min_k=K, progress=False, **fields),
+                    owns_process=owns_process)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from lm_ce.config.fields import Config
 from lm_ce.data.arrow import ArrowCopy, arrow_files, arrow_rows
-from lm_ce.data.reading import load_rows, quiet_datasets, read_error, row_fields
+from lm_ce.data.reading import load_rows, read_error, row_fields
 from lm_ce.errors import UsageError
 
 
@@ -85,17 +85,18 @@ def rows_from(rows, start: int, fields: list[str] | None = None):
 
 
 def _guarded(rows, cfg: Config) -> Iterator[dict]:
-    """The rows, with an error while reading them (streaming reads lazily) turned into a UsageError."""
+    """The rows, with an error while reading them (streaming reads lazily) turned into a UsageError. datasets' own
+    log line before it is silenced by the runner (reading.quiet_datasets around its passes): a generator holds no
+    logger setting across a yield, where a caller's kept traceback could leave it set."""
     rows = iter(rows)
-    with quiet_datasets():
-        while True:
-            try:
-                row = next(rows)
-            except StopIteration:
-                return
-            except Exception as e:  # datasets raises many kinds; turn them into one clear line
-                raise read_error(cfg, e) from None
-            yield row
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:  # datasets raises many kinds; turn them into one clear line
+            raise read_error(cfg, e) from None
+        yield row
 
 
 def _text(value) -> str | None:

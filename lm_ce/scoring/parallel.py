@@ -42,6 +42,15 @@ class Plan:
     shard: Shard | None = None  # the share of the documents this run scores (--shard)
     evaluator: object = None  # longppl.Evaluator: finds each chunk's key tokens (--longppl-evaluator)
     last_save: float = field(default_factory=time.monotonic)
+    # What a KeyboardInterrupt may save (from Python, where it arrives between any two bytecodes): the run's records
+    # are consistent except while a finished chunk is added to them (`settled` False until the pass says it is
+    # done), and a periodic save inside the current chunk holds newer progress than they do (`saved_inside`).
+    settled: bool = True
+    saved_inside: bool = False
+
+    def chunk_added(self) -> None:
+        """The pass has added a finished chunk to the run in full: its records are consistent again."""
+        self.settled, self.saved_inside = True, False
 
     def new_tally(self) -> Tally:
         return Tally(positions=stats.PositionLoss.zeros(self.setup.max_length),
@@ -94,6 +103,7 @@ def _add_chunk(plan: Plan, run: Run, resumed: Tally, tally: Tally, *, stopped: b
     """Gather every process's tally of the chunk; a finished chunk's canonical sums go into the run and
     `results`, a stopped one is kept as the run's partial sums. Returns `stopped`."""
     parts = gather(tally, plan)
+    plan.settled = False  # from here until the pass calls chunk_added
     merged = resumed
     for part in parts:  # rank order: the same sums on every process
         merged.merge(part)
@@ -101,6 +111,7 @@ def _add_chunk(plan: Plan, run: Run, resumed: Tally, tally: Tally, *, stopped: b
     run.tokens_per_process = [a + p.tokens for a, p in zip(done, parts)]
     if stopped:
         run.partial = merged
+        plan.settled = True
         return True
     run.partial = None
     canonical_sums(merged)
@@ -162,3 +173,4 @@ def _save_partial(plan: Plan, run: Run, resumed: Tally, tally: Tally) -> None:
             merged.merge(part)
         snapshot = dataclasses.replace(run, partial=merged)
         checkpoint.save(plan.cfg.output_dir, checkpoint.state_of(plan.cfg, snapshot, plan.setup.processes, complete=False))
+        plan.saved_inside = True
