@@ -112,7 +112,8 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
     shows = shows_documents(cfg)
     scorer = Scorer(model, setup.head, setup.device, cfg.padding_side == "left", compared.same_tokens,
                     want_top1=cfg.save_tokens or shows, want_signals=cfg.min_k is not None)
-    evaluator = load_evaluator(cfg, setup=setup, scorer=scorer, tokenizer=tokenizer, accelerator=accelerator)
+    evaluator = load_evaluator(cfg, setup=setup, scorer=scorer, tokenizer=tokenizer, accelerator=accelerator,
+                               positions=loaded.info.max_positions)
     accelerator.wait_for_everyone()  # processes finish loading at different times: scoring starts when all have
     emit("scoring")
     loaded_at = time.perf_counter()
