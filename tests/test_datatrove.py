@@ -172,3 +172,14 @@ def test_the_step_pickles_without_its_model_and_refuses_settings_that_do_not_app
         PerplexityStats(model=tiny_llama_dir, mode="stream")
     with pytest.raises(UsageError, match="max_lenght"):
         PerplexityStats(model=tiny_llama_dir, max_lenght=32)
+
+
+def test_a_lone_surrogate_is_refused_naming_the_document(tiny_llama_dir):
+    """As lm_ce.evaluate and the command line refuse it: one line with the pipeline's document id, no traceback of
+    the tokenizer's."""
+    from datatrove.data import Document
+
+    step = PerplexityStats(model=tiny_llama_dir, documents_per_call=2, **SETTINGS)
+    docs = [Document(text="Hello world.", id="ok"), Document(text="b \ud800 c", id="web/17")]
+    with pytest.raises(UsageError, match=r"lm_ce.PerplexityStats: document 'web/17': its text holds a lone surrogate"):
+        list(step.run(iter(docs)))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from lm_ce.config.fields import Config
 from lm_ce.data.arrow import ArrowCopy, arrow_files, arrow_rows
+from lm_ce.data.local import lone_surrogate
 from lm_ce.data.reading import load_rows, read_error, row_fields
 from lm_ce.errors import UsageError
 
@@ -58,6 +59,7 @@ def iter_documents(cfg: Config, rows=None, *, start: int = 0) -> Iterator[Docume
     for doc in documents:
         if cfg.limit is not None and count >= cfg.limit:
             return
+        refuse_surrogates(doc, source)
         yield doc
         count += 1
     if count == 0:
@@ -82,6 +84,18 @@ def rows_from(rows, start: int, fields: list[str] | None = None):
     if isinstance(rows, (list, tuple)):
         return rows[start:]
     return itertools.islice(rows, start, None)
+
+
+def refuse_surrogates(doc: Document, source: str) -> None:
+    """One line naming the document whose text (or prompt, id, group) holds a lone surrogate: half of a UTF-16 pair
+    (Python's json reads "\\ud800" as one), no character, with no UTF-8, so no tokenizer takes it and no report can
+    hold it. The command line meets it first as a file it cannot read (its reader refuses the line), also in one
+    line: either way the run refuses, where a skipped document would change what is scored."""
+    for name in ("text", "prompt", "id", "group"):
+        found = lone_surrogate(getattr(doc, name))
+        if found:
+            which = f"document {doc.index}" + (f" (id {doc.id!r})" if doc.id is not None and name != "id" else "")
+            raise UsageError(f"{source}, {which}: its {name} holds {found}; fix or drop that document")
 
 
 def _guarded(rows, cfg: Config) -> Iterator[dict]:
