@@ -6,15 +6,30 @@ from configs, then saved with save_pretrained so that the Auto* classes load the
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub read their constants
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Hermetic: what a test run writes for itself goes to one temporary folder for the whole session, never the user's
+# home: datasets' Arrow copies, the Hub's cache, lm_ce's sha256 memo and GGUF cache (SmolLM2's dequantized weights
+# are made once per session and shared by the real-model tests), matplotlib's font cache. Set before anything
+# imports datasets, huggingface_hub or matplotlib, which read these once. tests/test_hermetic.py checks it.
+SESSION_CACHE = Path(tempfile.mkdtemp(prefix="lm_ce-tests-"))
+for _name, _folder in {"HF_HOME": "huggingface", "HF_HUB_CACHE": "huggingface/hub",
+                       "HF_DATASETS_CACHE": "huggingface/datasets", "LM_CE_CACHE": "lm_ce",
+                       "MPLCONFIGDIR": "matplotlib", "XDG_CACHE_HOME": "xdg"}.items():
+    os.environ[_name] = str(SESSION_CACHE / _folder)
+for _name in ("HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):  # older names that would win over HF_HOME
+    os.environ.pop(_name, None)
+os.environ["MPLBACKEND"] = "Agg"  # no display: what a plot a test draws needs (lm_ce itself never sets a backend)
+
 import json
 import random
 import signal
-from pathlib import Path
 
 import pytest
 import torch
@@ -334,3 +349,8 @@ def whole_and_resumed(score, monkeypatch, at: int, directory: Path, **fields) ->
     resumed = score(**fields, output_dir=str(directory / "run"), resume=True)
     assert resumed.summary["complete"] is True
     return whole, resumed
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session's caches go with it."""
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)

@@ -299,6 +299,23 @@ def test_compare_run_matches_the_float64_reference(run_corpus, tiny_llama, tiny_
     assert "====== KL divergence statistics ======" in text and "Same top p:" in text
 
 
+def test_compared_models_leave_the_first_models_figures_bit_for_bit(run_corpus, tiny_llama_dir, perturbed_dir):
+    """--compare-to adds a table; the first model's own figures (NLL sums, by position, membership signals, each
+    token's NLL) are those of the run without it, to the last bit: its losses come from the same tiled head."""
+    from lm_ce.config.fields import Config
+    from lm_ce.runner import evaluate
+
+    settings = dict(model=tiny_llama_dir, data_files=[run_corpus[1]], max_length=32, stride=16, batch_size=3,
+                    min_k=0.2, save_tokens=True, progress=False)
+    alone = evaluate(Config(**settings))
+    both = evaluate(Config(**settings, compare_to=[perturbed_dir[0]]))
+    for key in ("nll_sum", "metrics", "uncertainty", "by_position", "signals"):
+        assert both.summary[key] == alone.summary[key], key
+    assert [(d.nll_sum, d.signals) for d in both.documents] == [(d.nll_sum, d.signals) for d in alone.documents]
+    assert both.token_table["nll"] == alone.token_table["nll"]
+    assert both.summary["compare"][perturbed_dir[0]]["base_perplexity"] == alone.summary["metrics"]["perplexity"]
+
+
 # ---- interrupted compare runs ----
 
 @pytest.fixture(scope="module")
