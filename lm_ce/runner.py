@@ -9,6 +9,7 @@ logic stays here and in parallel.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -24,6 +25,7 @@ from lm_ce.analysis.longppl import load_evaluator
 from lm_ce.config.checks import check
 from lm_ce.config.fields import Config
 from lm_ce.data.identity import DataIdentity
+from lm_ce.data.reading import quiet_datasets
 from lm_ce.data.shards import shard_of
 from lm_ce.errors import UsageError
 from lm_ce.model import load as model_lib
@@ -33,8 +35,8 @@ from lm_ce.rundir import checkpoint
 from lm_ce.rundir import claims as outdir
 from lm_ce.rundir.identity import Recorded, check_resume, model_record
 from lm_ce.rundir.outputs import Outputs
-from lm_ce.scoring.parallel import Plan
-from lm_ce.scoring.passes import reuse_freed_memory, run_chunks, run_documents, run_stream
+from lm_ce.scoring.parallel import Plan, unfinished_state
+from lm_ce.scoring.passes import keep_freed_blocks, run_chunks, run_documents, run_stream
 from lm_ce.scoring.progress import Progress, StopRequest
 from lm_ce.scoring.scorer import Scorer
 from lm_ce.scoring.setup import resolve, set_threads
@@ -48,10 +50,15 @@ EVENTS = ("loaded", "scoring", "scored")  # what on_event is called with, in thi
 
 
 def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=None, rows=None, accelerator=None,
-             on_event: Callable[[str], None] | None = None) -> Results:
+             on_event: Callable[[str], None] | None = None, owns_process: bool = False) -> Results:
     """Score the configured data (or the `rows` given) with the configured model (or the one given); the
     summary is results.json. `accelerator`: the processes to share the work with (a Trainer's), else a new one.
     A config with a suite scores each of its datasets in turn with this one model (see suite.py).
+
+    owns_process: the caller owns the process (the command line, the benchmark's children): Ctrl-C and SIGTERM
+    save and stop the run at the next batch (a second Ctrl-C aborts it) and glibc keeps freed blocks for reuse.
+    Otherwise lm_ce is a guest: no signal handler, a Ctrl-C reaches the caller as KeyboardInterrupt once what is
+    consistent is saved, and the allocator is left as it is.
 
     on_event(name) is called as each of EVENTS happens: after the model loads, when the scoring clock
     starts (after the head probe and the compared models), and when scoring ends (for benchmarks)."""
@@ -69,7 +76,7 @@ def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=Non
         read = None if cfg.suite else _data_read(cfg, state, in_memory=rows is not None)  # checked before loading
         model, tokenizer, info = _model(cfg, model, tokenizer, accelerator)
         emit("loaded")
-        loaded = Loaded(model, tokenizer, info, accelerator, threads)
+        loaded = Loaded(model, tokenizer, info, accelerator, threads, owns_process)
         if cfg.suite:
             return run_suite(cfg, lambda entry: _score_entry(entry, loaded, emit))
         return _score(cfg, loaded, state, read, started, emit, rows)
@@ -84,6 +91,7 @@ class Loaded:
     info: model_lib.ModelInfo
     accelerator: object  # accelerate.Accelerator
     threads: int
+    owns_process: bool = False  # the command line's: signal handlers, the allocator (see evaluate)
 
 
 def _score_entry(cfg: Config, loaded: Loaded, emit: Callable[[str], None]) -> Results:
@@ -108,7 +116,8 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, read: DataIdentity, 
     shows = shows_documents(cfg)
     scorer = Scorer(model, setup.head, setup.device, cfg.padding_side == "left", compared.same_tokens,
                     want_top1=cfg.save_tokens or shows, want_signals=cfg.min_k is not None)
-    evaluator = load_evaluator(cfg, setup=setup, scorer=scorer, tokenizer=tokenizer, accelerator=accelerator)
+    evaluator = load_evaluator(cfg, setup=setup, scorer=scorer, tokenizer=tokenizer, accelerator=accelerator,
+                               positions=loaded.info.max_positions)
     others = {**compared.models, **(evaluator.models if evaluator else {})}
     recorded = Recorded(read, {"model": model_record(loaded.info), **others})
     if state:  # every model the run reads, by content, as the run recorded it at its start
@@ -120,7 +129,7 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, read: DataIdentity, 
     shard = shard_of(cfg)
     outputs = Outputs(Path(cfg.output_dir) if cfg.output_dir else None, accelerator.is_main_process,
                       cfg.mode == "document", tokenizer, save_tokens=cfg.save_tokens)
-    with StopRequest() as stop:
+    with StopRequest(handle_signals=loaded.owns_process) as stop, quiet_datasets():
         plan = Plan(cfg, setup, scorer, accelerator, progress, stop, rows, outputs=outputs, shard=shard,
                     evaluator=evaluator, identity=recorded)
         run = state["run"] if state else Run(tally=plan.new_tally(), shard=str(shard) if shard else None)
@@ -137,14 +146,20 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, read: DataIdentity, 
             # a stop before the first periodic save leaves a run that resumes, not files that look like a stranger's
             checkpoint.save(cfg.output_dir, checkpoint.state_of(cfg, run, setup.processes, complete=False,
                                                                 identity=recorded.header()))
+        if loaded.owns_process:
+            keep_freed_blocks()
         try:
-            stopped = _passes(plan, run, tokenizer, done=bool(state and (state["complete"] or run.passes_done)))
-        finally:
-            outputs.close()
-        run.passes_done = not stopped
-        finished = time.perf_counter()  # the run's timing; the curve times itself (context_curve.seconds)
-        if cfg.context_curve and not stopped:
-            stopped = context_curve(plan, tokenizer, run)
+            try:
+                stopped = _passes(plan, run, tokenizer, done=bool(state and (state["complete"] or run.passes_done)))
+            finally:
+                outputs.close()
+            run.passes_done = not stopped
+            finished = time.perf_counter()  # the run's timing; the curve times itself (context_curve.seconds)
+            if cfg.context_curve and not stopped:
+                stopped = context_curve(plan, tokenizer, run)
+        except KeyboardInterrupt:  # from Python (the command line's Ctrl-C is a stop: see StopRequest)
+            _save_interrupted(plan, run)
+            raise
         if read.streamed:  # read as it went: the figures are of the recorded content if no file changed meanwhile
             read.check_unchanged("as a stream")
     emit("scored")
@@ -157,8 +172,9 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, read: DataIdentity, 
     results = summarize(cfg, run=run, stopped=stopped, setup=setup, info=loaded.info,
                         durations=durations, outputs=outputs)
     record_identity(results.summary, cfg, recorded.header())
+    score = functools.partial(evaluate, owns_process=loaded.owns_process)  # stops as the run itself does
     for name in compared.by_bytes:
-        results.summary.setdefault("compare", {})[name] = compare_by_bytes(cfg, name, results, score=evaluate)
+        results.summary.setdefault("compare", {})[name] = compare_by_bytes(cfg, name, results, score=score)
         results.summary["compare"][name]["model"] = compared.models[f"--compare-to {name}"]
     return results
 
@@ -184,13 +200,14 @@ def _passes(plan: Plan, run: Run, tokenizer, done: bool) -> bool:
             log.info("the saved run in %s has scored all its data: %s", plan.cfg.output_dir,
                      "going on with --context-curve" if plan.cfg.context_curve else "reporting it")
             return False
-        reuse_freed_memory()
         if plan.cfg.mode == "document":
             return run_documents(plan, run, tokenizer)
         if plan.cfg.mode == "stream":
             return run_stream(plan, run, tokenizer)
         return run_chunks(plan, run, tokenizer)
     except KeyboardInterrupt:
+        if not plan.stop.handle_signals:  # a guest's Ctrl-C is the caller's
+            raise
         log.warning("aborted: the figures cover the chunks finished before the stop")
         return True
     finally:
@@ -205,6 +222,17 @@ def _data_read(cfg: Config, state: dict | None, in_memory: bool = False) -> Data
     if state:
         check_resume(saved, {"data": read.record()}, cfg.output_dir)
     return read
+
+
+def _save_interrupted(plan: Plan, run: Run) -> None:
+    """A KeyboardInterrupt from Python: save the run's progress when its records are consistent and newer than the
+    last save (it may arrive while a finished chunk is added to them: the last save then stands)."""
+    cfg, accelerator = plan.cfg, plan.accelerator
+    if not cfg.output_dir or not accelerator.is_main_process:
+        return
+    if plan.settled and not plan.saved_inside:
+        checkpoint.save(cfg.output_dir, unfinished_state(plan, run))
+    log.warning("interrupted: progress saved in %s; evaluate again with resume=True to continue", cfg.output_dir)
 
 
 def _saved_state(cfg: Config, processes: int) -> dict | None:

@@ -6,6 +6,9 @@ from configs, then saved with save_pretrained so that the Auto* classes load the
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub read their constants
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -15,10 +18,22 @@ _CACHE = __import__("tempfile").mkdtemp(prefix="lm_ce-test-cache-")
 os.environ["LM_CE_CACHE"] = _CACHE
 __import__("atexit").register(__import__("shutil").rmtree, _CACHE, True)
 
+# Hermetic: what a test run writes for itself goes to one temporary folder for the whole session, never the user's
+# home: datasets' Arrow copies, the Hub's cache, lm_ce's sha256 memo and GGUF cache (SmolLM2's dequantized weights
+# are made once per session and shared by the real-model tests), matplotlib's font cache. Set before anything
+# imports datasets, huggingface_hub or matplotlib, which read these once. tests/test_hermetic.py checks it.
+SESSION_CACHE = Path(tempfile.mkdtemp(prefix="lm_ce-tests-"))
+for _name, _folder in {"HF_HOME": "huggingface", "HF_HUB_CACHE": "huggingface/hub",
+                       "HF_DATASETS_CACHE": "huggingface/datasets", "LM_CE_CACHE": "lm_ce",
+                       "MPLCONFIGDIR": "matplotlib", "XDG_CACHE_HOME": "xdg"}.items():
+    os.environ[_name] = str(SESSION_CACHE / _folder)
+for _name in ("HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):  # older names that would win over HF_HOME
+    os.environ.pop(_name, None)
+os.environ["MPLBACKEND"] = "Agg"  # no display: what a plot a test draws needs (lm_ce itself never sets a backend)
+
 import json
 import random
 import signal
-from pathlib import Path
 
 import pytest
 import torch
@@ -335,12 +350,18 @@ def stop_at_batch(monkeypatch, at: int | None) -> dict:
 
 
 def whole_and_resumed(score, monkeypatch, at: int, directory: Path, **fields) -> tuple:
-    """(whole, resumed): `score(**fields)` run once to its end, and once stopped by Ctrl-C at the `at`-th batch
-    (checked to be incomplete), then resumed to its end (checked complete); in directory/whole and directory/run."""
+    """(whole, resumed): `score(**fields)` run once to its end, and once stopped by Ctrl-C at the `at`-th batch as the
+    command line stops (`score(..., owns_process=True)`: checked to be incomplete), then resumed to its end (checked
+    complete); in directory/whole and directory/run."""
     whole = score(**fields, output_dir=str(directory / "whole"))
     stop_at_batch(monkeypatch, at)
-    assert score(**fields, output_dir=str(directory / "run")).summary["complete"] is False
+    assert score(**fields, output_dir=str(directory / "run"), owns_process=True).summary["complete"] is False
     monkeypatch.undo()
     resumed = score(**fields, output_dir=str(directory / "run"), resume=True)
     assert resumed.summary["complete"] is True
     return whole, resumed
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session's caches go with it."""
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)

@@ -166,6 +166,7 @@ REFUSED = [
     ("data-blank-jsonl", lambda e: ["--data-files", e.file("blank.jsonl", "\n\n  \n")], ["blank.jsonl: no rows, only blank lines; point --data-files at"]),
     ("limit-0", lambda e: ["--limit", "0"], ["--limit must be at least 1, got 0"]),
     ("jsonl-not-json", lambda e: ["--data-files", e.file("bad.jsonl", '{"text": "a"}\n{"text": "b"\n{"text": "c"}\n')], ["bad.jsonl:2:", "not valid JSON"]),
+    ("jsonl-lone-surrogate", lambda e: ["--data-files", e.file("sur.jsonl", '{"text": "a"}\n{"text": "b \\ud800 c"}\n')], ["sur.jsonl:2:", "lone surrogate '\\ud800'"]),
     ("jsonl-array-row", lambda e: ["--data-files", e.file("arr.jsonl", '{"text": "a"}\n["b", "c"]\n')], ["arr.jsonl:2:", "a JSON array, not an object"]),
     ("text-field-never-a-string", lambda e: ["--text-field", "n"], ["nothing to score", "no row has a string in field 'n'"]),
     ("jsonl-no-text-field-streaming", lambda e: ["--streaming", "--text-field", "body"], ["'body'"]),
@@ -382,3 +383,19 @@ def test_utf8_check_across_block_boundaries(tmp_path, block):
     cut = tmp_path / "cut.txt"
     cut.write_bytes("ok\n🙂".encode()[:-1])  # the file ends inside a character
     assert f"{cut}:2: not valid UTF-8" in first_bad_utf8(str(cut), block)
+
+
+@pytest.mark.parametrize("field", ["text", "prompt", "group"])
+def test_a_lone_surrogate_from_python_is_refused_naming_the_document(env, field):
+    """Python's json reads "\\ud800" as a string; in a row given to lm_ce.evaluate it is named in one line, as the
+    command line names the file's line (jsonl-lone-surrogate), never a tokenizer's traceback."""
+    import lm_ce
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = [{"text": "Hello world.", "prompt": "Say:", "group": "g", "id": f"d{i}"} for i in range(3)]
+    rows[2][field] = "b \ud800 c"
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(env.llama), AutoTokenizer.from_pretrained(env.llama)
+    with pytest.raises(lm_ce.UsageError) as refused:
+        lm_ce.evaluate(model, tokenizer, rows, id_field="id", group_field="group", prompt_field="prompt", progress=False)
+    message = str(refused.value)
+    assert "\n" not in message and f"document 2 (id 'd2'): its {field} holds a lone surrogate '\\ud800'" in message

@@ -31,7 +31,8 @@ def data_file(tmp_path_factory, texts):
 
 
 def run(model_dir: str, data: str, **fields):
-    return evaluate(Config(model=model_dir, data_files=[data], progress=False, **fields))
+    """A run as the command line makes it (owning the process: stop_at_batch's Ctrl-C is a stop, not an error)."""
+    return evaluate(Config(model=model_dir, data_files=[data], progress=False, **fields), owns_process=True)
 
 
 def curve_of(model_dir: str, data: str, **fields) -> dict:

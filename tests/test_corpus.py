@@ -74,7 +74,7 @@ def test_rows_go_to_disk_and_the_state_does_not_grow(tiny_llama_dir, corpus, tmp
 
 def test_a_stopped_report_shows_what_was_saved(tiny_llama_dir, corpus, tmp_path, monkeypatch):
     stop_at_batch(monkeypatch, 30)  # inside a chunk
-    stopped = evaluate(chunked_settings(tiny_llama_dir, corpus, tmp_path))
+    stopped = evaluate(chunked_settings(tiny_llama_dir, corpus, tmp_path), owns_process=True)  # the CLI's stop
     run = saved_run(tmp_path)
     assert run.partial is not None and run.partial.tokens > 0
     assert stopped.summary["counts"]["tokens"] == run.tokens == run.sums.tokens + run.partial.tokens
@@ -118,7 +118,7 @@ def test_a_resumed_shard_starts_at_its_first_unfinished_chunk(tiny_llama_dir, co
     whole = evaluate(chunked_settings(tiny_llama_dir, corpus, tmp_path / "whole", shard="1/3"))
     calls.update(stop=calls["n"] - 2, n=0)
     out = tmp_path / "stopped"
-    assert not evaluate(chunked_settings(tiny_llama_dir, corpus, out, shard="1/3")).summary["complete"]
+    assert not evaluate(chunked_settings(tiny_llama_dir, corpus, out, shard="1/3"), owns_process=True).summary["complete"]
     monkeypatch.undo()
     done = saved_run(out).chunks_done
     assert done >= 1

@@ -2,8 +2,10 @@
 filter after the step keeps the documents its figures say it should. Skipped without datatrove."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import pickle
 import random
 from pathlib import Path
@@ -172,3 +174,46 @@ def test_the_step_pickles_without_its_model_and_refuses_settings_that_do_not_app
         PerplexityStats(model=tiny_llama_dir, mode="stream")
     with pytest.raises(UsageError, match="max_lenght"):
         PerplexityStats(model=tiny_llama_dir, max_lenght=32)
+
+
+def test_a_lone_surrogate_is_refused_naming_the_document(tiny_llama_dir):
+    """As lm_ce.evaluate and the command line refuse it: one line with the pipeline's document id, no traceback of
+    the tokenizer's."""
+    from datatrove.data import Document
+
+    step = PerplexityStats(model=tiny_llama_dir, documents_per_call=2, **SETTINGS)
+    docs = [Document(text="Hello world.", id="ok"), Document(text="b \ud800 c", id="web/17")]
+    with pytest.raises(UsageError, match=r"lm_ce.PerplexityStats: document 'web/17': its text holds a lone surrogate"):
+        list(step.run(iter(docs)))
+
+
+@pytest.mark.slow  # a local Ray cluster: several processes
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                    reason="ray is not installed (pip install ray): the Ray executor is not tested")
+def test_rays_executor_gives_the_local_figures(pipeline_run, tiny_llama_dir, data_dir, tmp_path):
+    """The step on datatrove's RayPipelineExecutor (a local Ray cluster, 2 tasks of one CPU each): every document gets
+    the figures documents.jsonl gives it, and those the local executor gave it, bit for bit."""
+    import ray
+    from datatrove.executor.ray import RayPipelineExecutor
+
+    local = {d["id"]: d["metadata"] for d in pipeline_run[0]}
+    # the workers import this checkout's lm_ce, as the tests do (not another one installed)
+    root = str(Path(__file__).resolve().parent.parent)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}})
+    try:
+        RayPipelineExecutor(
+            pipeline=[JsonlReader(str(data_dir)), PerplexityStats(model=tiny_llama_dir, documents_per_call=PER_CALL,
+                                                                  threads=1, **SETTINGS),
+                      JsonlWriter(str(tmp_path / "all"), compression=None)],
+            tasks=2, workers=2, cpus_per_task=1, mem_per_cpu_gb=1, logging_dir=str(tmp_path / "logs"),
+        ).run()
+    finally:
+        ray.shutdown()
+    docs, per_file = written(tmp_path / "all"), pipeline_run[3]
+    assert len(docs) == 40 and {d["id"] for d in docs} == set(per_file)
+    for d in docs:
+        got, row = d["metadata"], per_file[d["id"]]
+        assert got["lm_ce_tokens"] == row["tokens"] and got["lm_ce_bytes"] == row["bytes"], d["id"]
+        assert math.isclose(got["lm_ce_nll"], row["nll_sum"], rel_tol=1e-9, abs_tol=0.0), d["id"]
+        assert {k: got[k] for k in KEYS} == {k: local[d["id"]][k] for k in KEYS}, d["id"]

@@ -299,6 +299,23 @@ def test_compare_run_matches_the_float64_reference(run_corpus, tiny_llama, tiny_
     assert "====== KL divergence statistics ======" in text and "Same top p:" in text
 
 
+def test_compared_models_leave_the_first_models_figures_bit_for_bit(run_corpus, tiny_llama_dir, perturbed_dir):
+    """--compare-to adds a table; the first model's own figures (NLL sums, by position, membership signals, each
+    token's NLL) are those of the run without it, to the last bit: its losses come from the same tiled head."""
+    from lm_ce.config.fields import Config
+    from lm_ce.runner import evaluate
+
+    settings = dict(model=tiny_llama_dir, data_files=[run_corpus[1]], max_length=32, stride=16, batch_size=3,
+                    min_k=0.2, save_tokens=True, progress=False)
+    alone = evaluate(Config(**settings))
+    both = evaluate(Config(**settings, compare_to=[perturbed_dir[0]]))
+    for key in ("nll_sum", "metrics", "uncertainty", "by_position", "signals"):
+        assert both.summary[key] == alone.summary[key], key
+    assert [(d.nll_sum, d.signals) for d in both.documents] == [(d.nll_sum, d.signals) for d in alone.documents]
+    assert both.token_table["nll"] == alone.token_table["nll"]
+    assert both.summary["compare"][perturbed_dir[0]]["base_perplexity"] == alone.summary["metrics"]["perplexity"]
+
+
 # ---- interrupted compare runs ----
 
 @pytest.fixture(scope="module")
@@ -347,7 +364,7 @@ def test_compare_run_resumes_exactly(tiny_llama_dir, perturbed_dir, resume_corpu
     cfg = compare_settings(tiny_llama_dir, other, resume_corpus, tmp_path / "stopped")
     with monkeypatch.context() as m:
         stop_at(m, stop_after)
-        first = evaluate(cfg)
+        first = evaluate(cfg, owns_process=True)  # the command line's stop
     assert first.summary["complete"] is False
     partial = first.summary.get("compare", {}).get(other)
     if partial:  # a partial report compares what both models scored: the finished chunks
@@ -367,12 +384,12 @@ def test_interrupted_compare_by_bytes_covers_documents_both_scored(tiny_llama_di
     cfg = dataclasses.replace(compare_settings(tiny_llama_dir, tiny_gpt2_dir, resume_corpus, tmp_path / "a"), output_dir=None)
     with monkeypatch.context() as m:  # the first model stopped: the other is not scored at all
         stop_at(m, 5)
-        first = evaluate(cfg)
+        first = evaluate(cfg, owns_process=True)  # the command line's stop
     assert first.summary["complete"] is False and "not compared" in first.summary["compare"][tiny_gpt2_dir]["note"]
     is_gpt2 = lambda scorer: scorer.model.config.model_type == "gpt2"  # noqa: E731
     with monkeypatch.context() as m:  # the other model stopped in its second chunk
         stop_at(m, 200, is_gpt2)
-        res = evaluate(cfg)
+        res = evaluate(cfg, owns_process=True)
     c = res.summary["compare"][tiny_gpt2_dir]
     assert c["complete"] is False and "documents both models scored" in c["note"]
     alone = evaluate(dataclasses.replace(cfg, model=tiny_gpt2_dir, compare_to=None))

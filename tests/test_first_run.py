@@ -17,6 +17,7 @@ from lm_ce.cli.main import main
 from lm_ce.config.fields import Config
 from lm_ce.model import diagnose, gguf
 from lm_ce.model import load as model_load
+from lm_ce.reports.tables import md
 
 from .conftest import make_jsonl
 
@@ -48,9 +49,9 @@ def test_local_file_run_reports_the_files_and_the_cpu(tiny_llama_dir, tmp_path, 
     run = report[report.index("## What was run"):]
     assert "wikitext" not in report and "dataset_config" not in run
     for f in data["files"]:
-        assert f["path"] in run and f["sha256"] in run
+        assert md(f["path"]) in run and f["sha256"] in run
     device_name = json.loads((out / "results.json").read_text())["environment"]["device_name"]
-    assert f"| environment.device_name | {device_name} |" in run
+    assert f"| environment.device_name | {md(device_name)} |" in run
     if _cpu_model():
         assert device_name == _cpu_model()
 

@@ -200,3 +200,20 @@ def test_stream_runs_pair_blocks_of_tokens(make_run, tiny_llama_dir, perturbed_d
     assert "SE²" not in footer and "no paired standard error" in footer, footer
     assert "SE² = C/(C−1)" in paired.markdown(c)
     assert math.isclose(plain["delta"]["mean_loss"]["value"], mean, rel_tol=1e-6)
+
+
+def test_names_in_comparison_md_are_text_not_html(runs):
+    """Model names, directories, notes, groups and ids show in comparison.md as they are (no tag or link renders)."""
+    import html
+
+    from .test_report import HOSTILE, rendered
+
+    c = paired.compare_runs(runs["a"], runs["b"])
+    c["a"]["model"], c["b"]["directory"], c["notes"] = HOSTILE["model"], HOSTILE["file"], [HOSTILE["other"]]
+    c["groups"] = {HOSTILE["group"]: next(iter(c["groups"].values()))}
+    c["most_changed"][0].update(id=HOSTILE["underscores"], group=HOSTILE["newline"])
+    page = rendered(paired.markdown(c))
+    for tag in ("<svg", "<img", "<script", "<a ", "<strong>"):
+        assert tag not in page, tag
+    text = html.unescape(page)
+    assert all(name.replace("\n", "\\n") in text for name in HOSTILE.values())

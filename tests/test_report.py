@@ -187,3 +187,42 @@ def test_write_replaces_earlier_files(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))["nll_sum"] == 7.25
     assert not (tmp_path / "tokens.parquet").exists()  # the first run's, not written by the second: deleted
     assert "| NLL sum (nats) | 7.25 |" in (tmp_path / "results.md").read_text(encoding="utf-8")
+
+
+HOSTILE = {"model": "<svg onload=alert(1)>", "file": "runs/a|b<img src=x onerror=alert(2)>.jsonl",
+           "group": "[click](javascript:alert(3))", "underscores": "__init__ of my_model", "other": "q4 ``` <script>x</script>",
+           "newline": "two\nlines"}
+
+
+def rendered(text: str) -> str:
+    """The HTML a CommonMark viewer with GitHub's tables makes of Markdown that allows raw HTML."""
+    markdown_it = pytest.importorskip("markdown_it")
+    return markdown_it.MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"]).render(text)
+
+
+def test_names_in_results_md_are_text_not_html():
+    """Model, data, group and compared-model names from the run's inputs show in results.md as they are: no tag, link
+    or emphasis of theirs renders, and no table loses or gains a cell (results.html escapes them too)."""
+    import html
+
+    s = summary_dict()
+    s["model"]["name"] = HOSTILE["model"]
+    s["data"]["data_files"] = [HOSTILE["file"]]
+    s["groups"] = {name: s["groups"]["news"] for name in (HOSTILE["group"], HOSTILE["underscores"], HOSTILE["newline"])}
+    s["compare"] = {HOSTILE["other"]: s["compare"]["other-model"]}
+    page = rendered(markdown(s))
+    for tag in ("<svg", "<img", "<script", "<a ", "<em>", "<strong>", "<code>"):
+        assert tag not in page, tag
+    text = html.unescape(page)
+    for name in HOSTILE.values():
+        assert name.replace("\n", "\\n") in text, name
+    groups = page[page.index("By group"):].split("</table>")[0]
+    assert groups.count("<tr>") == 4 and groups.count("<td>") == 3 * 6  # a header and 3 rows of 6 cells
+
+
+def test_a_divergence_block_cannot_be_closed_by_a_name():
+    from lm_ce.reports.tables import md_code
+
+    lines = md_code(["Q = q4 ``` <script>x</script>", "``````"])
+    page = rendered("\n".join(lines))
+    assert lines[0] == "```````text" and page.count("<pre>") == 1 and "<script" not in page

@@ -62,7 +62,7 @@ def test_stop_and_resume_equals_uninterrupted(tiny_llama_dir, corpus, tmp_path, 
 
     monkeypatch.setattr(Scorer, "score", score_then_signal)
     cfg = settings(tiny_llama_dir, corpus, tmp_path)
-    first = evaluate(cfg)
+    first = evaluate(cfg, owns_process=True)  # as the command line runs it: Ctrl-C stops and saves
     assert first.summary["complete"] is False
     assert (tmp_path / "state.json").is_file()
     assert first.summary["counts"]["tokens"] < uninterrupted.summary["counts"]["tokens"]

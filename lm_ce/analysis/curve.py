@@ -88,6 +88,7 @@ def context_curve(plan: Plan, tokenizer, run: Run) -> bool:
                                 "--resume continues it")
                     return True
                 sums.append(results)
+            plan.settled = False  # a KeyboardInterrupt from here to chunk_added would save half a chunk's sums
             for k, results in enumerate(sums):  # every document's exact sum: the same with any shards or processes
                 for index in sorted(results):
                     curve.nll[k].add(results[index].nll_sum)
@@ -95,6 +96,7 @@ def context_curve(plan: Plan, tokenizer, run: Run) -> bool:
             curve.documents += sum(len(s.ids) - 1 >= max(longest, s.first_target) for s in sequences.values())
             curve.chunks_done += 1
             curve.seconds += time.perf_counter() - started
+            plan.chunk_added()
             started = time.perf_counter()
             save_if_due(plan, run)
     finally:

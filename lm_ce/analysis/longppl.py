@@ -56,8 +56,10 @@ class Evaluator:
         return chunk_key_tokens(sequences, texts, plan, self)
 
 
-def load_evaluator(cfg: Config, *, setup: Setup, scorer: Scorer, tokenizer, accelerator) -> Evaluator | None:
-    """The --longppl-evaluator, loaded beside the run's model (None without LongPPL); its settings checked."""
+def load_evaluator(cfg: Config, *, setup: Setup, scorer: Scorer, tokenizer, accelerator,
+                   positions: int | None) -> Evaluator | None:
+    """The --longppl-evaluator, loaded beside the run's model (None without LongPPL); its settings checked, also
+    against the evaluator's positions (`positions`: the run's model's, which self is)."""
     name = cfg.longppl_evaluator
     if name is None:
         return None
@@ -67,16 +69,13 @@ def load_evaluator(cfg: Config, *, setup: Setup, scorer: Scorer, tokenizer, acce
                          "--max-length")
     tokens_scorer = dataclasses.replace(scorer, others=[], want_top1=True, want_signals=False)  # per-token NLL back
     if name == "self":
+        check_positions(cfg, setup.max_length, positions)
         return Evaluator("self", tokens_scorer, tokenizer, setup.prefix, setup.window_first, shared=True,
                          evaluated=tokens_scorer, run_tokenizer=tokenizer)
     with accelerator.main_process_first():
         model, other, info = model_lib.load(dataclasses.replace(cfg, model=name), setup.device, accelerator.is_main_process)
     model_lib.check_vocabulary(model, other, name)
-    longest = max(setup.max_length, cfg.longppl_short + cfg.longppl_step - 1)
-    if info.max_positions and info.max_positions < longest:
-        raise UsageError(f"--longppl-evaluator {name} has {info.max_positions} positions, fewer than the {longest} "
-                         "tokens of its windows (--max-length, --longppl-short + --longppl-step - 1); use an evaluator "
-                         "with more positions or shorter settings")
+    check_positions(cfg, setup.max_length, info.max_positions)
     prefix = prefix_id(cfg, other)
     shared = model_lib.same_tokenizer(other, tokenizer) and prefix == setup.prefix
     if not shared and not (getattr(tokenizer, "is_fast", False) and getattr(other, "is_fast", False)):
@@ -87,6 +86,17 @@ def load_evaluator(cfg: Config, *, setup: Setup, scorer: Scorer, tokenizer, acce
     return Evaluator(name, evaluator_scorer, other, prefix, window_first_id(cfg, other, prefix), shared=shared,
                      evaluated=tokens_scorer, run_tokenizer=tokenizer,
                      models={f"--longppl-evaluator {name}": model_record(info)})
+
+
+def check_positions(cfg: Config, max_length: int, positions: int | None) -> None:
+    """The evaluator's windows fit its positions: the full ones (--max-length) and the short ones, whose targets see
+    up to --longppl-short + --longppl-step - 1 tokens (self included: its positions are the run's model's)."""
+    longest = max(max_length, cfg.longppl_short + cfg.longppl_step - 1)
+    if positions and positions < longest:
+        which = "self (the model)" if cfg.longppl_evaluator == "self" else cfg.longppl_evaluator
+        raise UsageError(f"--longppl-evaluator {which} has {positions:,} positions, fewer than the {longest:,} tokens "
+                         "of its windows (--max-length, --longppl-short + --longppl-step - 1); use shorter settings or "
+                         "an evaluator with more positions")
 
 
 def chunk_key_tokens(sequences: dict, texts: dict[int, str], plan: Plan,

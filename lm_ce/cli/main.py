@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         from lm_ce.runner import evaluate
 
         with outdir.claim(cfg):  # the output directory is checked and locked before the model loads
-            results = evaluate(cfg)
+            results = evaluate(cfg, owns_process=True)  # its Ctrl-C / SIGTERM: save and stop at the next batch
             report_run(results, cfg)
     except SharedUsageError as e:  # every process has it: the main one says it, then all end together
         state = outdir.process_state()  # (a process that ended first would have torchrun kill the main one)

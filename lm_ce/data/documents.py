@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from lm_ce.config.fields import Config
 from lm_ce.data.arrow import ArrowCopy, arrow_files, arrow_rows
 from lm_ce.data.identity import DataIdentity
-from lm_ce.data.reading import load_rows, quiet_datasets, read_error, row_fields
+from lm_ce.data.local import lone_surrogate
+from lm_ce.data.reading import load_rows, read_error, row_fields
 from lm_ce.errors import UsageError
 
 
@@ -60,6 +61,7 @@ def iter_documents(cfg: Config, rows=None, *, start: int = 0, read: DataIdentity
     for doc in documents:
         if cfg.limit is not None and count >= cfg.limit:
             return
+        refuse_surrogates(doc, source)
         yield doc
         count += 1
     if count == 0:
@@ -86,18 +88,31 @@ def rows_from(rows, start: int, fields: list[str] | None = None):
     return itertools.islice(rows, start, None)
 
 
+def refuse_surrogates(doc: Document, source: str) -> None:
+    """One line naming the document whose text (or prompt, id, group) holds a lone surrogate: half of a UTF-16 pair
+    (Python's json reads "\\ud800" as one), no character, with no UTF-8, so no tokenizer takes it and no report can
+    hold it. The command line meets it first as a file it cannot read (its reader refuses the line), also in one
+    line: either way the run refuses, where a skipped document would change what is scored."""
+    for name in ("text", "prompt", "id", "group"):
+        found = lone_surrogate(getattr(doc, name))
+        if found:
+            which = f"document {doc.index}" + (f" (id {doc.id!r})" if doc.id is not None and name != "id" else "")
+            raise UsageError(f"{source}, {which}: its {name} holds {found}; fix or drop that document")
+
+
 def _guarded(rows, cfg: Config) -> Iterator[dict]:
-    """The rows, with an error while reading them (streaming reads lazily) turned into a UsageError."""
+    """The rows, with an error while reading them (streaming reads lazily) turned into a UsageError. datasets' own
+    log line before it is silenced by the runner (reading.quiet_datasets around its passes): a generator holds no
+    logger setting across a yield, where a caller's kept traceback could leave it set."""
     rows = iter(rows)
-    with quiet_datasets():
-        while True:
-            try:
-                row = next(rows)
-            except StopIteration:
-                return
-            except Exception as e:  # datasets raises many kinds; turn them into one clear line
-                raise read_error(cfg, e) from None
-            yield row
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:  # datasets raises many kinds; turn them into one clear line
+            raise read_error(cfg, e) from None
+        yield row
 
 
 def _text(value) -> str | None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from pathlib import Path
 
 from lm_ce.config.fields import Config, resolve_path
 from lm_ce.errors import UsageError
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair alone: no character, no UTF-8
 
 BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -87,8 +90,21 @@ def first_bad_json_line(path: str) -> str | None:
             if not isinstance(row, dict) and (lines_expected or not blank):
                 kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(row), "number")
                 return f'{path}:{number}: a JSON {kind}, not an object; each line must be {{"field": value, ...}}'
+            found = LONE_SURROGATE.search(json.dumps(row, ensure_ascii=False))
+            if found:  # json reads "\\ud800" without a pair; the reader refuses it, as lm_ce.evaluate refuses the text
+                return (f"{path}:{number}: a string holds a lone surrogate {found.group()!r} (half of a UTF-16 pair, "
+                        "not a character: no tokenizer takes it); fix or remove that line")
             blank = False
     return f"{path}: no rows, only blank lines; point --data-files at a file with one JSON object per line" if blank else None
+
+
+def lone_surrogate(value: str | None) -> str | None:
+    """Where `value` holds a lone surrogate, in words ("a lone surrogate '\\ud800' at character 4 (...)"), else None."""
+    found = LONE_SURROGATE.search(value) if value is not None else None
+    if found is None:
+        return None
+    return (f"a lone surrogate {found.group()!r} at character {found.start()} (half of a UTF-16 pair, not a "
+            "character: no tokenizer or UTF-8 file takes it)")
 
 
 def whole_text(path: str) -> str:

@@ -28,7 +28,10 @@ def row_fields(cfg: Config) -> list[str]:
 
 @contextlib.contextmanager
 def quiet_datasets() -> Iterator[None]:
-    """datasets logs its read errors before raising them; we turn those into one line of our own."""
+    """datasets logs its read errors before raising them; we turn those into one line of our own. Its logger's
+    level is put back on the way out (a `with` block, never held by a generator across a yield)."""
+    import datasets  # noqa: F401  (its import sets that level: read it afterwards)
+
     logger = logging.getLogger("datasets")
     level = logger.level
     logger.setLevel(logging.CRITICAL)

@@ -2,7 +2,9 @@
 
 The same run as the command line (lm_ce.runner.evaluate); the model is used as it is, where it is, and
 given back in the train/eval modes it had (and with its mixed-precision wrapper, if any, which scoring sets
-aside); the global RNG and thread count are restored too.
+aside); the global RNG and thread count are restored too, and accelerate's process-wide state when lm_ce started
+it. lm_ce is a guest here: no signal handler (a Ctrl-C reaches the caller as KeyboardInterrupt), no allocator,
+logger or plotting-backend setting left behind.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def evaluate_with(model: torch.nn.Module, tokenizer, data, settings: dict, *, ac
     if rows is not None and cfg.resume:
         raise UsageError(f"{SOURCE}: resume=True needs data read from files or the Hub, not rows in memory")
     check_suite(cfg)
-    with outdir.claim(cfg):  # held until the reports are written, as the command line holds it
+    with kept_accelerate_state(accelerator), outdir.claim(cfg):  # held until the reports are written, as the CLI does
         with kept_state(model):
             results = runner.evaluate(cfg, model=model, tokenizer=tokenizer, rows=rows, accelerator=accelerator)
         if cfg.output_dir and _main_process(accelerator):
@@ -106,6 +108,25 @@ def kept_state(model: torch.nn.Module) -> Iterator[None]:
         for module, training in modes:
             module.training = training
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def kept_accelerate_state(accelerator) -> Iterator[None]:
+    """accelerate's process-wide states (PartialState, AcceleratorState, GradientState) given back as they were when
+    lm_ce starts its own Accelerator (no `accelerator` given): one left started would make the caller's later
+    Accelerator(mixed_precision="bf16") fail ("already initialized ... restart your runtime")."""
+    if accelerator is not None:  # a Trainer's: its state is the caller's own
+        yield
+        return
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    kept = [(cls._shared_state, dict(cls._shared_state)) for cls in (PartialState, AcceleratorState, GradientState)]
+    try:
+        yield
+    finally:
+        for shared, before in kept:
+            shared.clear()
+            shared.update(before)
 
 
 @contextlib.contextmanager

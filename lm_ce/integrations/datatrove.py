@@ -18,6 +18,7 @@ except ImportError as e:  # the optional extra is not installed
     raise ImportError(f"lm_ce.PerplexityStats needs datatrove ({e}): pip install 'lm_ce[datatrove]'") from None
 
 from lm_ce.config.sources import from_settings
+from lm_ce.data.documents import lone_surrogate
 from lm_ce.errors import UsageError
 from lm_ce.integrations.api import evaluate
 from lm_ce.model import load as model_lib
@@ -99,6 +100,10 @@ several local workers on a CPU give threads=cores/workers (each task would take 
         if data is None:
             return
         for docs in batched(data, self.documents_per_call):
+            for doc in docs:  # as lm_ce.evaluate and the command line refuse it, naming the pipeline's document
+                if found := lone_surrogate(doc.text):
+                    raise UsageError(f"{SOURCE}: document {doc.id!r}: its text holds {found}; fix or drop it in an "
+                                     "earlier step (a LambdaFilter)")
             with self.track_time(unit="call"):  # the first call's time includes loading the model
                 model, tokenizer = self.loaded(rank)
                 figures = figures_of(model, tokenizer, [doc.text for doc in docs], self.settings)

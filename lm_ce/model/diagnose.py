@@ -69,8 +69,11 @@ def hub_unreachable(repo_id: str, cfg: Config, timeout: float = 3.0) -> UsageErr
 
 
 def model_flag(cfg: Config) -> str:
-    """The flag that named the model being loaded: --compare-to for a compared model, else --model."""
-    return "--compare-to" if cfg.model in (cfg.compare_to or []) else "--model"
+    """The flag that named the model being loaded: --compare-to for a compared model, --longppl-evaluator for
+    LongPPL's evaluator, else --model."""
+    if cfg.model in (cfg.compare_to or []):
+        return "--compare-to"
+    return "--longppl-evaluator" if cfg.model == cfg.longppl_evaluator else "--model"
 
 
 def remote_code(source: str, path: str, e: Exception) -> str | None:

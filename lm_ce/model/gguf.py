@@ -144,11 +144,15 @@ def cache_entries() -> list[dict]:
 
 @contextlib.contextmanager
 def quiet_progress() -> Iterator[None]:
-    """transformers' and huggingface_hub's progress bars off (as they were before, afterwards)."""
+    """transformers' and huggingface_hub's progress bars off, then exactly as they were: huggingface_hub keeps a
+    state per group of bars, which its disable_progress_bars() clears and enable_progress_bars() does not put back."""
+    import importlib
+
     import transformers
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-    hub_was_off = are_progress_bars_disabled()
+    states = getattr(importlib.import_module("huggingface_hub.utils.tqdm"), "progress_bar_states", None)
+    hub_before = dict(states) if isinstance(states, dict) else are_progress_bars_disabled()
     transformers_was_on = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()
     disable_progress_bars()
@@ -157,7 +161,10 @@ def quiet_progress() -> Iterator[None]:
     finally:
         if transformers_was_on:
             transformers.utils.logging.enable_progress_bar()
-        if not hub_was_off:
+        if isinstance(hub_before, dict):
+            states.clear()
+            states.update(hub_before)
+        elif not hub_before:
             enable_progress_bars()
 
 

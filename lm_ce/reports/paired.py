@@ -19,6 +19,7 @@ import numpy as np
 
 from lm_ce.errors import UsageError
 from lm_ce.files import atomic_write
+from lm_ce.reports.tables import md
 from lm_ce.rundir import claims as outdir
 from lm_ce.rundir import state as saved
 from lm_ce.sums.stats import exp_capped, paired
@@ -279,10 +280,12 @@ def _delta_text(d: dict | None, digits: int = 5) -> str:
 
 
 def markdown(c: dict) -> str:
-    """comparison.md (and the console text): the deltas, then groups, the most changed documents, token by token."""
+    """comparison.md (and the console text): the deltas, then groups, the most changed documents, token by token;
+    model names, directories, notes, groups and ids as literal text (tables.md: no raw HTML from them)."""
     a, b = c["a"], c["b"]
-    out = [f"# {b['model']} (B) minus {a['model']} (A)", "", f"A: {a['directory']}  ", f"B: {b['directory']}", ""]
-    out += [f"- {note}" for note in c["notes"]] + ([""] if c["notes"] else [])
+    out = [f"# {md(b['model'])} (B) minus {md(a['model'])} (A)", "", f"A: {md(a['directory'])}  ",
+           f"B: {md(b['directory'])}", ""]
+    out += [f"- {md(note)}" for note in c["notes"]] + ([""] if c["notes"] else [])
     out += ["| | A | B | B − A (± paired stderr) |", "|---|---|---|---|",
             f"| mean loss (nats/token) | {a['mean_loss']:.6g} | {b['mean_loss']:.6g} | {_delta_text(c['delta']['mean_loss'])} |",
             f"| bits per byte | {_num(a['bits_per_byte'])} | {_num(b['bits_per_byte'])} | {_delta_text(c['delta']['bits_per_byte'])} |",
@@ -298,12 +301,12 @@ def markdown(c: dict) -> str:
         out += ["", f"No paired standard error: {delta.get('clusters')} {unit} scored, fewer than two."]
     if c.get("groups"):
         out += ["", "## By group", "", "| group | documents | Δ mean loss | Δ bits per byte |", "|---|---|---|---|"]
-        out += [f"| {g} | {v['documents']} | {_delta_text(v['delta']['mean_loss'])} | {_delta_text(v['delta']['bits_per_byte'])} |"
+        out += [f"| {md(g)} | {v['documents']} | {_delta_text(v['delta']['mean_loss'])} | {_delta_text(v['delta']['bits_per_byte'])} |"
                 for g, v in c["groups"].items()]
     if c.get("most_changed"):
         out += ["", "## Documents that changed most (|Δ NLL sum|)", "",
                 "| document | id | group | tokens | Δ NLL sum (nats) | bits/byte A | bits/byte B |", "|---|---|---|---|---|---|---|"]
-        out += [f"| {r['index']} | {r['id'] or '-'} | {r['group'] or '-'} | {r['tokens_a']} | {r['delta_nll_sum']:+.4g} | "
+        out += [f"| {r['index']} | {md(r['id'] or '-')} | {md(r['group'] or '-')} | {r['tokens_a']} | {r['delta_nll_sum']:+.4g} | "
                 f"{_num(r['bits_per_byte_a'])} | {_num(r['bits_per_byte_b'])} |" for r in c["most_changed"]]
     t = c.get("token_by_token")
     if t:

@@ -1,7 +1,13 @@
-"""The run's figures as text: the console table and results.md (a summary dict in, lines out)."""
+"""The run's figures as text: the console table and results.md (a summary dict in, lines out).
+
+What came from the run's inputs (model and data paths, dataset, group and model names) is written to Markdown as
+literal text (`md`): raw HTML in a name (`<svg onload=...>`) would run in any viewer that renders it, as
+results.html escapes it too, and a `|` or a newline would break the table.
+"""
 from __future__ import annotations
 
 import math
+import re
 
 ROWS = [
     ("mean loss (nats/token)", "metrics.mean_loss"),
@@ -21,6 +27,32 @@ ROWS = [
     ("seconds (scoring)", "timing.seconds"),
     ("tokens/s", "timing.tokens_per_second"),
 ]
+
+
+# HTML's specials as entities; Markdown's inline syntax (code, emphasis, links, strikethrough, table cells) escaped
+# with a backslash, which CommonMark and GitHub read as the character itself; a line break is shown as \n. An
+# underscore between two letters or digits never starts emphasis (my_model, max_length): only the others are escaped.
+_MARKDOWN = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "\\": "\\\\", "`": "\\`", "*": "\\*", "[": "\\[",
+                           "]": "\\]", "|": "\\|", "~": "\\~", "\n": "\\n", "\r": "\\r"})
+_EMPHASIS_UNDERSCORE = re.compile(r"(?<![^\W_])_|_(?![^\W_])")
+
+
+def md(text) -> str:
+    """Text shown as itself in Markdown, in a table cell or a heading: no HTML, link, code or emphasis from it."""
+    return _EMPHASIS_UNDERSCORE.sub(r"\\_", str(text).translate(_MARKDOWN))
+
+
+def md_row(cells) -> str:
+    """One Markdown table row, each cell as literal text."""
+    return "| " + " | ".join(md(c) for c in cells) + " |"
+
+
+def md_code(lines: list[str], info: str = "text") -> list[str]:
+    """A fenced code block holding `lines` as they are: its fence is longer than any run of backticks in them, so no
+    line can close it early (inside, Markdown escapes would show as backslashes)."""
+    longest = max((len(run) for line in lines for run in re.findall("`+", line)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + info, *lines, fence]
 
 
 def lookup(summary: dict, path: str):
@@ -246,26 +278,26 @@ def table(summary: dict) -> str:
 
 
 def markdown(summary: dict) -> str:
-    """results.md: the figures, then what was run."""
+    """results.md: the figures, then what was run; every name and path in it as literal text (`md`)."""
     if "suite" in summary:
         header, body = suite_rows(summary)
-        out = [f"# {_suite_title(summary)}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        return "\n".join(out + ["| " + " | ".join(r) + " |" for r in body]) + "\n"
-    out = [f"# {title(summary)}", ""]
+        out = [f"# {md(_suite_title(summary))}", "", md_row(header), "|" + "---|" * len(header)]
+        return "\n".join(out + [md_row(r) for r in body]) + "\n"
+    out = [f"# {md(title(summary))}", ""]
     if not summary.get("complete", True):
         out += ["**Interrupted: these figures cover only what was scored before the stop.**", ""]
     if shard_note(summary):
         out += [f"**{shard_note(summary)}.**", ""]
     out += ["| metric | value |", "|---|---|"]
-    out += [f"| {label} | {fmt(lookup(summary, path))} |" for label, path in ROWS]
-    out += [f"| perplexity 95% interval | {interval(summary)} |"]
+    out += [md_row([label, fmt(lookup(summary, path))]) for label, path in ROWS]
+    out += [md_row(["perplexity 95% interval", interval(summary)])]
     if headline(summary):
-        out += ["| {} | {} |".format(*headline(summary))]
+        out += [md_row(headline(summary))]
     for name, header, body in sections(summary):
-        out += ["", f"## {name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        out += ["| " + " | ".join(r) + " |" for r in body]
+        out += ["", f"## {md(name)}", "", md_row(header), "|" + "---|" * len(header)]
+        out += [md_row(r) for r in body]
     for name, block in divergence_blocks(summary):
-        out += ["", f"## {name}", "", "```text", *block, "```"]
+        out += ["", f"## {md(name)}", "", *md_code(block)]
     out += ["", "## What was run", "", "| | |", "|---|---|"]
-    out += [f"| {key} | {value} |" for key, value in what_was_run(summary)]
+    out += [md_row([key, value]) for key, value in what_was_run(summary)]
     return "\n".join(out) + "\n"

@@ -236,36 +236,30 @@ class PairLosses:
     other_nll: torch.Tensor
     other_top1: torch.Tensor
     kl: torch.Tensor
-    mean: torch.Tensor | None = None  # the first model's mu_t and sigma_t (with want_moments: --min-k)
-    std: torch.Tensor | None = None
 
 
 def pair_losses(
     hidden: torch.Tensor, head: Head, other_hidden: torch.Tensor, other_head: Head, targets: torch.Tensor, rows: int | None = None,
-    want_moments: bool = False,
 ) -> PairLosses:
-    """Per-token NLL of both models and KL(P_first || P_second) = sum_v p(v) (log p(v) - log q(v)), chunked."""
+    """Per-token NLL of both models and KL(P_first || P_second) = sum_v p(v) (log p(v) - log q(v)), chunked by rows
+    (log_softmax over whole rows: the first model's NLL rounds otherwise than token_losses', whose values the scorer
+    keeps for that model)."""
     with head.loaded() as head, other_head.loaded() as other_head:
         device = head.weight.device
         return _pair_losses(hidden.to(device), head, other_hidden.to(other_head.weight.device), other_head,
-                            targets.to(device), rows, want_moments)
+                            targets.to(device), rows)
 
 
-def _pair_losses(hidden, head: Head, other_hidden, other_head: Head, targets, rows, want_moments=False) -> PairLosses:
+def _pair_losses(hidden, head: Head, other_hidden, other_head: Head, targets, rows) -> PairLosses:
     n = hidden.shape[0]
     rows = rows or max(8, chunk_rows(head.vocab_size) // 3)  # three vocab-wide blocks live at once
     out = PairLosses(*(torch.empty(n, dtype=dt, device=hidden.device) for dt in (torch.float32, torch.long, torch.float32, torch.long, torch.float32)))
-    if want_moments:
-        out.mean = torch.empty(n, dtype=wide(hidden.device), device=hidden.device)
-        out.std = torch.empty_like(out.mean)
     for start in range(0, n, rows):
         s = slice(start, min(start + rows, n))
         t = targets[s, None]
         logp = torch.log_softmax(head.logits(hidden[s]), dim=-1)
         logq = torch.log_softmax(other_head.logits(other_hidden[s]), dim=-1).to(logp.device)
         out.nll[s] = -logp.gather(1, t).squeeze(1)
-        if want_moments:
-            out.mean[s], out.std[s] = logprob_moments(logp)
         out.other_nll[s] = -logq.gather(1, t).squeeze(1)
         out.top1[s] = logp.argmax(dim=-1)
         out.other_top1[s] = logq.argmax(dim=-1)

@@ -44,6 +44,15 @@ class Plan:
     evaluator: object = None  # longppl.Evaluator: finds each chunk's key tokens (--longppl-evaluator)
     identity: Recorded | None = None  # what the run reads, as its saved state records it
     last_save: float = field(default_factory=time.monotonic)
+    # What a KeyboardInterrupt may save (from Python, where it arrives between any two bytecodes): the run's records
+    # are consistent except while a finished chunk is added to them (`settled` False until the pass says it is
+    # done), and a periodic save inside the current chunk holds newer progress than they do (`saved_inside`).
+    settled: bool = True
+    saved_inside: bool = False
+
+    def chunk_added(self) -> None:
+        """The pass has added a finished chunk to the run in full: its records are consistent again."""
+        self.settled, self.saved_inside = True, False
 
     @property
     def read(self):
@@ -101,6 +110,7 @@ def _add_chunk(plan: Plan, run: Run, resumed: Tally, tally: Tally, *, stopped: b
     """Gather every process's tally of the chunk; a finished chunk's canonical sums go into the run and
     `results`, a stopped one is kept as the run's partial sums. Returns `stopped`."""
     parts = gather(tally, plan)
+    plan.settled = False  # from here until the pass calls chunk_added
     merged = resumed
     for part in parts:  # rank order: the same sums on every process
         merged.merge(part)
@@ -108,6 +118,7 @@ def _add_chunk(plan: Plan, run: Run, resumed: Tally, tally: Tally, *, stopped: b
     run.tokens_per_process = [a + p.tokens for a, p in zip(done, parts)]
     if stopped:
         run.partial = merged
+        plan.settled = True
         return True
     run.partial = None
     canonical_sums(merged)
@@ -168,17 +179,18 @@ def _save_partial(plan: Plan, run: Run, resumed: Tally, tally: Tally) -> None:
         for part in parts:
             merged.merge(part)
         snapshot = dataclasses.replace(run, partial=merged)
-        checkpoint.save(plan.cfg.output_dir, _unfinished(plan, snapshot))
+        checkpoint.save(plan.cfg.output_dir, unfinished_state(plan, snapshot))
+        plan.saved_inside = True
 
 
 def save_if_due(plan: Plan, run: Run) -> None:
     """Between chunks of a pass whose sums every process holds alike (--context-curve): the main process saves the
     run when a periodic save is due."""
     if plan.accelerator.is_main_process and _save_due(plan):
-        checkpoint.save(plan.cfg.output_dir, _unfinished(plan, run))
+        checkpoint.save(plan.cfg.output_dir, unfinished_state(plan, run))
 
 
-def _unfinished(plan: Plan, run: Run) -> dict:
+def unfinished_state(plan: Plan, run: Run) -> dict:
     """The state of a run not finished yet, with what it read."""
     header = plan.identity.header() if plan.identity else None
     return checkpoint.state_of(plan.cfg, run, plan.setup.processes, complete=False, identity=header)

@@ -34,12 +34,14 @@ from lm_ce.sums.signals import add_to_rows
 
 log = logging.getLogger("lm_ce")
 
-try:  # glibc's malloc_trim and mallopt (give_back_freed_memory, reuse_freed_memory); absent elsewhere
-    _LIBC = ctypes.CDLL("libc.so.6")
-    _LIBC.malloc_trim, _LIBC.mallopt  # noqa: B018
+try:  # glibc's malloc, free and malloc_trim (give_back_freed_memory, keep_freed_blocks); absent elsewhere
+    _LIBC = ctypes.CDLL("libc.so.6")  # this module's own handle: the types set below are not seen by other users
+    _LIBC.malloc_trim  # noqa: B018
+    _LIBC.malloc.restype, _LIBC.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    _LIBC.free.argtypes = [ctypes.c_void_p]
 except (OSError, AttributeError):
     _LIBC = None
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+DYNAMIC_MMAP_MAX = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: the most its own threshold rises to
 
 COSTLY = 8  # input tokens read per token scored from which the cost is said before scoring (a small --stride)
 
@@ -94,6 +96,7 @@ def run_stream(plan: Plan, run: Run, tokenizer) -> bool:
     say_cost(windows, plan)
     stopped = score_windows(windows, plan, run, {-1: DocumentResult(index=-1)})
     _joined_documents(docs, run, plan, stopped)
+    plan.chunk_added()
     return stopped
 
 
@@ -131,6 +134,7 @@ def run_chunks(plan: Plan, run: Run, tokenizer) -> bool:
     run.stream_words = sum(count_words(t) for t in scored)
     stopped = score_windows(windows, plan, run, {-1: DocumentResult(index=-1)})
     _joined_documents(docs, run, plan, stopped)
+    plan.chunk_added()
     return stopped
 
 
@@ -239,6 +243,7 @@ def _score_chunk(docs: list[data.Document], future: Future, plan: Plan, run: Run
     for r in rows:
         run.rows.add(r)
     run.chunks_done += 1
+    plan.chunk_added()
     give_back_freed_memory()
     return False
 
@@ -251,15 +256,17 @@ def give_back_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def reuse_freed_memory() -> None:
-    """Let glibc keep freed blocks of up to 32 MB for reuse, where it has not got there by itself. Its starting
-    mmap threshold (128 KB) maps each larger tensor anew and unmaps it when freed, so a batch faults its pages in
-    again: 2-8x the page faults and up to 30% slower scoring on a tiny model, depending on whether something had
-    freed a large block first (glibc then raises the threshold itself, to the same values). The thresholds stay
-    for the process; give_back_freed_memory still returns the free pages after each chunk."""
+def keep_freed_blocks() -> None:
+    """Let glibc keep freed blocks of up to 32 MB for reuse, as it does by itself once a block that large has been
+    freed (its dynamic mmap threshold rises to that block's size, the trim threshold to twice that): one such block
+    is allocated and freed. glibc starts at 128 KB and maps each larger tensor anew, faulting its pages in again
+    every batch: 2-8x the page faults and up to 30% slower scoring on a tiny model (loading a model of any size
+    usually frees such blocks already). No setting is made: mallopt would fix the thresholds for the life of the
+    process and turn glibc's own adjustment off, and thresholds the user set (mallopt, MALLOC_MMAP_THRESHOLD_) turn
+    it off themselves, so they stay as set. Only the command line calls this (it owns its process). No-op without
+    glibc."""
     if _LIBC is not None:
-        _LIBC.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-        _LIBC.mallopt(M_TRIM_THRESHOLD, 64 << 20)
+        _LIBC.free(_LIBC.malloc(DYNAMIC_MMAP_MAX - (64 << 10)))  # its mapped size, page-rounded, stays under the max
 
 
 def say_cost(windows: list[Window], plan: Plan, which: str = "") -> None:

@@ -1,4 +1,5 @@
-"""What a person sees and does during a long run: the progress bar, and Ctrl-C / SIGTERM to stop and save."""
+"""What a person sees and does during a long run: the progress bar, and (at the command line) Ctrl-C / SIGTERM to
+stop and save."""
 from __future__ import annotations
 
 import logging
@@ -73,14 +74,17 @@ def duration(seconds: float) -> str:
 
 
 class StopRequest:
-    """Ctrl-C / SIGTERM ask the run to save and stop at the next batch; a second Ctrl-C stops at once."""
+    """At the command line (`handle_signals`): Ctrl-C / SIGTERM ask the run to save and stop at the next batch, and a
+    second Ctrl-C stops at once. From Python, lm_ce is a guest in the caller's process: no handler is installed, so
+    a Ctrl-C reaches the caller as KeyboardInterrupt (the runner saves what is consistent first)."""
 
-    def __init__(self):
+    def __init__(self, handle_signals: bool = False):
+        self.handle_signals = handle_signals
         self.requested = False
         self.previous = {}
 
     def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
+        if self.handle_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -94,3 +98,4 @@ class StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        self.previous = {}

@@ -4,13 +4,14 @@ Out of memory on a batch, the batch is scored in halves instead (said once).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
 
 import torch
 
-from lm_ce.scoring.head import Head, TokenLosses, logits_losses, pair_losses, token_losses
+from lm_ce.scoring.head import Head, logits_losses, pair_losses, token_losses
 from lm_ce.scoring.windows import Window
 from lm_ce.sums.divergence import TokenPairs
 from lm_ce.sums.records import Tally, WindowSums
@@ -75,10 +76,12 @@ class Scorer:
         compared = []
         if self.others:
             hidden = final_hidden(self.model, inputs, rows)
-            for k, other in enumerate(self.others):
-                compared.append(pair_losses(hidden, self.head, final_hidden(other.model, inputs, rows), other.head, targets,
-                                            want_moments=self.want_signals and k == 0))
-            out = TokenLosses(compared[0].nll, compared[0].top1, compared[0].mean, compared[0].std)
+            # The first model's own figures by the tiled head, as without compared models: the same float32 values
+            # bit for bit (the pairs' log_softmax over whole rows rounds differently, ~1e-9 of the NLL sum)
+            out = token_losses(hidden, targets, self.head, want_top1=self.want_top1, want_moments=self.want_signals)
+            for other in self.others:
+                pair = pair_losses(hidden, self.head, final_hidden(other.model, inputs, rows), other.head, targets)
+                compared.append(dataclasses.replace(pair, nll=out.nll.to(pair.nll.device)))
         elif self.head is not None:
             out = token_losses(final_hidden(self.model, inputs, rows), targets, self.head, want_top1=self.want_top1,
                                want_moments=self.want_signals)

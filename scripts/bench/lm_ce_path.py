@@ -61,7 +61,7 @@ def run_lm_ce(spec: dict, mode: str) -> dict:
     if spec["warmup"]:
         warm_up(spec)
     memory["after_warmup_mb"] = status_mb("VmRSS")
-    results = runner.evaluate(lm_ce_config(spec, spec["data"], mode), on_event=on_event)
+    results = runner.evaluate(lm_ce_config(spec, spec["data"], mode), on_event=on_event, owns_process=True)  # as the CLI runs it
     prof = marks.get("profiler")
     if prof is not None:
         prof.__exit__(None, None, None)

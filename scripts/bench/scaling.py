@@ -67,16 +67,14 @@ def plot(scaling: dict, path: Path) -> str | None:
     """tokens/s and peak memory against size (log x), as a PNG; None without matplotlib or rows."""
     rows = scaling.get("rows") or []
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         return None
     if not rows:
         return None
     sizes = [r["tokens"] for r in rows]
-    fig, (speed, memory) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig = Figure(figsize=(9, 3.4))  # no pyplot: the backend and pyplot's figures stay as they were
+    speed, memory = fig.subplots(1, 2)
     speed.plot(sizes, [r["tokens_per_second"] for r in rows], "o-")
     speed.set(xscale="log", xlabel="tokens scored", ylabel="tokens / s", title="speed")
     memory.plot(sizes, [r["peak_rss_mb"] for r in rows], "o-", label="peak RSS")
