@@ -26,6 +26,7 @@ class ModelInfo:
     max_positions: int | None
     parameters: int
     device_map: dict | None = None  # module -> GPU number, "cpu" or "disk", as loaded (None: one device)
+    attn_implementation: str | None = None  # as transformers set it up (config._attn_implementation after loading)
 
 
 def torch_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -54,6 +55,7 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
     dtype = torch_dtype(cfg, device)
     spec = resolve_path(cfg.model)
     kwargs: dict = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    attention = attention_kwargs(cfg)
     place = placement.from_pretrained_kwargs(cfg, gpus=torch.cuda.device_count(), **placement.local_process())
     cache_to = None
     if spec.lower().endswith(".gguf"):
@@ -80,14 +82,17 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
         unreachable = hub_unreachable(spec, cfg)
         if unreachable:
             raise unreachable
+    part = "tokenizer"
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        part = "model"
         # a GGUF file is dequantized in memory; with a device map its cache is then placed (transformers
-        # cannot offload GGUF weights to disk)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation="sdpa", **kwargs, **({} if cache_to else place))
+        # cannot offload GGUF weights to disk). The attention implementation is transformers' choice for the
+        # architecture unless --attn-implementation says (Gemma-2's attention softcapping, for one, is eager only).
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attention, **kwargs,
+                                                     **({} if cache_to else place))
     except Exception as e:  # transformers raises many kinds; turn the ones bad input causes into one line
-        error = placement.placement_error(cfg, e) or load_error(cfg, source, path, e)
+        error = placement.placement_error(cfg, e) or load_error(cfg, source, path, e, part)
         if error is None:
             raise
         raise error from None
@@ -100,7 +105,7 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
             raise UsageError(f"--device-map with a GGUF file places its dequantized cache, which could not be written to "
                              f"{cache_to}: make that folder writable or set LM_CE_CACHE")
         path = cache_to
-        model = placement.load_placed(path, dtype=dtype, place=place, cfg=cfg)
+        model = placement.load_placed(path, dtype=dtype, place={**place, **attention}, cfg=cfg)
     if place:
         placement.check_tied_head(model)
     else:
@@ -115,8 +120,40 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
         max_positions=max_positions(model.config),
         parameters=sum(p.numel() for p in model.parameters()),
         device_map=placement.used_map(model) if place else None,
+        attn_implementation=attn_implementation(model),
     )
     return model, tokenizer, info
+
+
+def attention_kwargs(cfg: Config) -> dict:
+    """from_pretrained's attn_implementation: {} (transformers' choice for the architecture) unless
+    --attn-implementation names one, checked against the installed transformers' own registry of attention
+    functions (a function registered from Python counts) and its pattern for kernels from the Hub (org/repo)."""
+    name = cfg.attn_implementation
+    if name is None:
+        return {}
+    from transformers.integrations.hub_kernels import is_kernel
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if name not in known and not is_kernel(name):
+        import difflib
+        import transformers
+
+        close = difflib.get_close_matches(name, known, n=1)
+        raise UsageError(
+            f"--attn-implementation {name} is not an attention implementation of transformers {transformers.__version__}"
+            f"{f' (did you mean {close[0]}?)' if close else ''}: give one of {', '.join(known)}, a kernel from the Hub "
+            "(org/repo), or leave it out for the architecture's default"
+        )
+    return {"attn_implementation": name}
+
+
+def attn_implementation(model: torch.nn.Module) -> str | None:
+    """The attention implementation transformers set the model up with (None for a model without one)."""
+    config = getattr(model, "config", None)
+    name = getattr(config, "_attn_implementation", None)
+    return name if isinstance(name, str) else None
 
 
 def check_vocabulary(model: torch.nn.Module, tokenizer, name: str) -> None:
