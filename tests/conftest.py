@@ -333,3 +333,13 @@ def whole_and_resumed(score, monkeypatch, at: int, directory: Path, **fields) ->
     resumed = score(**fields, output_dir=str(directory / "run"), resume=True)
     assert resumed.summary["complete"] is True
     return whole, resumed
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The zoo test's table (tests/test_zoo.py), when it ran."""
+    from . import zoo
+
+    if zoo.RESULTS:
+        terminalreporter.section("architectures (tests/test_zoo.py)")
+        for line in zoo.table(zoo.RESULTS):
+            terminalreporter.write_line(line)
