@@ -222,6 +222,8 @@ def check_causal(model: torch.nn.Module, device: torch.device, name: str) -> Non
         outs = [inner(input_ids=x, use_cache=False).last_hidden_state if inner is not None
                 else model(input_ids=x, use_cache=False).logits for x in (ids, later)]
     a, b = (out[0, :-1].double() for out in outs)
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):  # a broken model: the NaN guard names where
+        return
     change = (a - b.to(a.device)).abs().max().item() / max(1.0, a.abs().max().item())
     if not change <= tolerance(model):
         raise UsageError(
@@ -244,6 +246,8 @@ def check_left_padding(model: torch.nn.Module, head: Head | None, device: torch.
         raise UsageError(f"--padding-side left fails for model '{name}' (transformers: {first_line(e)}); use "
                          "--padding-side right (the default)") from None
     n = batch[0].n_scored
+    if not (torch.isfinite(left).all() and torch.isfinite(right).all()):  # a broken model: the NaN guard names where
+        return
     change = (left[n:] - right[n:]).abs().max().item() / max(1.0, right[n:].abs().max().item())
     if not change <= max(1e-4, tolerance(model)):
         raise UsageError(
