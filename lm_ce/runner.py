@@ -258,12 +258,15 @@ def _model(cfg: Config, model, tokenizer, accelerator) -> tuple[torch.nn.Module,
                 fingerprint.file_weights(cfg.model)
         with first:
             return model_lib.load(cfg, accelerator.device, accelerator.is_main_process)
+    if cfg.attn_implementation:
+        raise UsageError("attn_implementation applies to a model lm_ce loads; load this one with "
+                         "attn_implementation=... (or call its set_attn_implementation) instead")
     model.eval()
     info = model_lib.ModelInfo(
         cfg.model, "object", cfg.model, cfg.revision, str(next(model.parameters()).dtype).replace("torch.", ""),
         model_lib.max_positions(model.config), sum(p.numel() for p in model.parameters()),
         device_map=placement.device_map_of(model), weights=_object_weights(cfg, model),
-        tokenizer=fingerprint.tokenizer_fingerprint(tokenizer),
+        tokenizer=fingerprint.tokenizer_fingerprint(tokenizer), attn_implementation=model_lib.attn_implementation(model),
     )
     return model, tokenizer, info
 

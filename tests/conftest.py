@@ -365,3 +365,13 @@ def whole_and_resumed(score, monkeypatch, at: int, directory: Path, **fields) ->
 def pytest_sessionfinish(session, exitstatus):
     """The session's caches go with it."""
     shutil.rmtree(SESSION_CACHE, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The zoo test's table (tests/test_zoo.py), when it ran."""
+    from . import zoo
+
+    if zoo.RESULTS:
+        terminalreporter.section("architectures (tests/test_zoo.py)")
+        for line in zoo.table(zoo.RESULTS):
+            terminalreporter.write_line(line)

@@ -23,8 +23,12 @@ def _params_key(model: torch.nn.Module) -> tuple:
 
 
 def as_float64(model: torch.nn.Module) -> torch.nn.Module:
-    """The model itself when already float64, else a float64 deep copy in eval mode (cached per model)."""
-    if all(p.dtype == torch.float64 for p in model.parameters()):
+    """The model itself when already float64 (or loaded in float64 by transformers, which keeps a few modules of
+    some architectures in float32, as it runs them), else a float64 deep copy in eval mode (cached per model).
+    A model marked `reference_as_loaded = True` is used as it is: the few architectures transformers cannot run in
+    float64 (tests/zoo.py says which and why)."""
+    if (all(p.dtype == torch.float64 for p in model.parameters()) or getattr(model, "dtype", None) == torch.float64
+            or getattr(model, "reference_as_loaded", False)):
         return model.eval()
     key = _params_key(model)
     cached = _FLOAT64.get(model)

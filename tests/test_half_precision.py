@@ -16,7 +16,7 @@ from lm_ce.runner import evaluate
 from lm_ce.scoring import head as loss
 from lm_ce.scoring import setup
 from lm_ce.scoring.head import Head, float32_product, head_of, token_losses
-from lm_ce.scoring.probe import float64_figures, float64_logits, probe_head
+from lm_ce.scoring.probe import float64_figures, float64_logits, probe_head, transform_error
 
 from .conftest import make_jsonl
 from .reference import as_float64, document_windows, encode, reference_nll
@@ -85,18 +85,20 @@ def test_probe_reference_is_taken_slice_by_slice():
     hidden = torch.randn(rows, hidden_size, generator=g)
     targets = torch.stack([torch.arange(rows) * 6257, torch.arange(rows) * 7 + 99990], dim=1) % vocab
     full = float64_logits(head, hidden)
+    raw = (hidden.double() @ head.weight.double().t() + head.bias.double()).float()
     own = (full + 1e-3 * torch.randn(full.shape, generator=g, dtype=torch.float64)).float()
 
     with Largest(torch.float64) as largest:
-        f = float64_figures(head, hidden, own, targets)
+        f = float64_figures(head, hidden, targets)
+        error, biggest = transform_error(head, raw, own)
     assert 0 < largest.numel <= 16384 * hidden_size < rows * vocab  # at most one slice of the weight
     assert f.finite
     assert torch.allclose(f.lse, torch.logsumexp(full, -1), rtol=1e-12, atol=0)
     assert torch.equal(f.top, full.max(-1).values) and torch.equal(f.top_id, full.argmax(-1))
     assert torch.equal(f.bottom, full.min(-1).values) and torch.equal(f.bottom_id, full.argmin(-1))
     assert torch.equal(f.picked, full.gather(1, targets))
-    assert f.largest == full.abs().max().item()
-    assert f.own_error == (own.double() - full).abs().max().item() > 0
+    assert biggest == pytest.approx(full.abs().max().item(), rel=1e-6)
+    assert error == pytest.approx((own.double() - full).abs().max().item(), rel=1e-3) and error > 1e-4
 
 
 def test_out_dtype_refused_falls_back_to_widened_tiles(monkeypatch, caplog):

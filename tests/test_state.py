@@ -57,7 +57,6 @@ def exact(values) -> stats.ExactSum:
 
 def every_record() -> records.Run:
     """A run holding every record type lm_ce saves, with awkward float64 values."""
-    rng = np.random.default_rng(0)
     div = divergence.Divergence(kl=quantiles.Quantiles(exact_cap=50, k=16), delta_p=quantiles.Quantiles(exact_cap=50, k=16))
     for _ in range(5):  # past the exact cap: the sketch's levels and turns
         n = 30

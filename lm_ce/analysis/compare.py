@@ -13,6 +13,7 @@ from lm_ce.errors import UsageError
 from lm_ce.model import load as model_lib
 from lm_ce.rundir.identity import data_differences, model_record
 from lm_ce.scoring.head import Head, head_of
+from lm_ce.scoring.probe import probe_head
 from lm_ce.scoring.scorer import ComparedModel
 from lm_ce.scoring.setup import Setup
 from lm_ce.sums.records import Results
@@ -37,8 +38,8 @@ def load_compared(cfg: Config, *, tokenizer, setup: Setup, accelerator) -> Compa
             m, t, info = model_lib.load(dataclasses.replace(cfg, model=name), setup.device, accelerator.is_main_process)
         model_lib.check_vocabulary(m, t, name)
         out.models[f"--compare-to {name}"] = model_record(info)
-        h = head_of(m)
-        if model_lib.same_tokenizer(tokenizer, t) and h is not None and head is not None and h.weight.shape[0] == head.weight.shape[0]:
+        h = probe_head(m, head_of(m), setup.device).head  # the chunked head only where it reproduces the model
+        if model_lib.same_tokenizer(tokenizer, t) and h is not None and head is not None and h.vocab_size == head.vocab_size:
             check_positions(name, info.max_positions, setup.max_length)  # scored in the first model's windows
             out.same_tokens.append(ComparedModel(m, h))
         else:

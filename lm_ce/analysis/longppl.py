@@ -28,6 +28,7 @@ from lm_ce.errors import UsageError
 from lm_ce.model import load as model_lib
 from lm_ce.rundir.identity import model_record
 from lm_ce.scoring.head import head_of
+from lm_ce.scoring.probe import probe_head
 from lm_ce.scoring.parallel import Plan, score_windows
 from lm_ce.scoring.progress import Progress
 from lm_ce.scoring.scorer import Scorer
@@ -82,7 +83,8 @@ def load_evaluator(cfg: Config, *, setup: Setup, scorer: Scorer, tokenizer, acce
         raise UsageError(f"--longppl-evaluator {name}: its tokenizer differs from the model's, and tokens are mapped "
                          "through character offsets, which only fast (Rust) tokenizers give; load both with fast "
                          "tokenizers, or use --longppl-evaluator self")
-    evaluator_scorer = Scorer(model, head_of(model), setup.device, scorer.pad_left, want_top1=True)
+    evaluator_scorer = Scorer(model, probe_head(model, head_of(model), setup.device).head, setup.device,
+                              scorer.pad_left, want_top1=True)
     return Evaluator(name, evaluator_scorer, other, prefix, window_first_id(cfg, other, prefix), shared=shared,
                      evaluated=tokens_scorer, run_tokenizer=tokenizer,
                      models={f"--longppl-evaluator {name}": model_record(info)})

@@ -30,6 +30,9 @@ class Config:
     trust_remote_code: bool = option(False, "model", "run the model's own code from the Hub (only for models you trust)")
     gguf_cache: bool = option(True, "model", "cache dequantized GGUF weights, keyed by the file's content hash")
     compile: bool = option(False, "model", "torch.compile the model body (pays on long runs)")
+    attn_implementation: str | None = option(None, "model", "attention kernel: eager | sdpa | flex_attention | "
+                                                            "flash_attention_2 | ... | a Hub kernel (org/repo) "
+                                                            "(default: transformers' choice for the architecture)")
     threads: int | None = option(None, "model", "torch intra-op threads per process (default: cores / processes)")
     # placement of a model larger than one device
     device_map: str | dict | None = option(None, "placement", "auto | balanced | balanced_low_0 | sequential | "

@@ -142,7 +142,7 @@ def from_settings(settings: dict, source: str) -> Config:
 
 
 SUITE_EXCLUDED = ("model", "revision", "dtype", "trust_remote_code", "gguf_cache", "compile", "threads", "compare_to",
-                  "output_dir", "resume", "checkpoint_seconds", "plot", "progress", "seed", "suite")
+                  "attn_implementation", "output_dir", "resume", "checkpoint_seconds", "plot", "progress", "seed", "suite")
 
 
 def suite_entries(value, source: str) -> list[dict]:

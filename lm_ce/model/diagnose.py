@@ -8,8 +8,11 @@ from lm_ce.config.fields import Config, resolve_path
 from lm_ce.errors import UsageError, first_line
 
 
-def load_error(cfg: Config, source: str, path: str, e: Exception) -> UsageError | None:
-    """The UsageError for an exception from transformers while loading, or None for a bug to show as is."""
+def load_error(cfg: Config, source: str, path: str, e: Exception, part: str = "model") -> UsageError | None:
+    """The UsageError for an exception from transformers while loading the `part` (tokenizer or model), or None
+    for a bug to show as is. The files are blamed only where they are the cause (missing, unreadable, not JSON,
+    no tokenizer); otherwise transformers' own reason is given (an attention implementation the architecture
+    does not support, a package it needs, an architecture this version does not know)."""
     flag = model_flag(cfg)
     if source == "gguf":  # the GGUF reader fails in any way on a truncated or corrupt file
         return UsageError(
@@ -29,7 +32,8 @@ def load_error(cfg: Config, source: str, path: str, e: Exception) -> UsageError 
             f"cannot read the weights of model '{cfg.model}': {bad or 'a .safetensors file'} is truncated or corrupt "
             f"({first_line(e)}); download or save the model again"
         )
-    if isinstance(e, (OSError, ValueError, KeyError, RuntimeError, TypeError)) and source == "directory":
+    files = isinstance(e, OSError) or (part == "tokenizer" and isinstance(e, (ValueError, KeyError, TypeError)))
+    if files and source == "directory":
         return UsageError(
             f"cannot load model directory {path} ({first_line(e)}); it needs a valid config.json, the weights "
             "(*.safetensors or *.bin) and the tokenizer files, as save_pretrained writes them"
@@ -39,8 +43,15 @@ def load_error(cfg: Config, source: str, path: str, e: Exception) -> UsageError 
             f"cannot load model '{cfg.model}' on the Hub or in the local cache ({first_line(e)}). Offline? Give a "
             f"local directory or a .gguf file with {flag}"
         )
-    if isinstance(e, (ValueError, KeyError, RuntimeError, TypeError)):
-        return UsageError(f"transformers cannot load model '{cfg.model}': {first_line(e)}")
+    if isinstance(e, (ValueError, KeyError, RuntimeError, TypeError, ImportError)):
+        import transformers
+
+        where = f"model directory {path}" if source == "directory" else f"model '{cfg.model}'"
+        about_attention = "attention" in str(e).lower() or "attn" in str(e).lower()
+        hint = ("; leave --attn-implementation out for the architecture's default, or give one it supports"
+                if cfg.attn_implementation and about_attention else "")
+        return UsageError(f"transformers {transformers.__version__} cannot load the {part} of {where}: "
+                          f"{first_line(e)}{hint}")
     return None
 
 

@@ -29,6 +29,7 @@ class ModelInfo:
     commit: str | None = None  # the Hub commit the weights were read at (a Hub model)
     weights: dict | None = None  # what the weights are, by content (model/fingerprint.py)
     tokenizer: dict | None = None  # the tokenizer's fingerprint (model/fingerprint.py)
+    attn_implementation: str | None = None  # as transformers set it up (config._attn_implementation after loading)
 
 
 def torch_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -57,6 +58,7 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
     dtype = torch_dtype(cfg, device)
     spec = resolve_path(cfg.model)
     kwargs: dict = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    attention = attention_kwargs(cfg)
     place = placement.from_pretrained_kwargs(cfg, gpus=torch.cuda.device_count(), **placement.local_process())
     cache_to = None
     weights, stats = None, {}  # a local model's files: hashed before they are read, checked unchanged after loading
@@ -87,14 +89,17 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
         if unreachable:
             raise unreachable
         kwargs["revision"] = fingerprint.pinned_revision(spec, cfg.revision)  # tokenizer and weights of one commit
+    part = "tokenizer"
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        part = "model"
         # a GGUF file is dequantized in memory; with a device map its cache is then placed (transformers
-        # cannot offload GGUF weights to disk)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation="sdpa", **kwargs, **({} if cache_to else place))
+        # cannot offload GGUF weights to disk). The attention implementation is transformers' choice for the
+        # architecture unless --attn-implementation says (Gemma-2's attention softcapping, for one, is eager only).
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attention, **kwargs,
+                                                     **({} if cache_to else place))
     except Exception as e:  # transformers raises many kinds; turn the ones bad input causes into one line
-        error = placement.placement_error(cfg, e) or load_error(cfg, source, path, e)
+        error = placement.placement_error(cfg, e) or load_error(cfg, source, path, e, part)
         if error is None:
             raise
         raise error from None
@@ -107,7 +112,7 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
             raise UsageError(f"--device-map with a GGUF file places its dequantized cache, which could not be written to "
                              f"{cache_to}: make that folder writable or set LM_CE_CACHE")
         path = cache_to
-        model = placement.load_placed(path, dtype=dtype, place=place, cfg=cfg)
+        model = placement.load_placed(path, dtype=dtype, place={**place, **attention}, cfg=cfg)
     if place:
         placement.check_tied_head(model)
     else:
@@ -125,11 +130,43 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
         commit=fingerprint.hub_commit(spec, kwargs.get("revision"), model) if source == "hub" else None,
         weights=weights,
         tokenizer=fingerprint.tokenizer_fingerprint(tokenizer),
+        attn_implementation=attn_implementation(model),
     )
     if source == "hub":  # a Hub snapshot's files are named by their content: nothing to read
         info.weights = fingerprint.hub_weights(spec, info.commit)
     fingerprint.check_unchanged(stats)
     return model, tokenizer, info
+
+
+def attention_kwargs(cfg: Config) -> dict:
+    """from_pretrained's attn_implementation: {} (transformers' choice for the architecture) unless
+    --attn-implementation names one, checked against the installed transformers' own registry of attention
+    functions (a function registered from Python counts) and its pattern for kernels from the Hub (org/repo)."""
+    name = cfg.attn_implementation
+    if name is None:
+        return {}
+    from transformers.integrations.hub_kernels import is_kernel
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if name not in known and not is_kernel(name):
+        import difflib
+        import transformers
+
+        close = difflib.get_close_matches(name, known, n=1)
+        raise UsageError(
+            f"--attn-implementation {name} is not an attention implementation of transformers {transformers.__version__}"
+            f"{f' (did you mean {close[0]}?)' if close else ''}: give one of {', '.join(known)}, a kernel from the Hub "
+            "(org/repo), or leave it out for the architecture's default"
+        )
+    return {"attn_implementation": name}
+
+
+def attn_implementation(model: torch.nn.Module) -> str | None:
+    """The attention implementation transformers set the model up with (None for a model without one)."""
+    config = getattr(model, "config", None)
+    name = getattr(config, "_attn_implementation", None)
+    return name if isinstance(name, str) else None
 
 
 def check_vocabulary(model: torch.nn.Module, tokenizer, name: str) -> None:

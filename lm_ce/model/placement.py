@@ -108,12 +108,13 @@ def writable_folder(folder: str) -> str:
 
 
 def load_placed(path: str, *, dtype: torch.dtype, place: dict, cfg: Config) -> torch.nn.Module:
-    """A model directory loaded with a device map, or a UsageError saying what to fix in the map."""
+    """A model directory loaded with a device map (`place`: from_pretrained's placement arguments, and its
+    attn_implementation when one is asked for), or a UsageError saying what to fix in the map."""
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
-                                                    trust_remote_code=cfg.trust_remote_code, **place)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                                                    **place)
     except (ValueError, KeyError, RuntimeError) as e:
         error = placement_error(cfg, e)
         if error is None:

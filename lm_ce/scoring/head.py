@@ -92,8 +92,11 @@ class Head:
             return
         from accelerate.utils import align_module_device
 
+        rows = self.vocab_size  # the first rows only, when the model's logits stop short of its output layer's
         with align_module_device(self.module):
-            yield dataclasses.replace(self, weight=self.module.weight, bias=self.module.bias, module=None)
+            bias = self.module.bias
+            yield dataclasses.replace(self, weight=self.module.weight[:rows], bias=None if bias is None else bias[:rows],
+                                      module=None)
 
     def logits(self, hidden: torch.Tensor, vocab: slice = slice(None)) -> torch.Tensor:
         """Float32 logits of a block of hidden states over a slice of the vocabulary, with every
@@ -111,19 +114,43 @@ class Head:
         return out
 
 
+# What causal LMs apply to their logits after the output layer, as each family's *ForCausalLM.forward in
+# transformers does it, read from its config: a final softcap, logits = cap * tanh(logits / cap) (Gemma 2 to 4,
+# VaultGemma, NanoChat, Inkling 2: final_logit_softcapping; RecurrentGemma: logits_soft_cap; xLSTM:
+# output_logit_soft_cap), and a scale (Cohere: logit_scale; Falcon-H1: lm_head_multiplier; Granite and MiniCPM3
+# divide by logits_scaling, HyperCLOVA X multiplies by it). Whatever else a model does is caught by the head
+# probe (scoring/probe.py), which then takes the model's own logits.
+SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+MULTIPLY_LOGITS_SCALING = ("hyperclovax",)  # model types whose logits_scaling multiplies (Granite's divides)
+
+
 def head_of(model: torch.nn.Module) -> Head | None:
-    """The model's head as a Head, or None when it is not a plain linear layer we can split."""
+    """The model's head as a Head, or None when its output layer is not a plain linear layer (a subclass with its
+    own forward, such as a quantized layer or one with a learned per-token scale, cannot be split)."""
     out = model.get_output_embeddings()
-    if not isinstance(out, torch.nn.Linear):
+    if not isinstance(out, torch.nn.Linear) or type(out).forward is not torch.nn.Linear.forward:
         return None
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    scale = 1.0
-    if getattr(config, "logit_scale", None):  # Cohere
-        scale *= float(config.logit_scale)
-    if getattr(config, "logits_scaling", None):  # Granite divides
-        scale /= float(config.logits_scaling)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return Head(out.weight, out.bias, scale, float(softcap) if softcap else None, module=out)
+    softcap = next((_number(config, name) for name in SOFTCAPS if _number(config, name)), None)
+    return Head(out.weight, out.bias, logit_scale(config), softcap, module=out)
+
+
+def logit_scale(config) -> float:
+    """The factor a family's forward multiplies its logits by (1.0 for none). MPT's config also has a
+    logit_scale, which transformers' MPT does not apply: only Cohere's counts."""
+    kind = str(getattr(config, "model_type", ""))
+    scale = (_number(config, "logit_scale") or 1.0) if kind.startswith("cohere") else 1.0
+    scale *= _number(config, "lm_head_multiplier") or 1.0
+    by = _number(config, "logits_scaling") or 1.0
+    return scale * by if kind in MULTIPLY_LOGITS_SCALING else scale / by
+
+
+def _number(config, name: str) -> float | None:
+    """A config attribute as a float, or None when absent, null, zero or not a number."""
+    try:
+        return float(getattr(config, name, None) or 0.0) or None
+    except (TypeError, ValueError):
+        return None
 
 
 def chunk_rows(vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:

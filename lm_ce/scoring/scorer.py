@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lm_ce.scoring.head import Head, logits_losses, pair_losses, token_losses
+from lm_ce.scoring.head import Head, TokenLosses, logits_losses, pair_losses, token_losses
 from lm_ce.scoring.windows import Window
 from lm_ce.sums.divergence import TokenPairs
 from lm_ce.sums.records import Tally, WindowSums
@@ -82,13 +82,8 @@ class Scorer:
             for other in self.others:
                 pair = pair_losses(hidden, self.head, final_hidden(other.model, inputs, rows), other.head, targets)
                 compared.append(dataclasses.replace(pair, nll=out.nll.to(pair.nll.device)))
-        elif self.head is not None:
-            out = token_losses(final_hidden(self.model, inputs, rows), targets, self.head, want_top1=self.want_top1,
-                               want_moments=self.want_signals)
         else:
-            logits = self.model(**inputs, use_cache=False).logits
-            logits = logits.reshape(-1, logits.shape[-1]).index_select(0, rows.to(logits.device))
-            out = logits_losses(logits, targets.to(logits.device), self.want_top1, self.want_signals)
+            out = self._losses(inputs, rows, targets)
         nll = out.nll.cpu()
         sums = _add_windows(batch, nll, tally)
         if self.want_signals:
@@ -104,6 +99,22 @@ class Scorer:
         tally.inputs += real
         tally.padding += width * len(batch) - real
         return sums
+
+    @torch.inference_mode()
+    def nll(self, batch: list[Window]) -> torch.Tensor:
+        """Each scored token's NLL, window after window, as score_batch computes them (for the start-up checks)."""
+        inputs, rows, _ = self._inputs(batch)
+        targets = torch.cat([w.seq[w.a + 1 : w.b + 1] for w in batch]).to(self.device)
+        return self._losses(inputs, rows.to(self.device), targets).nll.cpu()
+
+    def _losses(self, inputs: dict, rows: torch.Tensor, targets: torch.Tensor) -> TokenLosses:
+        """The scored positions' losses: the body and the tiled head, or the model's own full logits."""
+        if self.head is not None:
+            return token_losses(final_hidden(self.model, inputs, rows), targets, self.head, want_top1=self.want_top1,
+                                want_moments=self.want_signals)
+        logits = self.model(**inputs, use_cache=False).logits
+        logits = logits.reshape(-1, logits.shape[-1]).index_select(0, rows.to(logits.device))
+        return logits_losses(logits, targets.to(logits.device), self.want_top1, self.want_signals)
 
     def _inputs(self, batch: list[Window]) -> tuple[dict, torch.Tensor, torch.Tensor]:
         """(model inputs, flat indices of the scored positions, each one's position in its window)."""
@@ -177,9 +188,19 @@ def _token_columns(batch: list[Window], targets, nll, top1, in_window, compared)
     return columns
 
 
+def body(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The module whose last hidden state the output layer reads: the base model, or where a model's
+    base_model_prefix names no submodule (transformers then gives the model itself), the child module that holds
+    the input embedding; None if none does. The head probe checks that its output is the output layer's input."""
+    if model.base_model is not model:
+        return model.base_model
+    embedding = model.get_input_embeddings()
+    return next((child for child in model.children() if any(m is embedding for m in child.modules())), None)
+
+
 def final_hidden(model: torch.nn.Module, inputs: dict, rows: torch.Tensor) -> torch.Tensor:
     """Final hidden states of the scored positions only (the head is applied to these alone)."""
-    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # on the last layer's device
+    hidden = body(model)(**inputs, use_cache=False).last_hidden_state  # on the last layer's device
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device))
 
 

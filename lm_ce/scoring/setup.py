@@ -1,7 +1,9 @@
 """What the config resolves to once the model is known: one frozen record that the rest of the run reads.
 
 Lengths, the prefix token, the batch token budget, threads and the head (chunked, or full logits when
-the chunked head cannot reproduce the model: loss.probe_head) are each decided here, once.
+the chunked head cannot reproduce the model: probe.probe_head) are each decided here, once; a model that is not
+causal, and left padding that would change a model's figures, are refused here (probe.check_causal,
+probe.check_left_padding).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from lm_ce.config.protocols import PROTOCOLS
 from lm_ce.errors import UsageError
 from lm_ce.model.load import ModelInfo, check_vocabulary
 from lm_ce.scoring.head import Head, head_of
-from lm_ce.scoring.probe import probe_head
+from lm_ce.scoring.probe import check_causal, check_left_padding, probe_head
 from lm_ce.scoring.windows import adds_bos
 
 log = logging.getLogger("lm_ce")
@@ -46,6 +48,9 @@ def resolve(cfg: Config, *, model: torch.nn.Module, tokenizer, info: ModelInfo, 
     check_vocabulary(model, tokenizer, info.name)
     max_length, stride = resolve_lengths(cfg, info.max_positions)
     choice = probe_head(model, head_of(model), device)
+    check_causal(model, device, info.name)
+    if cfg.padding_side == "left" and cfg.batch_size > 1:
+        check_left_padding(model, choice.head, device, info.name)
     if device.type == "cpu":
         note_cpu_half_precision(next(model.parameters()).dtype)
     prefix = prefix_id(cfg, tokenizer)
