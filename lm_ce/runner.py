@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -31,6 +32,7 @@ from lm_ce.reports.summary import Durations, summarize
 from lm_ce.rundir import checkpoint
 from lm_ce.rundir import claims as outdir
 from lm_ce.rundir.outputs import Outputs
+from lm_ce.scoring.bytespans import SpanMaker
 from lm_ce.scoring.parallel import Plan
 from lm_ce.scoring.passes import reuse_freed_memory, run_chunks, run_documents, run_stream
 from lm_ce.scoring.progress import Progress, StopRequest
@@ -42,6 +44,7 @@ from lm_ce.sums.records import Results, Run
 
 log = logging.getLogger("lm_ce")
 
+T = TypeVar("T")
 EVENTS = ("loaded", "scoring", "scored")  # what on_event is called with, in this order
 
 
@@ -53,13 +56,11 @@ def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=Non
 
     on_event(name) is called as each of EVENTS happens: after the model loads, when the scoring clock
     starts (after the head probe and the compared models), and when scoring ends (for benchmarks)."""
-    from accelerate import Accelerator
-
     emit = on_event or (lambda name: None)
     check(cfg)
     check_suite(cfg)
     started = time.perf_counter()
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available() and not _other_accelerator())
+    accelerator = accelerator or _accelerator()
     with outdir.claim(cfg):  # checked and locked before anything loads; released at the end, also on error
         threads = set_threads(cfg, accelerator.num_processes, accelerator.device)
         torch.manual_seed(cfg.seed)
@@ -70,6 +71,24 @@ def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=Non
         if cfg.suite:
             return run_suite(cfg, lambda entry: _score_entry(entry, loaded, emit))
         return _score(cfg, loaded, state, started, emit, rows)
+
+
+def with_model(cfg: Config, work: Callable[[Callable[[Config], Results], Loaded], T]) -> T:
+    """Load cfg's model once and give `work` a function that scores any config with it, each in its own output
+    directory, claimed and resumable as a suite entry's is (lm-ce explain's steps); what `work` returns."""
+    check(cfg)
+    accelerator = _accelerator()
+    threads = set_threads(cfg, accelerator.num_processes, accelerator.device)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, info = _model(cfg, None, None, accelerator)
+    loaded = Loaded(model, tokenizer, info, accelerator, threads)
+    return work(lambda entry: _score_entry(entry, loaded, lambda name: None), loaded)
+
+
+def _accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available() and not _other_accelerator())
 
 
 @dataclass(frozen=True)
@@ -114,7 +133,7 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
                       cfg.mode == "document", tokenizer, save_tokens=cfg.save_tokens)
     with StopRequest() as stop:
         plan = Plan(cfg, setup, scorer, accelerator, progress, stop, rows, outputs=outputs, shard=shard,
-                    evaluator=evaluator)
+                    evaluator=evaluator, byte_spans=SpanMaker(tokenizer) if cfg.save_tokens else None)
         run = state["run"] if state else Run(tally=plan.new_tally(), shard=str(shard) if shard else None)
         if state:
             begun = run.chunks_done > 0 or run.partial is not None

@@ -20,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
         return compare_main(argv[1:])
     if argv[:1] == ["merge"]:
         return merge_main(argv[1:])
+    if argv[:1] == ["explain"]:
+        from lm_ce.cli.explain import explain_main
+
+        return explain_main(argv[1:])
     if any(a in ("-h", "--help") for a in argv):
         print(help_text())
         return 0

@@ -18,6 +18,7 @@ from lm_ce.config.fields import Config
 from lm_ce.data.shards import Shard
 from lm_ce.rundir import checkpoint
 from lm_ce.rundir.outputs import Outputs
+from lm_ce.scoring.bytespans import SpanMaker
 from lm_ce.scoring.progress import Progress, StopRequest
 from lm_ce.scoring.scorer import Scorer
 from lm_ce.scoring.setup import Setup
@@ -41,6 +42,7 @@ class Plan:
     outputs: Outputs | None = None  # where finished rows and tokens go
     shard: Shard | None = None  # the share of the documents this run scores (--shard)
     evaluator: object = None  # longppl.Evaluator: finds each chunk's key tokens (--longppl-evaluator)
+    byte_spans: SpanMaker | None = None  # each token's byte span kept for tokens.parquet (--save-tokens), else None
     last_save: float = field(default_factory=time.monotonic)
 
     def new_tally(self) -> Tally:
