@@ -39,6 +39,7 @@ from lm_ce.scoring.progress import Progress, StopRequest
 from lm_ce.scoring.scorer import Scorer
 from lm_ce.scoring.setup import resolve, set_threads
 from lm_ce.suite import check_suite, run_suite
+from lm_ce.sums.bytegap import user_classes
 from lm_ce.sums.extremes import Extremes, for_resumed_run
 from lm_ce.sums.records import Results, Run
 
@@ -59,6 +60,7 @@ def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=Non
     emit = on_event or (lambda name: None)
     check(cfg)
     check_suite(cfg)
+    user_classes(cfg.byte_classes, "--byte-classes")
     started = time.perf_counter()
     accelerator = accelerator or _accelerator()
     with outdir.claim(cfg):  # checked and locked before anything loads; released at the end, also on error
@@ -164,7 +166,7 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
     if curve is not None:
         results.summary["context_curve"] = curve
     for name in compared.by_bytes:
-        results.summary.setdefault("compare", {})[name] = compare_by_bytes(cfg, name, results, score=evaluate)
+        results.summary.setdefault("compare", {})[name] = compare_by_bytes(cfg, name, results, score=evaluate, rows=rows)
     return results
 
 

@@ -260,3 +260,26 @@ def test_joined_passes_keep_spans_and_owners(tiny_llama_dir, corpus, tmp_path, m
     assert math.isclose(tokens.groupby("owner")["nll"].sum().sum(), summary["nll_sum"], rel_tol=1e-6)
     assert (tokens["byte_end"] <= len(joined)).all() and (tokens["byte_start"] < tokens["byte_end"]).all()
     assert tokens["seq_index"].is_monotonic_increasing and tokens["seq_index"].min() >= 1
+
+
+def test_compare_to_another_tokenizer_adds_the_byte_block(tiny_llama_dir, sp_model_dir, corpus, runs, tmp_path):
+    """--compare-to a model of another tokenizer, with --save-tokens: compare.<name>.bytes as lm-ce compare gives it
+    for the two runs, and its heatmap in results.html."""
+    out = tmp_path / "with"
+    cfg = Config(model=tiny_llama_dir, data_files=[corpus], id_field="id", group_field="group", max_length=48,
+                 batch_size=4, progress=False, plot=False, output_dir=str(out), save_tokens=True,
+                 compare_to=[sp_model_dir], byte_classes=["quotes=[\"“”‘’]"])
+    results = evaluate(cfg)
+    report.write(results, str(out), plot=False)
+    block = results.summary["compare"][sp_model_dir]["bytes"]
+    want, _ = bytecompare.compare(runs["a"], runs["b"], ["quotes=[\"“”‘’]"])
+    assert math.isclose(block["gap_bits_per_byte"], want["bytes"]["gap_bits_per_byte"], rel_tol=1e-9)
+    for name, value in want["bytes"]["classes"].items():
+        assert math.isclose(block["classes"][name], value, rel_tol=1e-9, abs_tol=1e-14)
+    assert abs(math.fsum(block["classes"].values()) - block["gap_bits_per_byte"]) < 1e-12
+    page = (out / "results.html").read_text(encoding="utf-8")
+    assert "Byte by byte" in page and 'class="h' in page
+    assert "Byte by byte" in (out / "results.md").read_text(encoding="utf-8")
+    plain = evaluate(Config(model=tiny_llama_dir, data_files=[corpus], max_length=48, progress=False,
+                            compare_to=[sp_model_dir]))
+    assert "--save-tokens" in plain.summary["compare"][sp_model_dir]["bytes"]["note"]

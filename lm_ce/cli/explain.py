@@ -66,10 +66,8 @@ def explain_main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(EXPLAIN_USAGE)
         return 0
-    from lm_ce.cli.main import quiet_libraries
     from lm_ce.errors import UsageError
 
-    quiet_libraries()
     try:
         spec = spec_of(argv)
         from lm_ce.explain.report import markdown

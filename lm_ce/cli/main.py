@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["explain"]:
         from lm_ce.cli.explain import explain_main
 
+        if not any(a in ("-h", "--help") for a in argv):
+            quiet_libraries()
         return explain_main(argv[1:])
     if any(a in ("-h", "--help") for a in argv):
         print(help_text())

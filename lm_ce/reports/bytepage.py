@@ -7,22 +7,9 @@ One offline file, like results.html (inline CSS, no script, a Content-Security-P
 from __future__ import annotations
 
 import html
-import math
 
-from lm_ce.reports.page import CSS
+from lm_ce.reports.page import CSS, HEAT_CSS, heatmap
 from lm_ce.sums.bytegap import Shown
-
-EDGES = (-2.0, -1.0, -0.5, -0.2, -0.05, 0.05, 0.2, 0.5, 1.0, 2.0)  # Δ bits per character: class k is below EDGES[k]
-COLOURS = ("#08519c", "#3182bd", "#6baed6", "#bdd7e7", "#e3eef7", "#ffffff", "#fde0dd", "#fcae91", "#fb6a4a",
-           "#de2d26", "#a50f15")
-HEAT_CSS = "".join(f".h{k} {{ background: {c};{' color: #fff;' if k in (0, 1, 9, 10) else ''} }}\n"
-                   for k, c in enumerate(COLOURS)) + ".cut { box-shadow: inset 1px 0 0 rgba(0, 0, 0, 0.35); }\n"
-
-
-def heat_class(delta_bits: float) -> int:
-    """The colour class of a character's Δ bits on the fixed diverging scale (blue: B lower, red: B higher)."""
-    return sum(delta_bits >= edge for edge in EDGES) if math.isfinite(delta_bits) else len(EDGES)
-
 
 def render(comparison: dict, shown: list[Shown]) -> str:
     """The whole page as one HTML string."""
@@ -55,7 +42,7 @@ def render(comparison: dict, shown: list[Shown]) -> str:
     out += ['<section id="spans"><h2>Largest gaps by span</h2><p class="note">Spans between token boundaries that both '
             "tokenizations share (| marks where each one's tokens begin): both models' losses over them are sums of "
             "whole tokens.</p>", _table(["document", "bytes", "Δ bits", "A's tokens", "B's tokens"], rows), "</section>"]
-    out.append(_heatmap(shown))
+    out.append(heatmap(shown))
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 
@@ -68,27 +55,3 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>\n" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>"
-
-
-def _heatmap(shown: list[Shown]) -> str:
-    e = html.escape
-    labels = [f"< {EDGES[0]:g}"] + [f"{x:g} to {y:g}" for x, y in zip(EDGES, EDGES[1:])] + [f">= {EDGES[-1]:g}"]
-    legend = "".join(f'<span class="h{k}">{e(label)}</span>' for k, label in enumerate(labels))
-    out = ['<section id="heatmap"><h2>Heatmap of the gap</h2>',
-           f'<p class="legend">Δ bits on each character (B − A), a fixed scale: {legend}</p>',
-           '<p class="note">The documents of largest gap each way. A line on a character\'s left: a token of A or B '
-           "begins there; hover for both models' bits.</p>"]
-    for doc in shown:
-        name = f"{doc.id} (document {doc.index})" if doc.id is not None else f"document {doc.index}"
-        spans = []
-        for ch, x, y, cut_a, cut_b in zip(doc.chars, doc.bits_a, doc.bits_b, doc.cut_a, doc.cut_b):
-            starts = " and ".join(n for n, c in (("A", cut_a), ("B", cut_b)) if c)
-            hover = f"A {x:.3f} bits, B {y:.3f} bits, B − A {y - x:+.3f}" + (f"; a token of {starts} begins" if starts else "")
-            cls = f"h{heat_class(y - x)}" + (" cut" if cut_a or cut_b else "")
-            spans.append(f'<span class="{cls}" title="{e(hover)}">{e(ch)}</span>')
-        more = '<p class="note">(the text goes on)</p>' if doc.more else ""
-        out.append(f'<article id="doc-{doc.index}"><h3>{e(name)}</h3><p class="note">Δ {doc.gap_bits:+.2f} bits, '
-                   f'{doc.bits_per_byte_gap:+.4f} bits per byte</p><div class="text">{"".join(spans)}</div>{more}'
-                   "</article>")
-    out.append("</section>")
-    return "\n".join(out)

@@ -90,7 +90,8 @@ def page_parts(results: Results) -> PageParts:
     return PageParts(title=title(summary), interrupted=not summary.get("complete", True), figures=figures,
                      tables=[t for t in sections(summary) if not t[0].startswith("Mean loss by position")],
                      what_was_run=what_was_run(summary), buckets=summary.get("by_position") or [],
-                     per_position=per_position(results.positions), extremes=results.extremes, no_documents=no_documents)
+                     per_position=per_position(results.positions), extremes=results.extremes, no_documents=no_documents,
+                     byte_heatmaps=results.byte_heatmaps)
 
 
 def per_position(positions, at_most: int = 2048) -> list[tuple[int, float]]:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lm_ce.errors import UsageError
+
 LN2 = math.log(2)
 BUILTIN = ("url", "newline", "whitespace", "digits", "letters", "punctuation", "non_ascii", "other")
 URL = re.compile(r"(?:\b(?:https?|ftp)://|\bwww\.)[^\s<>\"'`]+", re.IGNORECASE)
@@ -240,8 +242,6 @@ def _shown(index: int, text: str, la: np.ndarray, lb: np.ndarray, a: Tokens, b: 
 
 def user_classes(items: list[str] | None, source: str = "--byte-class") -> list[tuple[str, re.Pattern]]:
     """NAME=REGEX items as (name, compiled pattern), or a UsageError naming the bad item."""
-    from lm_ce.errors import UsageError
-
     out = []
     for item in items or []:
         name, eq, pattern = item.partition("=")
@@ -274,8 +274,6 @@ def compare_documents(pairs: list[tuple[dict, dict]], tokens: tuple[dict, dict],
     """(the `bytes` block, one row per document, the heatmap's documents) of documents both runs scored: `pairs`
     their rows (index, id, group, bytes, nll_sum) in A and B, `tokens` each run's `by_document`, `texts` the scored
     texts. The block's gap is over the rows' bytes, as the runs' bits per byte are."""
-    from lm_ce.errors import UsageError
-
     total = sum(x["bytes"] for x, _ in pairs)
     delta = {x["index"]: y["nll_sum"] - x["nll_sum"] for x, y in pairs}
     ranked = sorted(delta, key=lambda i: delta[i])
