@@ -283,3 +283,20 @@ def test_compare_to_another_tokenizer_adds_the_byte_block(tiny_llama_dir, sp_mod
     plain = evaluate(Config(model=tiny_llama_dir, data_files=[corpus], max_length=48, progress=False,
                             compare_to=[sp_model_dir]))
     assert "--save-tokens" in plain.summary["compare"][sp_model_dir]["bytes"]["note"]
+
+
+def test_spans_of_a_prompted_document_are_in_its_text(tiny_llama_dir, write_jsonl, tmp_path):
+    """--prompt-field: the targets' spans are in the continuation (its bytes, as counted), and cover it; the prompt's
+    trailing whitespace, moved to the continuation when encoding, is no byte of it."""
+    rows = [{"prompt": "Question: what is 2+2? ", "text": "Answer: 4 😀 done."},
+            {"prompt": "Über café\n", "text": "naïve 交叉熵 end"}]
+    directory = run(tiny_llama_dir, write_jsonl(rows), tmp_path / "p", prompt_field="prompt", id_field=None,
+                    group_field=None)
+    tokens = pd.read_parquet(f"{directory}/tokens.parquet")
+    for index, row in rows_of(directory).iterrows():
+        part = tokens[tokens["doc"] == index]
+        n = len(rows[index]["text"].encode("utf-8"))
+        assert part["byte_start"].min() == 0 and part["byte_end"].max() == n == row["bytes"]
+        losses = bytegap.byte_losses(n, part["byte_start"].to_numpy(), part["byte_end"].to_numpy(),
+                                     part["nll"].to_numpy().astype(np.float64))
+        assert math.isclose(math.fsum(losses), row["nll_sum"], rel_tol=1e-9)

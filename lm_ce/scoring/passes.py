@@ -201,7 +201,7 @@ def tokenize_share(docs: list[data.Document], tokenizer, prefix: int | None, ran
         else:
             encoded, spans = tokenizer(texts, add_special_tokens=False)["input_ids"], [None] * len(batch)
         for d, ids, text_spans in zip(batch, encoded, spans):
-            ids, doubled = without_double_prefix(list(ids), prefix)
+            ids, doubled = without_double_prefix(ids, prefix)
             seq = torch.tensor(head + ids, dtype=torch.long)
             where = text_bytes(byte_spans, len(seq), 0 if doubled else len(head), text_spans, d.index)
             out[d.index] = Sequence(seq, len(head), doubled, where)
