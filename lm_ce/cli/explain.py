@@ -82,6 +82,8 @@ def explain_main(argv: list[str]) -> int:
         return 130
     if summary is None:
         return 130
+    if not summary:  # another process than the main one: the main one reports
+        return 0
     print(markdown(summary))
     print(f"wrote {spec.explicit['output_dir']}/: results.json, results.md, results.html, explain.png, steps/")
     return 0

@@ -78,16 +78,26 @@ def directory_of(root: Path, k: int, state: State) -> Path:
 
 
 def explain(spec: Spec) -> dict | None:
-    """Run the chain and write its reports; results.json's summary, or None when a step was stopped (resumable)."""
+    """Run the chain and write its reports; results.json's summary ({} on processes other than the main one), or
+    None when a step was stopped (resumable)."""
     if not spec.explicit.get("output_dir"):
         raise UsageError("explain needs --output-dir: each step is a run with its own directory inside it")
     root = Path(spec.explicit["output_dir"]).absolute()
     first = config_of(spec, spec.start.protocol, spec.start.fields(), root)
+    states, _ = _plan(dataclasses.replace(spec, order=None), 2048, False)  # before the model loads: the fields
+    for k, state in enumerate(states):  # of the states (the order is checked once the tokenizer is known)
+        state_config(spec, state, directory_of(root, k, state))
     _check_steps(root, first)
     with claims.claim(first):
         started = time.perf_counter()
         load = dataclasses.replace(first, output_dir=None, resume=False, overwrite=False)
         return with_model(load, lambda score, loaded: _chain(spec, root, score, loaded, started))
+
+
+def _plan(spec: Spec, default_length: int, bos: bool) -> tuple[list[State], list[str]]:
+    metrics = (spec.metric or PROTOCOLS[spec.start.protocol].headline,
+               spec.to_metric or PROTOCOLS[spec.end.protocol].headline)
+    return plan(spec.start, spec.end, default_length=default_length, adds_bos=bos, metrics=metrics, order=spec.order)
 
 
 def _check_steps(root: Path, cfg: Config) -> None:
@@ -102,13 +112,13 @@ def _check_steps(root: Path, cfg: Config) -> None:
 
 
 def _chain(spec: Spec, root: Path, score, loaded, started: float) -> dict | None:
-    default_length = min(loaded.info.max_positions or 2048, 2048)
     bos = adds_bos(loaded.tokenizer)
-    metrics = (spec.metric or PROTOCOLS[spec.start.protocol].headline,
-               spec.to_metric or PROTOCOLS[spec.end.protocol].headline)
-    states, order = plan(spec.start, spec.end, default_length=default_length, adds_bos=bos, metrics=metrics,
-                         order=spec.order)
+    states, order = _plan(spec, min(loaded.info.max_positions or 2048, 2048), bos)
+    if any(s.point.joined for s in states) and not getattr(loaded.tokenizer, "is_fast", False):
+        raise UsageError("explain: a joined run's tokens are paired with their documents through the tokenizer's "
+                         "offset mapping, which only a fast (Rust) tokenizer has; this tokenizer is not one")
     log.info("explain %s -> %s: %s", spec.start.label, spec.end.label, " -> ".join(["start", *order]) or "no step")
+    main = loaded.accelerator.is_main_process  # every process scores; the main one writes and reads the files
     runs: list[RunSums] = []
     texts = None
     for k, state in enumerate(states):
@@ -118,13 +128,16 @@ def _chain(spec: Spec, root: Path, score, loaded, started: float) -> dict | None
         directory = directory_of(root, k, state)
         cfg = state_config(spec, state, directory)
         results = score(cfg)
-        report_files.write(results, str(directory), plot=cfg.plot, page=cfg.page)
+        if main:
+            report_files.write(results, str(directory), plot=cfg.plot, page=cfg.page)
         if not results.summary["complete"]:
             log.warning("explain stopped in %s: rerun the same command with --resume to continue", directory)
             return None
-        if texts is None:
-            texts = Texts([d.text for d in iter_documents(cfg)], states[-1].point.separator)
-        runs.append(run_sums(results.summary, directory, texts))
+        if main:
+            texts = texts or Texts([d.text for d in iter_documents(cfg)], states[-1].point.separator)
+            runs.append(run_sums(results.summary, directory, texts))
+    if not main:
+        return {}
     block = explain_block(states, runs, (spec.start, spec.end), root, notes(spec, states, bos, loaded))
     first = runs[0].summary
     summary = {"explain": block, "complete": True, "model": first["model"], "data": first["data"],
