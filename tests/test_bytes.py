@@ -243,20 +243,23 @@ def test_byte_comparison_needs_saved_spans_and_documents(runs, tiny_llama_dir, c
         bytecompare.compare(runs["a"], runs["b"], ["digits=[0-9]"])
 
 
-@pytest.mark.parametrize("mode", ["stream", "gptq", "llama-cpp"])
-def test_joined_passes_keep_spans_and_owners(tiny_llama_dir, corpus, tmp_path, mode):
+@pytest.mark.parametrize("mode,separator", [("stream", "\n\n"), ("stream", " "), ("gptq", "\n\n"), ("llama-cpp", "\n\n")])
+def test_joined_passes_keep_spans_and_owners(tiny_llama_dir, corpus, tmp_path, mode, separator):
     """A joined pass's tokens: each target's span in the joined text (S[seq_index] is the token) and the document
-    owning its first byte; the owners' NLL adds up to the run's."""
-    fields = {"mode": mode, "max_length": 16 if mode != "stream" else 48}
+    owning its first byte (with a space as separator, tokens such as " The" straddle two documents); the owners'
+    NLL adds up to the run's."""
+    fields = {"mode": mode, "max_length": 16 if mode != "stream" else 48, "separator": separator}
     if mode == "stream":
         fields["stride"] = 24
     directory = run(tiny_llama_dir, corpus, tmp_path / mode, **fields)
     tokens = pd.read_parquet(f"{directory}/tokens.parquet")
     summary = json.loads(open(f"{directory}/results.json").read())
     texts = [json.loads(line)["text"] for line in open(corpus, encoding="utf-8")]
-    joined = "\n\n".join(texts).encode("utf-8")
-    owner = ref.joined_owner(texts)
+    joined = separator.join(texts).encode("utf-8")
+    owner = ref.joined_owner(texts, separator)
     assert (tokens["owner"].to_numpy() == owner[tokens["byte_start"].to_numpy()]).all()
+    straddling = owner[tokens["byte_start"].to_numpy()] != owner[tokens["byte_end"].to_numpy() - 1]
+    assert straddling.any() == (separator == " ")
     assert math.isclose(tokens.groupby("owner")["nll"].sum().sum(), summary["nll_sum"], rel_tol=1e-6)
     assert (tokens["byte_end"] <= len(joined)).all() and (tokens["byte_start"] < tokens["byte_end"]).all()
     assert tokens["seq_index"].is_monotonic_increasing and tokens["seq_index"].min() >= 1
