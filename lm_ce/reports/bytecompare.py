@@ -103,7 +103,7 @@ def markdown(block: dict) -> str:
            "|---|---|---|---|---|---|"]
     for name, value in block["classes"].items():
         within = block["class_gap_within"][name]
-        out.append(f"| {name} | {block['class_bytes'][name]:,} | {value:+.6f} | {_num(within)} | "
+        out.append(f"| {name} | {block['class_bytes'][name]:,} | {value:+.6f} | {_num(within, '+')} | "
                    f"{_num(block['class_bits_per_byte_a'][name])} | {_num(block['class_bits_per_byte_b'][name])} |")
     if block["groups"]:
         out += ["", "| group | bytes | gap within | contribution |", "|---|---|---|---|"]
@@ -120,13 +120,15 @@ def markdown(block: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def _num(x) -> str:
-    return "-" if x is None else f"{x:+.4f}" if x < 0 or x > 0 else f"{x:.4f}"
+def _num(x, sign: str = "") -> str:
+    return "-" if x is None else f"{x:{sign}.4f}"
 
 
 def _cell(text: str, width: int = 60) -> str:
-    text = json.dumps(text, ensure_ascii=False)[1:-1].replace("|", "¦").replace("`", "'")
-    return text if len(text) <= width else text[: width - 1] + "…"
+    """A span's text in a Markdown table cell: escapes shown (a newline as \\n), | escaped, at most `width` wide."""
+    text = json.dumps(text, ensure_ascii=False)[1:-1].replace("`", "'")
+    text = text if len(text) <= width else text[: width - 1] + "…"
+    return text.replace("|", "\\|")
 
 
 def write(comparison: dict, extra: dict | None, output_dir: str) -> list[str]:
