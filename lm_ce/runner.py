@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -35,17 +36,20 @@ from lm_ce.rundir import checkpoint
 from lm_ce.rundir import claims as outdir
 from lm_ce.rundir.identity import Recorded, check_resume, model_record
 from lm_ce.rundir.outputs import Outputs
+from lm_ce.scoring.bytespans import SpanMaker
 from lm_ce.scoring.parallel import Plan, unfinished_state
 from lm_ce.scoring.passes import keep_freed_blocks, run_chunks, run_documents, run_stream
 from lm_ce.scoring.progress import Progress, StopRequest
 from lm_ce.scoring.scorer import Scorer
 from lm_ce.scoring.setup import resolve, set_threads
 from lm_ce.suite import check_suite, run_suite
+from lm_ce.sums.bytegap import user_classes
 from lm_ce.sums.extremes import Extremes, for_resumed_run
 from lm_ce.sums.records import Results, Run
 
 log = logging.getLogger("lm_ce")
 
+T = TypeVar("T")
 EVENTS = ("loaded", "scoring", "scored")  # what on_event is called with, in this order
 
 
@@ -62,13 +66,12 @@ def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=Non
 
     on_event(name) is called as each of EVENTS happens: after the model loads, when the scoring clock
     starts (after the head probe and the compared models), and when scoring ends (for benchmarks)."""
-    from accelerate import Accelerator
-
     emit = on_event or (lambda name: None)
     check(cfg)
     check_suite(cfg)
+    user_classes(cfg.byte_classes, "--byte-classes")
     started = time.perf_counter()
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available() and not _other_accelerator())
+    accelerator = accelerator or _accelerator()
     with outdir.claim(cfg):  # checked and locked before anything loads; released at the end, also on error
         threads = set_threads(cfg, accelerator.num_processes, accelerator.device)
         torch.manual_seed(cfg.seed)
@@ -80,6 +83,25 @@ def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=Non
         if cfg.suite:
             return run_suite(cfg, lambda entry: _score_entry(entry, loaded, emit))
         return _score(cfg, loaded, state, read, started, emit, rows)
+
+
+def with_model(cfg: Config, work: Callable[[Callable[[Config], Results], Loaded], T], owns_process: bool = False) -> T:
+    """Load cfg's model once and give `work` a function that scores any config with it, each in its own output
+    directory, claimed and resumable as a suite entry's is (lm-ce explain's steps); what `work` returns.
+    `owns_process` as for `evaluate`."""
+    check(cfg)
+    accelerator = _accelerator()
+    threads = set_threads(cfg, accelerator.num_processes, accelerator.device)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, info = _model(cfg, None, None, accelerator)
+    loaded = Loaded(model, tokenizer, info, accelerator, threads, owns_process)
+    return work(lambda entry: _score_entry(entry, loaded, lambda name: None), loaded)
+
+
+def _accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available() and not _other_accelerator())
 
 
 @dataclass(frozen=True)
@@ -131,7 +153,8 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, read: DataIdentity, 
                       cfg.mode == "document", tokenizer, save_tokens=cfg.save_tokens)
     with StopRequest(handle_signals=loaded.owns_process) as stop, quiet_datasets():
         plan = Plan(cfg, setup, scorer, accelerator, progress, stop, rows, outputs=outputs, shard=shard,
-                    evaluator=evaluator, identity=recorded)
+                    evaluator=evaluator, identity=recorded,
+                    byte_spans=SpanMaker(tokenizer) if cfg.save_tokens else None)
         run = state["run"] if state else Run(tally=plan.new_tally(), shard=str(shard) if shard else None)
         if state:
             begun = run.chunks_done > 0 or run.partial is not None
@@ -174,7 +197,7 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, read: DataIdentity, 
     record_identity(results.summary, cfg, recorded.header())
     score = functools.partial(evaluate, owns_process=loaded.owns_process)  # stops as the run itself does
     for name in compared.by_bytes:
-        results.summary.setdefault("compare", {})[name] = compare_by_bytes(cfg, name, results, score=score)
+        results.summary.setdefault("compare", {})[name] = compare_by_bytes(cfg, name, results, score=score, rows=rows)
         results.summary["compare"][name]["model"] = compared.models[f"--compare-to {name}"]
     return results
 

@@ -372,7 +372,7 @@ def test_a_model_with_another_tokenizer_is_compared_on_the_same_content(tmp_path
     first = Results({"complete": True, "data": data}, [], None)
     other = Results({"complete": True, "data": {**data, "files": [{**data["files"][0], "sha256": "b" * 64}]}}, [], None)
     with pytest.raises(UsageError, match=f"data file d.jsonl: sha256 {'a' * 12} → {'b' * 12}"):
-        compare_by_bytes(Config(data_files=["d.jsonl"]), "other", first, score=lambda cfg: other)
+        compare_by_bytes(Config(data_files=["d.jsonl"]), "other", first, score=lambda cfg, rows=None: other)
 
 
 def test_a_state_that_recorded_no_content_is_not_resumed(tiny_llama_dir, corpus, tmp_path, capsys):

@@ -21,6 +21,7 @@ LAYERS = [
     ("analysis", "reports"),
     ("suite",),
     ("runner",),
+    ("explain",),
     ("integrations", "cli"),
 ]
 MAX_LINES = 350

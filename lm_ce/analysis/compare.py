@@ -9,6 +9,8 @@ from collections.abc import Callable
 import numpy as np
 
 from lm_ce.config.fields import Config
+from lm_ce.config.protocols import detokenized
+from lm_ce.data.documents import iter_documents
 from lm_ce.errors import UsageError
 from lm_ce.model import load as model_lib
 from lm_ce.rundir.identity import data_differences, model_record
@@ -16,6 +18,7 @@ from lm_ce.scoring.head import Head, head_of
 from lm_ce.scoring.probe import probe_head
 from lm_ce.scoring.scorer import ComparedModel
 from lm_ce.scoring.setup import Setup
+from lm_ce.sums.bytegap import by_document, compare_documents, user_classes
 from lm_ce.sums.records import Results
 from lm_ce.sums.stats import paired
 
@@ -59,17 +62,19 @@ def check_positions(name: str, positions: int | None, max_length: int | None) ->
                          f"--max-length {positions} or less, or compare models with at least {max_length} positions")
 
 
-def compare_by_bytes(cfg: Config, name: str, results: Results, *, score: Callable[[Config], Results]) -> dict:
+def compare_by_bytes(cfg: Config, name: str, results: Results, *, score: Callable[..., Results], rows=None) -> dict:
     """A model with another tokenizer: scored on its own by `score` (the runner's evaluate), compared by bits per
-    byte over the documents both models scored (paired by document). A stopped run is not compared: stopping
-    means stop."""
+    byte over the documents both models scored (paired by document). With --save-tokens in document mode, also byte
+    by byte (`bytes`: the gap by byte class, group, document and span; the heatmap goes to `results`). A stopped run
+    is not compared: stopping means stop."""
     summary = results.summary
     if not summary["complete"]:
         return {"note": "not compared: the run stopped before the compared model was scored (its tokenizer differs); "
                         "resume the run to compare"}
     commit = summary["data"].get("resolved_revision")  # a Hub dataset: read at the commit the first model read
-    other = score(dataclasses.replace(cfg, model=name, compare_to=None, save_tokens=False, output_dir=None, resume=False,
-                                      dataset_revision=commit or cfg.dataset_revision))
+    by_bytes = cfg.save_tokens and cfg.mode == "document"
+    other = score(dataclasses.replace(cfg, model=name, compare_to=None, save_tokens=by_bytes, output_dir=None,
+                                      resume=False, dataset_revision=commit or cfg.dataset_revision), rows=rows)
     changed = data_differences(summary["data"], other.summary["data"])
     if changed:  # read again for the other model: the pairs must be of the same content
         raise UsageError(f"--compare-to {name}: the data changed between the two models' passes ({'; '.join(changed)}); "
@@ -97,7 +102,32 @@ def compare_by_bytes(cfg: Config, name: str, results: Results, *, score: Callabl
     ln2_bytes = n_bytes.sum() * math.log(2)
     if not other.summary["complete"]:
         out["note"] += f"; scoring it was stopped: compared on the {len(pairs)} documents both models scored"
-    return {**out, "documents": len(pairs), "tokens": int(sum(b.tokens for _, b in pairs)),
-            "bits_per_byte": their_nll.sum() / ln2_bytes, "base_bits_per_byte": mine_nll.sum() / ln2_bytes,
-            "delta_bits_per_byte": delta["value"], "delta_bits_per_byte_stderr": delta["stderr"],
-            "delta_bits_per_byte_ci95": delta["ci95"]}
+    out = {**out, "documents": len(pairs), "tokens": int(sum(b.tokens for _, b in pairs)),
+           "bits_per_byte": their_nll.sum() / ln2_bytes, "base_bits_per_byte": mine_nll.sum() / ln2_bytes,
+           "delta_bits_per_byte": delta["value"], "delta_bits_per_byte_stderr": delta["stderr"],
+           "delta_bits_per_byte_ci95": delta["ci95"]}
+    if not by_bytes:
+        return {**out, "bytes": {"note": "byte by byte: add --save-tokens (each token's byte span), in document mode"}}
+    block, _, shown = compare_documents([(vars(a), vars(b)) for a, b in pairs], (tokens_of(results), tokens_of(other)),
+                                        scored_texts(cfg, rows, {a.index for a, _ in pairs}),
+                                        user_classes(cfg.byte_classes, "--byte-classes"))
+    block["gap_bits_per_byte"] = (math.fsum(their_nll) - math.fsum(mine_nll)) / ln2_bytes
+    results.byte_heatmaps[name] = shown
+    return {**out, "bytes": block}
+
+
+def tokens_of(results: Results) -> dict:
+    """A run's scored tokens by document (bytegap.by_document), from its token table in memory or its files."""
+    if results.token_table is not None:
+        return by_document(results.token_table)
+    import pyarrow.parquet as pq
+
+    files = [results.joined_tokens] if results.joined_tokens else results.token_files
+    columns = ["doc", "position", "nll", "byte_start", "byte_end"]
+    parts = [pq.read_table(f, columns=columns) for f in files]
+    return by_document({k: np.concatenate([p.column(k).to_numpy() for p in parts]) for k in columns})
+
+
+def scored_texts(cfg: Config, rows, wanted: set[int]) -> dict[int, str]:
+    """The texts the run scored (its detokenizer applied), by document index."""
+    return {d.index: detokenized(cfg.detokenizer, d.text) for d in iter_documents(cfg, rows) if d.index in wanted}

@@ -14,27 +14,41 @@ def compare_main(argv: list[str] | None = None) -> int:
         print(COMPARE_USAGE)
         return 0
     from lm_ce.errors import UsageError
-    from lm_ce.reports import paired
+    from lm_ce.reports import bytecompare, paired
 
     try:
-        runs, output_dir = _compare_args(argv)
-        comparison = paired.compare_runs(*runs)
-        where = paired.write(comparison, output_dir or runs[1])
+        runs, output_dir, classes = _compare_args(argv)
+        comparison, by_bytes = bytecompare.compare(*runs, classes)
+        where = output_dir or runs[1]
+        written = bytecompare.write(comparison, by_bytes, where)
     except UsageError as e:
         print(f"lm_ce: error: {e}", file=sys.stderr)
         return 2
-    print(paired.markdown(comparison))
-    print(f"wrote {where}/ (comparison.json, comparison.md)")
+    print(paired.markdown(comparison) + (bytecompare.markdown(comparison["bytes"]) if by_bytes else ""))
+    print(f"wrote {where}/ ({', '.join(written)})")
     return 0
 
 
-def _compare_args(argv: list[str]) -> tuple[list[str], str | None]:
+def _compare_args(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
+    """(the two run directories, --output-dir, the --byte-class NAME=REGEX items, each one whole)."""
     from lm_ce.errors import UsageError
 
-    runs, output_dir = _run_dirs_args("compare", argv, "lm-ce compare RUN_A RUN_B [--output-dir DIR]")
+    usage = "lm-ce compare RUN_A RUN_B [--output-dir DIR] [--byte-class NAME=REGEX ...]"
+    rest, classes = [], []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--byte-class" or arg.startswith("--byte-class="):
+            value = arg.split("=", 1)[1] if arg.startswith("--byte-class=") else (args.pop(0) if args else "")
+            if not value:
+                raise UsageError(f"--byte-class needs NAME=REGEX; usage: {usage}")
+            classes.append(value)
+        else:
+            rest.append(arg)
+    runs, output_dir = _run_dirs_args("compare", rest, usage)
     if len(runs) != 2:
-        raise UsageError("compare needs two run directories: lm-ce compare RUN_A RUN_B [--output-dir DIR]")
-    return runs, output_dir
+        raise UsageError(f"compare needs two run directories: {usage}")
+    return runs, output_dir, classes
 
 
 def _run_dirs_args(command: str, argv: list[str], usage: str) -> tuple[list[str], str | None]:

@@ -5,6 +5,7 @@ USAGE = """usage: lm-ce [--config FILE.yaml] [--FIELD VALUE ...]     (also: pyth
        lm-ce compare RUN_A RUN_B [--output-dir DIR]   (two finished runs; see lm-ce compare --help)
        lm-ce merge SHARD_DIR... --output-dir OUT      (the shards of one --shard K/N run; see lm-ce merge --help)
        lm-ce cache list | clear [NAME...]             (lm_ce's cache: GGUF weights, file hashes; lm-ce cache --help)
+       lm-ce explain --from P --to P --output-dir D   (why two protocols differ; see lm-ce explain --help)
 
 Scores a text dataset with a causal LM: mean token cross-entropy, perplexity, bits per byte.
 Every field below is a flag (--max-length 1024; dashes or underscores) and a key of the --config file
@@ -69,9 +70,29 @@ def help_text(width: int = 100) -> str:
     return "\n".join(lines)
 
 
-COMPARE_USAGE = """usage: lm-ce compare RUN_A RUN_B [--output-dir DIR]
+COMPARE_USAGE = """usage: lm-ce compare RUN_A RUN_B [--output-dir DIR] [--byte-class NAME=REGEX ...]
 
 Compares two finished runs (their --output-dir) on the same data without loading a model: B minus A
 in mean loss and bits per byte with paired standard errors, by group, the documents that changed most,
 and token by token when both saved tokens. Writes comparison.json and comparison.md to DIR (default RUN_B).
+
+Runs of models with different tokenizers, in document mode, both with --save-tokens: also byte by byte,
+each token's loss spread over its bytes; the gap by byte class (url, newline, whitespace, digits, letters,
+punctuation, non_ascii, other, and each --byte-class NAME=REGEX, which comes first), by document and by span,
+in comparison.json's `bytes`, documents.jsonl (one row per document) and comparison.html (a heatmap).
+"""
+
+
+EXPLAIN_USAGE = """usage: lm-ce explain --from PROTOCOL[,FIELD=VALUE...] --to PROTOCOL[,FIELD=VALUE...] --output-dir DIR
+                     [--order FACTOR,...] [--metric M] [--to-metric M] [--resume | --overwrite] [--FIELD VALUE ...]
+
+Moves from one protocol's number to another's one factor at a time (detokenizer, window_length, stride,
+prefix_token, join, bos_sink, chunk_selection, then unit and log_base), scoring every state with one model
+load, and reports each step's value, its log delta (nats per unit; the steps add up to the ends' difference)
+and its standard error paired by document. Window fields of an end follow its protocol after a comma
+(--to llama-cpp,max_length=256). --order sets the order of the factors that differ (each step's delta depends
+on the steps before it). --metric and --to-metric: the metrics of the ends (default: each protocol's headline).
+The other flags are a run's (--model, --data-files, --text-field, --limit, ...). Each state is a run in
+DIR/steps/NN-factor (--resume continues the chain); DIR gets results.json (explain), results.md,
+results.html and explain.png.
 """

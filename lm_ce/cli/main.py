@@ -22,6 +22,12 @@ def main(argv: list[str] | None = None) -> int:
         return merge_main(argv[1:])
     if argv[:1] == ["cache"]:
         return cache_main(argv[1:])
+    if argv[:1] == ["explain"]:
+        from lm_ce.cli.explain import explain_main
+
+        if not any(a in ("-h", "--help") for a in argv):
+            quiet_libraries()
+        return explain_main(argv[1:])
     if any(a in ("-h", "--help") for a in argv):
         print(help_text())
         return 0

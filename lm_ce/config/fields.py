@@ -84,6 +84,10 @@ class Config:
                                                             "data (KL, top-1, delta perplexity)")
     save_tokens: bool = option(False, "analysis", "save every scored token's id, text, position, NLL and top-1 "
                                                   "(tokens.parquet)")
+    byte_classes: list[str] | None = option(None, "analysis", "NAME=REGEX classes of bytes for the byte-level comparison "
+                                                             "with a --compare-to model of another tokenizer, before "
+                                                             "the built-in ones (a regex with a comma: in a config "
+                                                             "file)")
     context_curve: list[int] | None = option(None, "analysis", "context lengths, increasing (128,256,512): the same "
                                                                "targets scored with each (context_curve.png)")
     context_curve_divisor: int = option(4, "analysis", "--context-curve windows of length L advance by L/N tokens: "

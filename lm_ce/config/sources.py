@@ -97,6 +97,16 @@ def parse_overrides(args: list[str]) -> dict:
 
 def build_config(args: list[str]) -> Config:
     """Config from `[--config FILE] [--field value ...]`: defaults, then the file, then the overrides."""
+    cfg = Config(**with_protocol(given_values(args)))
+    check(cfg)
+    if cfg.suite:
+        for entry in cfg.suite:
+            check(entry_config(cfg, entry))
+    return cfg
+
+
+def given_values(args: list[str]) -> dict:
+    """The fields `[--config FILE] [--field value ...]` give, checked by name and type (the file's, then the flags')."""
     values: dict = {}
     if "--config" in args or any(a.startswith("--config=") for a in args):
         rest = []
@@ -115,12 +125,7 @@ def build_config(args: list[str]) -> Config:
             i += 1
         args = rest
     values.update(parse_overrides(args))
-    cfg = Config(**with_protocol(values))
-    check(cfg)
-    if cfg.suite:
-        for entry in cfg.suite:
-            check(entry_config(cfg, entry))
-    return cfg
+    return values
 
 
 def config_for(**fields) -> Config:

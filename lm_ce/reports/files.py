@@ -103,7 +103,7 @@ def page_parts(results: Results) -> PageParts:
                      tables=[t for t in sections(summary) if not t[0].startswith("Mean loss by position")],
                      what_was_run=what_was_run(summary), buckets=summary.get("by_position") or [],
                      per_position=per_position(results.positions), extremes=results.extremes, no_documents=no_documents,
-                     note=shard_note(summary))
+                     note=shard_note(summary), byte_heatmaps=results.byte_heatmaps)
 
 
 def per_position(positions, at_most: int = 2048) -> list[tuple[int, float]]:

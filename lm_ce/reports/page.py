@@ -11,7 +11,7 @@ import html
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lm_ce.sums.extremes import SHOWN_TOKENS, Extremes, ShownDocument
 
@@ -39,6 +39,20 @@ svg text { font: 11px system-ui, sans-serif; fill: #333; }
 """ + "".join(f".c{k} {{ background: {c};{' color: #fff;' if k >= DARK else ''} }}\n" for k, c in enumerate(COLOURS))
 
 
+# The diverging scale of a byte-level gap (Δ bits on a character, B − A): class k holds values below HEAT_EDGES[k].
+HEAT_EDGES = (-2.0, -1.0, -0.5, -0.2, -0.05, 0.05, 0.2, 0.5, 1.0, 2.0)
+HEAT_COLOURS = ("#08519c", "#3182bd", "#6baed6", "#bdd7e7", "#e3eef7", "#ffffff", "#fde0dd", "#fcae91", "#fb6a4a",
+           "#de2d26", "#a50f15")
+HEAT_CSS = "".join(f".h{k} {{ background: {c};{' color: #fff;' if k in (0, 1, 9, 10) else ''} }}\n"
+                   for k, c in enumerate(HEAT_COLOURS)) + ".cut { box-shadow: inset 1px 0 0 rgba(0, 0, 0, 0.35); }\n"
+
+
+def heat_class(delta_bits: float) -> int:
+    """The colour class of a character's Δ bits on the fixed diverging scale (blue: B lower, red: B higher)."""
+    return sum(delta_bits >= edge for edge in HEAT_EDGES) if math.isfinite(delta_bits) else len(HEAT_EDGES)
+
+
+
 @dataclass(frozen=True)
 class PageParts:
     """What the page shows, as the report module words it."""
@@ -53,6 +67,7 @@ class PageParts:
     extremes: Extremes | None
     no_documents: str | None  # why the page has no documents section (None: it has one)
     note: str | None = None  # a line under the title (a shard's report: that it is one shard of N)
+    byte_heatmaps: dict = field(default_factory=dict)  # --compare-to model -> bytegap.Shown documents (byte by byte)
 
 
 def loss_class(nll: float) -> int:
@@ -66,7 +81,7 @@ def render(parts: PageParts) -> str:
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; style-src \'unsafe-inline\'">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           f"<title>{e(parts.title)}</title><style>{CSS}</style></head><body>", f"<h1>{e(parts.title)}</h1>"]
+           f"<title>{e(parts.title)}</title><style>{CSS}{HEAT_CSS if parts.byte_heatmaps else ''}</style></head><body>", f"<h1>{e(parts.title)}</h1>"]
     if parts.interrupted:
         out.append('<p class="warn">Interrupted: these figures cover only what was scored before the stop.</p>')
     if parts.note:
@@ -79,6 +94,8 @@ def render(parts: PageParts) -> str:
         out += ['<section id="plot"><h2>Mean loss by position in the window</h2>', svg_plot(parts.buckets,
                 parts.per_position), "</section>"]
     out.append(_documents(parts.extremes, parts.no_documents))
+    for name, shown in parts.byte_heatmaps.items():
+        out.append(heatmap(shown, f"Byte by byte: {name} (B) minus the first model (A)"))
     out += ['<section id="run"><h2>What was run</h2>', _table(["", ""], [list(r) for r in parts.what_was_run]),
             "</section>", "</body></html>"]
     return "\n".join(out) + "\n"
@@ -203,4 +220,31 @@ def svg_plot(buckets: list[dict], per_position: list[tuple[int, float]], width: 
     out.append(f'<text x="{width - right - 6}" y="{top + 14}" text-anchor="end"><tspan fill="#d35400">&#9679; '
                'powers-of-two buckets</tspan>  <tspan fill="#7aa6d6">&#8212; each position</tspan></text>')
     out.append("</svg>")
+    return "\n".join(out)
+
+
+def heatmap(shown: list, title: str = "Heatmap of the gap") -> str:
+    """The byte-level gap's heatmap: each document of `shown` (bytegap.Shown) character by character, coloured by
+    B − A in bits on the character's bytes, hover for both models' bits and where tokens begin."""
+    e = html.escape
+    edges = HEAT_EDGES
+    labels = [f"< {edges[0]:g}"] + [f"{x:g} to {y:g}" for x, y in zip(edges, edges[1:])] + [f">= {edges[-1]:g}"]
+    legend = "".join(f'<span class="h{k}">{e(label)}</span>' for k, label in enumerate(labels))
+    out = [f'<section id="heatmap"><h2>{e(title)}</h2>',
+           f'<p class="legend">Δ bits on each character (B − A), a fixed scale: {legend}</p>',
+           '<p class="note">The documents of largest gap each way. A line on a character\'s left: a token of A or B '
+           "begins there; hover for both models' bits.</p>"]
+    for doc in shown:
+        name = f"{doc.id} (document {doc.index})" if doc.id is not None else f"document {doc.index}"
+        spans = []
+        for ch, x, y, cut_a, cut_b in zip(doc.chars, doc.bits_a, doc.bits_b, doc.cut_a, doc.cut_b):
+            starts = " and ".join(n for n, c in (("A", cut_a), ("B", cut_b)) if c)
+            hover = f"A {x:.3f} bits, B {y:.3f} bits, B − A {y - x:+.3f}" + (f"; a token of {starts} begins" if starts else "")
+            cls = f"h{heat_class(y - x)}" + (" cut" if cut_a or cut_b else "")
+            spans.append(f'<span class="{cls}" title="{e(hover)}">{e(ch)}</span>')
+        more = '<p class="note">(the text goes on)</p>' if doc.more else ""
+        out.append(f'<article id="doc-{doc.index}"><h3>{e(name)}</h3><p class="note">Δ {doc.gap_bits:+.2f} bits, '
+                   f'{doc.bits_per_byte_gap:+.4f} bits per byte</p><div class="text">{"".join(spans)}</div>{more}'
+                   "</article>")
+    out.append("</section>")
     return "\n".join(out)

@@ -193,6 +193,12 @@ def sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 rows[-1][3:] = [c["note"], "-", "-", "-"]
         out.append(("Model against model (same tokens)", ["model", "perplexity", "bits/byte", "delta ppl", "KL mean",
                                                            "KL p99", "same top-1"], rows))
+        for name, c in summary["compare"].items():  # another tokenizer, with --save-tokens: the gap byte by byte
+            b = c.get("bytes") or {}
+            if "classes" in b:
+                rows = [[k, fmt(b["class_bytes"][k]), fmt(v), fmt(b["class_gap_within"][k])] for k, v in b["classes"].items()]
+                out.append((f"Byte by byte: {name} minus the first model, {fmt(b['gap_bits_per_byte'])} bits per byte",
+                            ["byte class", "bytes", "contribution to the gap", "gap within the class"], rows))
     if summary.get("longppl"):
         k = summary["longppl"]
         out.append((f"LongPPL (key tokens: short context {k['context'][0]}-{k['context'][1]}, alpha {fmt(k['alpha'])}, "

@@ -19,6 +19,7 @@ from lm_ce.data.shards import Shard
 from lm_ce.rundir import checkpoint
 from lm_ce.rundir.identity import Recorded
 from lm_ce.rundir.outputs import Outputs
+from lm_ce.scoring.bytespans import SpanMaker
 from lm_ce.scoring.progress import Progress, StopRequest
 from lm_ce.scoring.scorer import Scorer
 from lm_ce.scoring.setup import Setup
@@ -43,6 +44,7 @@ class Plan:
     shard: Shard | None = None  # the share of the documents this run scores (--shard)
     evaluator: object = None  # longppl.Evaluator: finds each chunk's key tokens (--longppl-evaluator)
     identity: Recorded | None = None  # what the run reads, as its saved state records it
+    byte_spans: SpanMaker | None = None  # each token's byte span kept for tokens.parquet (--save-tokens), else None
     last_save: float = field(default_factory=time.monotonic)
     # What a KeyboardInterrupt may save (from Python, where it arrives between any two bytecodes): the run's records
     # are consistent except while a finished chunk is added to them (`settled` False until the pass says it is

@@ -17,6 +17,7 @@ import torch
 from lm_ce.config.protocols import detokenized
 from lm_ce.data import documents as data
 from lm_ce.errors import UsageError
+from lm_ce.scoring.bytespans import SpanMaker, joined_bytes, text_bytes
 from lm_ce.scoring.parallel import Plan, gather, score_windows
 from lm_ce.scoring.windows import (
     Window,
@@ -53,6 +54,7 @@ class Sequence:
     ids: list[int]
     first_target: int
     doubled: bool = False  # the text's own leading prefix token was removed
+    bytes: torch.Tensor | None = None  # each token's byte span and owner (bytespans.sequence_bytes), for tokens.parquet
 
 
 TOKENIZE_BATCH = 64  # documents per tokenizer call in the background tokenization
@@ -65,7 +67,8 @@ def run_documents(plan: Plan, run: Run, tokenizer) -> bool:
     with ThreadPoolExecutor(1) as pool:
         pending = None
         for docs in mine:
-            future = pool.submit(tokenize_share, docs, tokenizer, plan.setup.prefix, rank, world, plan.cfg.detokenizer)
+            future = pool.submit(tokenize_share, docs, tokenizer, plan.setup.prefix, rank, world, plan.cfg.detokenizer,
+                                 plan.byte_spans)
             if pending is not None and _score_chunk(*pending, plan, run):
                 return True
             pending = (docs, future)
@@ -92,7 +95,7 @@ def run_stream(plan: Plan, run: Run, tokenizer) -> bool:
     seq, doubled = stream_sequence(plan, tokenizer, texts)
     _say_doubled(run, int(doubled))
     spans = stream_spans(len(seq), plan.setup.max_length, plan.setup.stride)
-    windows = windows_of(-1, seq, spans, plan.setup.window_first)
+    windows = windows_of(-1, seq, spans, plan.setup.window_first, _joined_bytes(plan, seq, docs))
     say_cost(windows, plan)
     stopped = score_windows(windows, plan, run, {-1: DocumentResult(index=-1)})
     _joined_documents(docs, run, plan, stopped)
@@ -124,7 +127,7 @@ def run_chunks(plan: Plan, run: Run, tokenizer) -> bool:
     if not spans:
         raise UsageError(f"--mode gptq: the text tokenizes to {len(seq)} tokens, less than one chunk of {n_ctx}; give "
                          "more text or a smaller --max-length")
-    windows = windows_of(-1, seq, spans, plan.setup.window_first)
+    windows = windows_of(-1, seq, spans, plan.setup.window_first, _joined_bytes(plan, seq, docs))
     if not any(w.n_scored for w in windows):  # e.g. --mode llama-cpp --max-length 2
         why = "a chunk scores the second half of its targets only" if cfg.mode == "llama-cpp" else "a chunk has no target"
         raise UsageError(f"--mode {cfg.mode} --max-length {n_ctx}: chunks of {n_ctx} tokens score nothing ({why}); use "
@@ -150,6 +153,14 @@ def chunk_sequence(mode: str, tokenizer, text: str) -> tuple[list[int], bool]:
     if bos is not None and ids[:2] == [bos, bos]:
         return ids[1:], True
     return ids, False
+
+
+def _joined_bytes(plan: Plan, seq: list[int], docs: list[data.Document]) -> torch.Tensor | None:
+    """Each token's byte span in the joined text and the document owning it (--save-tokens), else None."""
+    if plan.byte_spans is None:
+        return None
+    parts = [(d.index, detokenized(plan.cfg.detokenizer, d.text)) for d in docs if d.text is not None]
+    return joined_bytes(plan.byte_spans, seq, parts, plan.cfg.separator)
 
 
 def refuse_blank(docs: list[data.Document], text_field: str) -> None:
@@ -183,23 +194,32 @@ def _say_doubled(run: Run, n: int) -> None:
 
 
 def tokenize_share(docs: list[data.Document], tokenizer, prefix: int | None, rank: int, world: int,
-                   detokenizer: str = "none") -> dict[int, Sequence]:
+                   detokenizer: str = "none", byte_spans: SpanMaker | None = None) -> dict[int, Sequence]:
     """{document index: Sequence} for this process's share (every world-th) of a chunk; each S an int64 tensor
-    (8 bytes a token, where a list of Python ints takes about 36: a chunk's memory is its tokens)."""
+    (8 bytes a token, where a list of Python ints takes about 36: a chunk's memory is its tokens). With
+    `byte_spans`, each token's byte span in its scored text too (one tokenizer call that also gives offsets)."""
     mine = [d for i, d in enumerate(docs) if i % world == rank and data.has_text(d)]
     plain = [d for d in mine if d.prompt is None]
     out = {}
     head = [prefix] if prefix is not None else []
     for part in range(0, len(plain), TOKENIZE_BATCH):  # the tokenizer's own output never holds the whole chunk
         batch = plain[part : part + TOKENIZE_BATCH]
-        encoded = tokenizer([detokenized(detokenizer, d.text) for d in batch], add_special_tokens=False)["input_ids"]
-        for d, ids in zip(batch, encoded):
+        texts = [detokenized(detokenizer, d.text) for d in batch]
+        if byte_spans is not None and byte_spans.usable:
+            encoded, spans = zip(*byte_spans.encode(texts))
+        else:
+            encoded, spans = tokenizer(texts, add_special_tokens=False)["input_ids"], [None] * len(batch)
+        for d, ids, text_spans in zip(batch, encoded, spans):
             ids, doubled = without_double_prefix(ids, prefix)
-            out[d.index] = Sequence(torch.tensor(head + ids, dtype=torch.long), len(head), doubled)
+            seq = torch.tensor(head + ids, dtype=torch.long)
+            where = text_bytes(byte_spans, len(seq), 0 if doubled else len(head), text_spans, d.index)
+            out[d.index] = Sequence(seq, len(head), doubled, where)
     for d in mine:
         if d.prompt is not None:
-            seq, first = document_sequence(tokenizer, detokenized(detokenizer, d.text), prefix, d.prompt)
-            out[d.index] = Sequence(torch.tensor(seq, dtype=torch.long), first)
+            text = detokenized(detokenizer, d.text)
+            seq, first = document_sequence(tokenizer, text, prefix, d.prompt)
+            where = text_bytes(byte_spans, len(seq), first, None, d.index, prompted=(d.prompt, text))
+            out[d.index] = Sequence(torch.tensor(seq, dtype=torch.long), first, bytes=where)
     return out
 
 
@@ -227,7 +247,7 @@ def _score_chunk(docs: list[data.Document], future: Future, plan: Plan, run: Run
             r.skipped = "empty"
             continue
         r.bytes, r.words, r.windows = len(d.text.encode("utf-8")), count_words(d.text), len(spans)
-        windows += windows_of(d.index, sequence.ids, spans, plan.setup.window_first)
+        windows += windows_of(d.index, sequence.ids, spans, plan.setup.window_first, sequence.bytes)
     doubled = sum(s.doubled for s in sequences.values())
     say_cost(windows, plan, f" (in this chunk of {len(docs):,} document{'s' if len(docs) != 1 else ''})")
     if score_windows(windows, plan, run, results):

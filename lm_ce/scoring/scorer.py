@@ -180,7 +180,11 @@ def _token_columns(batch: list[Window], targets, nll, top1, in_window, compared)
         "nll": nll,
         "top1_id": top1.cpu(),
         "window_position": in_window,
+        "seq_index": torch.cat([torch.arange(w.a + 1, w.b + 1) for w in batch]),
     }
+    if batch[0].bytes is not None:  # each target's byte span in its scored text, and the document owning it
+        spans = torch.cat([w.bytes[w.a + 1 : w.b + 1] for w in batch])
+        columns.update(byte_start=spans[:, 0], byte_end=spans[:, 1], owner=spans[:, 2])
     for k, pair in enumerate(compared):
         columns[f"nll_{k + 1}"] = pair.other_nll.cpu()
         columns[f"kl_{k + 1}"] = pair.kl.cpu()

@@ -22,6 +22,7 @@ class Window:
     b: int
     target_offset: int  # how many of the document's targets come before this window's first
     first_id: int | None = None  # put at input position 0 in place of S[start] (BOS per chunk, every-window prefix)
+    bytes: torch.Tensor | None = None  # int64 [len(S), 3]: each token's byte span and owner document (bytespans.py)
 
     def inputs(self) -> torch.Tensor:
         """The input ids S[start:b], with first_id at position 0 when set."""
@@ -141,13 +142,13 @@ def encode(tokenizer, text: str) -> list[int]:
 
 
 def windows_of(doc: int, seq: list[int] | torch.Tensor, spans: list[tuple[int, int, int]],
-               first_id: int | None = None) -> list[Window]:
+               first_id: int | None = None, byte_spans: torch.Tensor | None = None) -> list[Window]:
     """Window records for the spans of one sequence (a list of ids, or an int64 tensor, shared, not copied);
-    `first_id` goes at every window's first input position."""
+    `first_id` goes at every window's first input position; `byte_spans` (shared too) rides along for tokens.parquet."""
     tensor = torch.as_tensor(seq, dtype=torch.long)
     out, offset = [], 0
     for start, a, b in spans:
-        out.append(Window(doc, tensor, start, a, b, offset, first_id))
+        out.append(Window(doc, tensor, start, a, b, offset, first_id, byte_spans))
         offset += b - a
     return out
 

@@ -287,3 +287,4 @@ class Results:
     token_files: list[str] = field(default_factory=list)  # tokens.parquet's parts, in document order (--save-tokens)
     joined_tokens: str | None = None  # those parts already joined into one file, renamed to tokens.parquet
     extremes: Extremes | None = None  # results.html's documents of highest and lowest loss
+    byte_heatmaps: dict[str, list] = field(default_factory=dict)  # --compare-to model -> bytegap.Shown (results.html)

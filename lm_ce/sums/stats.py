@@ -208,3 +208,17 @@ def paired(a: np.ndarray, b: np.ndarray, units: np.ndarray, scale: float = 1.0) 
         se = math.sqrt(len(d) / (len(d) - 1) * math.fsum(dev * dev)) / total
         out.update(stderr=se, ci95=[value - Z95 * se, value + Z95 * se])
     return out
+
+
+def ratio_difference(y_i, n_i, y_j, n_j) -> dict:
+    """Σy_j/Σn_j − Σy_i/Σn_i over the same clusters (each state's NLL y over its units n: tokens, words or bytes; a
+    cluster a state lacks has y = n = 0 there) and its paired clustered standard error, linearized (delta method):
+    z_c = (y_jc − v_j n_jc)/N_j − (y_ic − v_i n_ic)/N_i, SE² = C/(C−1) Σ_c z_c². With n_i = n_j it is `paired`."""
+    y_i, n_i, y_j, n_j = (np.asarray(x, np.float64) for x in (y_i, n_i, y_j, n_j))
+    big_i, big_j = math.fsum(n_i), math.fsum(n_j)
+    v_i, v_j = math.fsum(y_i) / big_i, math.fsum(y_j) / big_j
+    keep = (n_i > 0) | (n_j > 0) | (y_i != 0) | (y_j != 0)
+    z = ((y_j - v_j * n_j) / big_j - (y_i - v_i * n_i) / big_i)[keep]
+    c = len(z)
+    se = math.sqrt(c / (c - 1) * math.fsum(z * z)) if c >= 2 else None
+    return {"value": v_j - v_i, "stderr": se, "clusters": c}
