@@ -31,6 +31,7 @@ from lm_ce.reports.summary import Durations, summarize
 from lm_ce.rundir import checkpoint
 from lm_ce.rundir import claims as outdir
 from lm_ce.rundir.outputs import Outputs
+from lm_ce.rundir.parts import TableParts
 from lm_ce.scoring.parallel import Plan
 from lm_ce.scoring.passes import reuse_freed_memory, run_chunks, run_documents, run_stream
 from lm_ce.scoring.progress import Progress, StopRequest
@@ -39,6 +40,7 @@ from lm_ce.scoring.setup import resolve, set_threads
 from lm_ce.suite import check_suite, run_suite
 from lm_ce.sums.extremes import Extremes, for_resumed_run
 from lm_ce.sums.records import Results, Run
+from lm_ce.tasks.passes import TABLES, run_task
 
 log = logging.getLogger("lm_ce")
 
@@ -112,6 +114,7 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
     shard = shard_of(cfg)
     outputs = Outputs(Path(cfg.output_dir) if cfg.output_dir else None, accelerator.is_main_process,
                       cfg.mode == "document", tokenizer, save_tokens=cfg.save_tokens)
+    tables = TableParts(outputs.directory, accelerator.is_main_process, TABLES[cfg.task])  # words.parquet and the like
     with StopRequest() as stop:
         plan = Plan(cfg, setup, scorer, accelerator, progress, stop, rows, outputs=outputs, shard=shard,
                     evaluator=evaluator)
@@ -129,7 +132,7 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
             # a stop before the first periodic save leaves a run that resumes, not files that look like a stranger's
             checkpoint.save(cfg.output_dir, checkpoint.state_of(cfg, run, setup.processes, complete=False))
         try:
-            stopped = _passes(plan, run, tokenizer, done=bool(state and state.get("complete")))
+            stopped = _passes(plan, run, tokenizer, tables, done=bool(state and state.get("complete")))
         finally:
             outputs.close()
         finished = time.perf_counter()  # the run's timing; the curve times itself (context_curve.seconds)
@@ -142,6 +145,7 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
     durations = Durations(load=loaded_at - started, scoring=finished - loaded_at, total=finished - started)
     results = summarize(cfg, run=run, stopped=stopped, setup=setup, info=loaded.info,
                         durations=durations, outputs=outputs)
+    results.tables, results.table_files = tables.results()
     if curve is not None:
         results.summary["context_curve"] = curve
     for name in compared.by_bytes:
@@ -152,7 +156,7 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, started: float, emit
 def shows_documents(cfg: Config) -> bool:
     """Whether the run keeps the tokens of results.html's documents of highest and lowest loss (document mode, with
     an output directory to write the page to)."""
-    return bool(cfg.page and cfg.page_documents > 0 and cfg.mode == "document" and cfg.output_dir)
+    return bool(cfg.page and cfg.page_documents > 0 and cfg.mode == "document" and cfg.output_dir and cfg.task == "perplexity")
 
 
 def _resumable(cfg: Config, processes: int) -> dict | None:
@@ -162,13 +166,15 @@ def _resumable(cfg: Config, processes: int) -> dict | None:
     return None
 
 
-def _passes(plan: Plan, run: Run, tokenizer, done: bool) -> bool:
-    """The pass the mode asks for, unless the saved run is complete. True when stopped early."""
+def _passes(plan: Plan, run: Run, tokenizer, tables: TableParts, done: bool) -> bool:
+    """The pass the mode (or the task) asks for, unless the saved run is complete. True when stopped early."""
     try:
         if done:
             log.info("the saved run in %s is complete: reporting it", plan.cfg.output_dir)
             return False
         reuse_freed_memory()
+        if plan.cfg.task != "perplexity":
+            return run_task(plan, run, tokenizer, tables)
         if plan.cfg.mode == "document":
             return run_documents(plan, run, tokenizer)
         if plan.cfg.mode == "stream":

@@ -37,6 +37,24 @@ def iter_documents(cfg: Config, rows=None, *, start: int = 0) -> Iterator[Docume
     them. `rows` (dicts, a Dataset or an IterableDataset) are read instead of what the config names (the Python
     API's data in memory). A resumed run starts after its finished documents: the rows before them are skipped
     unread where the data allows it (a Dataset, an IterableDataset, a list), not turned into documents."""
+    rows, source, fields = opened(cfg, rows)
+    if cfg.join_by:  # documents span rows: the rows before `start` are read to find where it begins
+        documents = (d for d in _join(_guarded(rows_from(rows, 0, fields), cfg), cfg) if d.index >= start)
+    else:
+        documents = _plain(_guarded(rows_from(rows, start, fields), cfg), cfg, first=start)
+    count = start
+    for doc in documents:
+        if cfg.limit is not None and count >= cfg.limit:
+            return
+        yield doc
+        count += 1
+    if count == 0:
+        raise UsageError(f"{source} has no rows; point at a dataset with text in field '{cfg.text_field}'")
+
+
+def opened(cfg: Config, rows=None) -> tuple[object, str, list[str]]:
+    """(rows, how to name their source, the fields read): the rows the config names (or those given), checked to
+    have those fields where their columns are known."""
     if rows is None:
         rows = load_rows(cfg)
         source = ", ".join(cfg.data_files) if cfg.data_files else f"dataset '{cfg.dataset}'"
@@ -50,18 +68,21 @@ def iter_documents(cfg: Config, rows=None, *, start: int = 0) -> Iterator[Docume
                 raise UsageError(
                     f"{source} has no field '{name}'; its fields are: {', '.join(columns)} (set --text-field etc.)"
                 )
-    if cfg.join_by:  # documents span rows: the rows before `start` are read to find where it begins
-        documents = (d for d in _join(_guarded(rows_from(rows, 0, fields), cfg), cfg) if d.index >= start)
-    else:
-        documents = _plain(_guarded(rows_from(rows, start, fields), cfg), cfg, first=start)
+    return rows, source, fields
+
+
+def iter_rows(cfg: Config, rows=None, *, start: int = 0) -> Iterator[tuple[int, dict, str]]:
+    """(index, row, source) of the run's rows as they are, from index `start` on, at most --limit of them: the items
+    or documents of a task other than perplexity, which reads its own fields."""
+    rows, source, fields = opened(cfg, rows)
     count = start
-    for doc in documents:
+    for index, row in enumerate(_guarded(rows_from(rows, start, fields), cfg), start=start):
         if cfg.limit is not None and count >= cfg.limit:
             return
-        yield doc
+        yield index, row, source
         count += 1
     if count == 0:
-        raise UsageError(f"{source} has no rows; point at a dataset with text in field '{cfg.text_field}'")
+        raise UsageError(f"{source} has no rows; point at a dataset with the fields {', '.join(fields)}")
 
 
 def rows_from(rows, start: int, fields: list[str] | None = None):

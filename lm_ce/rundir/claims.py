@@ -26,7 +26,7 @@ log = logging.getLogger("lm_ce")
 
 STATE = "state.pt"  # saved progress (lm_ce.checkpoint)
 REPORTS = ("results.json", "results.md", "config.yaml", "documents.jsonl", "tokens.parquet", "position_loss.png",
-           "context_curve.png", "results.html")
+           "context_curve.png", "results.html", "words.parquet", "sentences.parquet")
 RUN_FILES = (*REPORTS, STATE)  # every file a run writes; --overwrite deletes these and nothing else
 LOCK = ".lm_ce.lock"
 

@@ -69,7 +69,7 @@ class Scorer:
 
     def score_batch(self, batch: list[Window], tally: Tally) -> BatchSums:
         """Score a whole batch at once into the tally."""
-        inputs, rows, in_window = self._inputs(batch)
+        inputs, rows, in_window = self.batch_inputs(batch)
         targets = torch.cat([w.seq[w.a + 1 : w.b + 1] for w in batch]).to(self.device)
         rows = rows.to(self.device)
         compared = []
@@ -102,7 +102,7 @@ class Scorer:
         tally.padding += width * len(batch) - real
         return sums
 
-    def _inputs(self, batch: list[Window]) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    def batch_inputs(self, batch: list[Window]) -> tuple[dict, torch.Tensor, torch.Tensor]:
         """(model inputs, flat indices of the scored positions, each one's position in its window)."""
         width = max(w.length for w in batch)
         # Right padding needs no mask and no position ids: causal attention never lets a real token see a

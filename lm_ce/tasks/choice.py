@@ -1,0 +1,98 @@
+"""One multiple-choice item scored under a protocol: each choice's log-likelihood, scored tokens, bytes and
+characters, and the predictions each tool makes from them (ties: the lowest index, as numpy's argmax; llama.cpp's
+Winogrande: option 2)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lm_ce.config.fields import Config
+from lm_ce.scoring.parallel import Plan
+from lm_ce.scoring.passes import count_words
+from lm_ce.sums.records import DocSums, DocumentResult, WindowSums
+from lm_ce.sums.tasks import ChoiceRow
+from lm_ce.tasks.forward import Body, target_values
+from lm_ce.tasks.items import Item, item_of
+from lm_ce.tasks.steps import ChunkOut, in_lockstep, share
+from lm_ce.tasks.requests import Request, hellaswag_request, lm_eval_request, winogrande_request
+
+
+@dataclass
+class Scored:
+    """An item's row of documents.jsonl and the exact sums of its scored tokens."""
+
+    result: DocumentResult
+    sums: DocSums
+
+
+def first_max(values: list[float]) -> int:
+    """The index of the first largest value (numpy's argmax; llama.cpp's strict `>` scan)."""
+    best = 0
+    for i, v in enumerate(values):
+        if v > values[best]:
+            best = i
+    return best
+
+
+@dataclass
+class ChoiceScorer:
+    """Scores items under the configured protocol, the choices' common prefix read once when `shared`."""
+
+    body: Body
+    tokenizer: object
+    cfg: Config
+    prefix: int | None  # lm-eval's prefix token for an empty context (BOS, else EOS)
+    shared: bool
+
+    def score_chunk(self, rows: list[tuple[int, dict, str]], plan: Plan) -> ChunkOut | None:
+        """The chunk's items scored, every world-th on each process (None: stopped inside the chunk)."""
+        items = [item_of(self.cfg, *r) for r in rows]
+        requests = [self.request(item) for item in items]
+        plan.progress.add_total(sum(len(t) for request, _ in requests for t in request.targets))
+        accelerator = plan.accelerator
+        mine = share(list(range(len(items))), accelerator.process_index, accelerator.num_processes)
+
+        def work(i: int) -> tuple[Scored, int, float]:
+            scored = self.score(items[i], *requests[i])
+            return scored, scored.result.tokens, scored.result.nll_sum
+
+        found = in_lockstep(plan, mine, work)
+        if found is None:
+            return None
+        found.sort(key=lambda s: s.result.index)
+        return ChunkOut([s.result for s in found], {s.result.index: s.sums for s in found},
+                        [WindowSums(s.result.index, 0, s.sums.nll, s.sums.tokens) for s in found])
+
+    def request(self, item: Item) -> tuple[Request, list[str]]:
+        """(the item's request, the strings its choices' characters and bytes are counted on)."""
+        cfg = self.cfg
+        if cfg.protocol == "llama-cpp-hellaswag":
+            return hellaswag_request(self.tokenizer, item, cfg.choice_delimiter), item.choices
+        if cfg.protocol == "llama-cpp-winogrande":
+            return winogrande_request(self.tokenizer, item, cfg.llama_cpp_quirk), item.choices
+        return lm_eval_request(self.tokenizer, item, cfg.choice_delimiter, self.prefix)
+
+    @torch.inference_mode()
+    def score(self, item: Item, request: Request, counted: list[str]) -> Scored:
+        values = target_values(self.body, request, self.shared)
+        lls = [math.fsum(v for v, _ in choice) for choice in values]
+        tokens = [len(choice) for choice in values]
+        chars = [len(c) for c in counted]
+        n_bytes = [len(c.encode("utf-8")) for c in counted]
+        if self.cfg.protocol == "lm-eval":
+            pred = first_max(lls)
+            pred_norm = first_max([ll / n for ll, n in zip(lls, chars)])
+            pred_bytes = first_max([ll / n for ll, n in zip(lls, n_bytes)])
+        else:  # llama.cpp's score is the mean over the scored tokens; its Winogrande gives ties to option 2
+            means = [ll / n for ll, n in zip(lls, tokens)]
+            pred = pred_norm = pred_bytes = (0 if means[0] > means[1] else 1) if self.cfg.protocol == "llama-cpp-winogrande" \
+                else first_max(means)
+        row = ChoiceRow(item.labels, lls, tokens, n_bytes, chars, pred, pred_norm, pred_bytes,
+                        [all(top for _, top in choice) for choice in values])
+        logps = [v for choice in values for v, _ in choice]
+        result = DocumentResult(index=item.index, id=item.id, group=item.group, tokens=sum(tokens),
+                                nll_sum=-math.fsum(lls), bytes=sum(n_bytes), words=sum(count_words(c) for c in counted),
+                                windows=len(counted), task=row)
+        return Scored(result, DocSums(nll=result.nll_sum, tokens=result.tokens, sum_sq=math.fsum(v * v for v in logps)))
