@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lm_ce.errors import UsageError
+from lm_ce.reports.agreement import agreement_lines, choice_agreement
 from lm_ce.rundir import claims as outdir
 from lm_ce.sums.stats import exp_capped, paired
 
@@ -90,6 +91,7 @@ def check_comparable(a: RunFiles, b: RunFiles) -> bool:
     differ = [f"data.{k}: {x.get(k)!r} vs {y.get(k)!r}" for k in x if x.get(k) != y.get(k)]
     differ += [f"settings.{k}: {a.summary['settings'].get(k)!r} vs {b.summary['settings'].get(k)!r}"
                for k in ("mode", "prefix_token", "separator") if a.summary["settings"].get(k) != b.summary["settings"].get(k)]
+    differ += [f"{k}: {x!r} vs {y!r}" for k, x, y in _task_identity(a.summary, b.summary) if x != y]
     if differ:
         raise UsageError(f"the runs are on different data or settings ({'; '.join(differ)}): compare runs of the same data")
     if a.documents is None:  # stream mode: the same joined text has the same bytes
@@ -114,6 +116,14 @@ def check_comparable(a: RunFiles, b: RunFiles) -> bool:
             raise UsageError(f"the runs scored the same tokens in different windows ({'; '.join(windows)}): "
                              "compare runs with the same --max-length and --stride")
     return same
+
+
+def _task_identity(a: dict, b: dict) -> list[tuple[str, object, object]]:
+    """(key, A's, B's) of what a task's figures are defined by: the task, and a multiple-choice protocol and layout."""
+    out = [("settings.task", a["settings"].get("task", "perplexity"), b["settings"].get("task", "perplexity"))]
+    x, y = a.get("multiple_choice") or {}, b.get("multiple_choice") or {}
+    out += [(f"multiple_choice.{k}", x.get(k), y.get(k)) for k in ("protocol", "layout")]
+    return out
 
 
 def _data_identity(data: dict) -> dict:
@@ -151,6 +161,8 @@ def compare_runs(dir_a: str, dir_b: str) -> dict:
         out["delta"] = deltas(a_nll, b_nll, tokens, n_bytes, same)
         out["groups"] = _groups(rows, same)
         out["most_changed"] = _most_changed(rows)
+        if a.summary.get("multiple_choice") and b.summary.get("multiple_choice"):
+            out["multiple_choice"] = choice_agreement(rows)
     else:
         out["paired_by"] = "totals"
         out["delta"] = _stream_deltas(a, b, same)
@@ -278,6 +290,8 @@ def markdown(c: dict) -> str:
                 "| document | id | group | tokens | Δ NLL sum (nats) | bits/byte A | bits/byte B |", "|---|---|---|---|---|---|---|"]
         out += [f"| {r['index']} | {r['id'] or '-'} | {r['group'] or '-'} | {r['tokens_a']} | {r['delta_nll_sum']:+.4g} | "
                 f"{_num(r['bits_per_byte_a'])} | {_num(r['bits_per_byte_b'])} |" for r in c["most_changed"]]
+    if c.get("multiple_choice"):
+        out += agreement_lines(c["multiple_choice"], lambda d: _delta_text(d, 4))
     t = c.get("token_by_token")
     if t:
         dp, same, ratio = t["delta_p"], t["same_top1"], t["ln_ppl_ratio"]

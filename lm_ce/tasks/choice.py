@@ -58,12 +58,13 @@ class ChoiceScorer:
             scored = self.score(items[i], *requests[i])
             return scored, scored.result.tokens, scored.result.nll_sum
 
-        found = in_lockstep(plan, mine, work)
-        if found is None:
+        done = in_lockstep(plan, mine, work)
+        if done is None:
             return None
-        found.sort(key=lambda s: s.result.index)
+        found = sorted(done[0], key=lambda s: s.result.index)
         return ChunkOut([s.result for s in found], {s.result.index: s.sums for s in found},
-                        [WindowSums(s.result.index, 0, s.sums.nll, s.sums.tokens) for s in found])
+                        [WindowSums(s.result.index, 0, s.sums.nll, s.sums.tokens) for s in found],
+                        tokens_per_process=done[1])
 
     def request(self, item: Item) -> tuple[Request, list[str]]:
         """(the item's request, the strings its choices' characters and bytes are counted on)."""

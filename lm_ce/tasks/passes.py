@@ -63,6 +63,8 @@ def add_chunk(plan: Plan, run: Run, out: ChunkOut, tables: TableParts) -> None:
         elif r.task is not None:
             run.task.add(out.surprisals[r.index], r.tokens, r.task.sentences)
     run.windows += len(out.windows)
+    done = run.tokens_per_process or [0] * len(out.tokens_per_process)
+    run.tokens_per_process = [a + b for a, b in zip(done, out.tokens_per_process)]
     run.chunks_done += 1
     if plan.cfg.output_dir and plan.accelerator.is_main_process and \
             time.monotonic() - plan.last_save >= plan.cfg.checkpoint_seconds:

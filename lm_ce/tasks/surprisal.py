@@ -7,8 +7,8 @@ word) / P(B | context), B the tokens that start a word. Two styles, each its pac
 
 - pm (wordsprobability, the paper's package): B includes EOS (the end of the text ends a word); the first word,
   whose first token starts no word (no space before it), is divided by the probability that the text starts with a
-  token of its kind, P(V \\ B | prefix) (EOS counted once: the package counts it twice, which changes nothing
-  measurable);
+  token of its kind, P(V \\ B | prefix), with EOS counted twice in it as the package counts it (its mask of
+  mid-word tokens and its mask of EOS overlap; 1.5e-8 of that probability on SmolLM2);
 - minicons (word_score_tokenized with bow_correction): B without EOS; a token adds log P(B | up to it) when the next
   token starts a word (or it is the text's last) and takes away log P(B | before it) when it starts a word itself,
   except the first token; so the first word has no denominator.
@@ -116,7 +116,7 @@ class RowValues:
     logp: float  # of the next token (nan after the last)
     bow: float  # log P(B)
     bow_eos: float  # log P(B and EOS)
-    not_bow: float  # log P(not B)
+    not_bow: float  # log P(not B), EOS counted twice (wordsprobability's first-word denominator)
     entropy: float
     rank: int  # of the next token: 1 + the tokens more probable (0 after the last)
 
@@ -127,7 +127,10 @@ def row_values(logp: torch.Tensor, targets: list[int | None], bow: torch.Tensor,
     minus = torch.tensor(-math.inf, dtype=logp.dtype, device=logp.device)
     in_bow = torch.logsumexp(torch.where(bow, logp, minus), dim=-1)
     out_bow = torch.logsumexp(torch.where(bow, minus, logp), dim=-1)
-    with_eos = in_bow if eos is None or bool(bow[eos]) else torch.logaddexp(in_bow, logp[:, eos])
+    if eos is not None and not bool(bow[eos]):
+        with_eos, out_bow = torch.logaddexp(in_bow, logp[:, eos]), torch.logaddexp(out_bow, logp[:, eos])
+    else:
+        with_eos = in_bow
     entropy = torch.special.entr(logp.exp()).sum(dim=-1)
     out = []
     for i, t in enumerate(targets):

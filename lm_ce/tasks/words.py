@@ -68,11 +68,12 @@ class WordScorer:
         world = plan.accelerator.num_processes
         mine = assign_batches(batches, world)[plan.accelerator.process_index] if batches else []
         plan.progress.add_total(sum(len(d.ids) for d in docs if d.words is not None))
-        found = in_lockstep(plan, mine, self.score_batch)
-        if found is None:
+        done = in_lockstep(plan, mine, self.score_batch)
+        if done is None:
             return None
-        values = {key: v for part in found for key, v in part.items()}
-        return self.finish(docs, windows, values)
+        out = self.finish(docs, windows, {key: v for part in done[0] for key, v in part.items()})
+        out.tokens_per_process = done[1]
+        return out
 
     @torch.inference_mode()
     def score_batch(self, batch: list[Window]) -> tuple[dict, int, float]:
