@@ -31,7 +31,7 @@ from lm_ce.reports.summary import Durations, summarize
 from lm_ce.rundir import checkpoint
 from lm_ce.rundir import claims as outdir
 from lm_ce.rundir.outputs import Outputs
-from lm_ce.rundir.parts import TableParts
+from lm_ce.rundir.parts import TABLES, TableParts
 from lm_ce.scoring.parallel import Plan
 from lm_ce.scoring.passes import reuse_freed_memory, run_chunks, run_documents, run_stream
 from lm_ce.scoring.progress import Progress, StopRequest
@@ -40,7 +40,7 @@ from lm_ce.scoring.setup import resolve, set_threads
 from lm_ce.suite import check_suite, run_suite
 from lm_ce.sums.extremes import Extremes, for_resumed_run
 from lm_ce.sums.records import Results, Run
-from lm_ce.tasks.passes import TABLES, run_task
+from lm_ce.tasks.passes import run_task
 
 log = logging.getLogger("lm_ce")
 

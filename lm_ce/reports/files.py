@@ -49,7 +49,7 @@ def write(results: Results, output_dir: str, plot: bool = True, page: bool = Tru
         os.replace(tmp, directory / "tokens.parquet")
         written.append(directory / "tokens.parquet")
     for name, files in results.table_files.items():  # a task's tables, written chunk by chunk as the run went
-        path = directory / name
+        path = directory / f"{name}.parquet"
         if files != [str(path)]:
             join_parquet(files, path)
             if results.summary.get("complete", True):

@@ -10,17 +10,21 @@ import os
 from pathlib import Path
 
 
+TABLES = {"perplexity": (), "multiple-choice": (), "surprisal": ("words", "sentences")}  # each task's NAME.parquet
+
+
 def part_path(directory: Path, name: str, chunk: int) -> Path:
-    return directory / f".{name}.tmp-part{chunk:07d}.parquet"
+    return directory / f".{name}.parquet.tmp-part{chunk:07d}.parquet"
 
 
 def parts_of(directory: Path, name: str) -> list[Path]:
-    """The parts of table `name` in the directory, in chunk (so document) order."""
-    return sorted(directory.glob(f".{name}.tmp-part*.parquet"))
+    """The parts of table `name` (NAME.parquet) in the directory, in chunk (so document) order."""
+    return sorted(directory.glob(f".{name}.parquet.tmp-part*.parquet"))
 
 
 class TableParts:
-    """Tables by name, a chunk's columns at a time: parts on disk (the main process writes them), or in memory."""
+    """Tables by name (NAME.parquet), a chunk's columns at a time: parts on disk (the main process writes them), or
+    in memory."""
 
     def __init__(self, directory: Path | None, main: bool, names: tuple[str, ...]):
         self.directory = directory
@@ -62,8 +66,8 @@ class TableParts:
         files = {}
         for name in self.names:
             found = [str(p) for p in parts_of(self.directory, name)]
-            if not found and (self.directory / name).is_file():
-                found = [str(self.directory / name)]
+            if not found and (self.directory / f"{name}.parquet").is_file():
+                found = [str(self.directory / f"{name}.parquet")]
             if found:
                 files[name] = found
         return {}, files

@@ -259,5 +259,5 @@ class Results:
     token_files: list[str] = field(default_factory=list)  # tokens.parquet's parts, in document order (--save-tokens)
     joined_tokens: str | None = None  # those parts already joined into one file, renamed to tokens.parquet
     extremes: Extremes | None = None  # results.html's documents of highest and lowest loss
-    tables: dict[str, dict[str, list]] = field(default_factory=dict)  # words.parquet etc. in memory: name -> columns
-    table_files: dict[str, list[str]] = field(default_factory=dict)  # their parts on disk, in document order
+    tables: dict[str, dict[str, list]] = field(default_factory=dict)  # a task's tables in memory: "words" -> columns
+    table_files: dict[str, list[str]] = field(default_factory=dict)  # their parts on disk (NAME.parquet's), in order

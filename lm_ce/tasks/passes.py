@@ -20,8 +20,6 @@ from lm_ce.tasks.words import WordScorer
 
 log = logging.getLogger("lm_ce")
 
-TABLES = {"perplexity": (), "multiple-choice": (), "surprisal": ("words.parquet", "sentences.parquet")}  # by task
-
 
 def run_task(plan: Plan, run: Run, tokenizer, tables: TableParts) -> bool:
     """Score the task's rows into the run; True when stopped early (the unfinished chunk is scored again on resume)."""
