@@ -218,6 +218,11 @@ def test_bad_rows_are_refused_in_one_line(row, message):
         item_of(config_for(task="multiple-choice"), 0, row, "f")
 
 
+def test_an_item_longer_than_max_length_is_refused(tiny_llama_dir):
+    with pytest.raises(UsageError, match="more than --max-length 8; give a larger --max-length"):
+        run(tiny_llama_dir, MC, max_length=8)
+
+
 def test_bad_winogrande_rows_are_refused():
     cfg = config_for(task="multiple-choice", layout="winogrande")
     with pytest.raises(UsageError, match="answer '' is not 1 or 2"):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from lm_ce.config.fields import Config
+from lm_ce.errors import UsageError
 from lm_ce.scoring.parallel import Plan
 from lm_ce.scoring.passes import count_words
 from lm_ce.sums.records import DocSums, DocumentResult, WindowSums
@@ -45,11 +46,17 @@ class ChoiceScorer:
     cfg: Config
     prefix: int | None  # lm-eval's prefix token for an empty context (BOS, else EOS)
     shared: bool
+    max_length: int  # tokens a choice may read at most
 
     def score_chunk(self, rows: list[tuple[int, dict, str]], plan: Plan) -> ChunkOut | None:
         """The chunk's items scored, every world-th on each process (None: stopped inside the chunk)."""
         items = [item_of(self.cfg, *r) for r in rows]
         requests = [self.request(item) for item in items]
+        for item, (request, _) in zip(items, requests):
+            longest = max(request.rows_needed())
+            if longest > self.max_length:
+                raise UsageError(f"item {item.index}: a choice reads {longest} tokens, more than --max-length "
+                                 f"{self.max_length}; give a larger --max-length (up to the model's positions)")
         plan.progress.add_total(sum(len(t) for request, _ in requests for t in request.targets))
         accelerator = plan.accelerator
         mine = share(list(range(len(items))), accelerator.process_index, accelerator.num_processes)

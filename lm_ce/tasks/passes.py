@@ -29,7 +29,7 @@ def run_task(plan: Plan, run: Run, tokenizer, tables: TableParts) -> bool:
         why = probe_cache(body)
         if why is not None and plan.accelerator.is_main_process:
             log.warning("each choice is scored whole: %s", why)
-        scorer = ChoiceScorer(body, tokenizer, cfg, setup.prefix, shared=why is None)
+        scorer = ChoiceScorer(body, tokenizer, cfg, setup.prefix, shared=why is None, max_length=setup.max_length)
         run.task = run.task or ChoiceSums()
         run.task.scoring = "shared prefix" if why is None else f"whole sequences: {why}"
     else:

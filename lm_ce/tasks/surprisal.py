@@ -8,7 +8,7 @@ word) / P(B | context), B the tokens that start a word. Two styles, each its pac
 - pm (wordsprobability, the paper's package): B includes EOS (the end of the text ends a word); the first word,
   whose first token starts no word (no space before it), is divided by the probability that the text starts with a
   token of its kind, P(V \\ B | prefix), with EOS counted twice in it as the package counts it (its mask of
-  mid-word tokens and its mask of EOS overlap; 1.5e-8 of that probability on SmolLM2);
+  mid-word tokens and its mask of EOS overlap; p(EOS | prefix) is 1.5e-8 on SmolLM2);
 - minicons (word_score_tokenized with bow_correction): B without EOS; a token adds log P(B | up to it) when the next
   token starts a word (or it is the text's last) and takes away log P(B | before it) when it starts a word itself,
   except the first token; so the first word has no denominator.
