@@ -162,12 +162,16 @@ def test_llama_cpp_winogrande_quirk_changes_the_short_tail_score(tiny_llama_dir,
         "skip_choice"] for r in WG_ROWS if r["id"] in changed)
 
 
-def test_llama_cpp_winogrande_tie_goes_to_option_two():
-    from lm_ce.tasks.choice import first_max
+def test_ties():
+    """lm-eval and llama.cpp's HellaSwag: the first maximum (numpy's argmax); llama.cpp's Winogrande: option 2."""
+    from lm_ce.tasks.choice import predictions
 
-    assert first_max([-1.0, -1.0]) == 0  # lm-eval and llama.cpp's HellaSwag: the first maximum
-    means = [-1.0, -1.0]
-    assert (0 if means[0] > means[1] else 1) == 1  # what choice.py applies for llama-cpp-winogrande
+    tie = ([-4.0, -4.0, -6.0], [2, 2, 2], [3, 3, 3], [3, 3, 3])
+    assert predictions("lm-eval", *tie) == (0, 0, 0)
+    assert predictions("llama-cpp-hellaswag", *tie) == (0, 0, 0)
+    assert predictions("llama-cpp-winogrande", [-4.0, -2.0], [2, 1], [1, 1], [1, 1]) == (1, 1, 1)  # equal means
+    assert predictions("llama-cpp-winogrande", [-3.9, -2.0], [2, 1], [1, 1], [1, 1]) == (0, 0, 0)
+    assert predictions("lm-eval", [-4.0, -3.0], [1, 1], [8, 2], [8, 2]) == (1, 0, 0)  # per character: the long one
 
 
 @pytest.mark.parametrize("model_fixture", ["tiny_llama_dir", "bos_adding_llama_dir"])

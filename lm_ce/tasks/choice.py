@@ -37,6 +37,18 @@ def first_max(values: list[float]) -> int:
     return best
 
 
+def predictions(protocol: str, lls: list[float], tokens: list[int], chars: list[int],
+                n_bytes: list[int]) -> tuple[int, int, int]:
+    """(pred, pred_norm, pred_bytes): lm-eval's argmax of the sums, of the sums per character and per byte; llama.cpp's
+    prediction from the means per scored token (its Winogrande: option 1 only if strictly better) for all three."""
+    if protocol == "lm-eval":
+        return (first_max(lls), first_max([ll / n for ll, n in zip(lls, chars)]),
+                first_max([ll / n for ll, n in zip(lls, n_bytes)]))
+    means = [ll / n for ll, n in zip(lls, tokens)]
+    pred = (0 if means[0] > means[1] else 1) if protocol == "llama-cpp-winogrande" else first_max(means)
+    return pred, pred, pred
+
+
 @dataclass
 class ChoiceScorer:
     """Scores items under the configured protocol, the choices' common prefix read once when `shared`."""
@@ -89,14 +101,7 @@ class ChoiceScorer:
         tokens = [len(choice) for choice in values]
         chars = [len(c) for c in counted]
         n_bytes = [len(c.encode("utf-8")) for c in counted]
-        if self.cfg.protocol == "lm-eval":
-            pred = first_max(lls)
-            pred_norm = first_max([ll / n for ll, n in zip(lls, chars)])
-            pred_bytes = first_max([ll / n for ll, n in zip(lls, n_bytes)])
-        else:  # llama.cpp's score is the mean over the scored tokens; its Winogrande gives ties to option 2
-            means = [ll / n for ll, n in zip(lls, tokens)]
-            pred = pred_norm = pred_bytes = (0 if means[0] > means[1] else 1) if self.cfg.protocol == "llama-cpp-winogrande" \
-                else first_max(means)
+        pred, pred_norm, pred_bytes = predictions(self.cfg.protocol, lls, tokens, chars, n_bytes)
         row = ChoiceRow(item.labels, lls, tokens, n_bytes, chars, pred, pred_norm, pred_bytes,
                         [all(top for _, top in choice) for choice in values])
         logps = [v for choice in values for v, _ in choice]
