@@ -36,6 +36,7 @@ from lm_ce.rundir import checkpoint
 from lm_ce.rundir import claims as outdir
 from lm_ce.rundir.identity import Recorded, check_resume, model_record
 from lm_ce.rundir.outputs import Outputs
+from lm_ce.rundir.parts import TABLES, TableParts
 from lm_ce.scoring.bytespans import SpanMaker
 from lm_ce.scoring.parallel import Plan, unfinished_state
 from lm_ce.scoring.passes import keep_freed_blocks, run_chunks, run_documents, run_stream
@@ -46,6 +47,7 @@ from lm_ce.suite import check_suite, run_suite
 from lm_ce.sums.bytegap import user_classes
 from lm_ce.sums.extremes import Extremes, for_resumed_run
 from lm_ce.sums.records import Results, Run
+from lm_ce.tasks.passes import run_task
 
 log = logging.getLogger("lm_ce")
 
@@ -151,6 +153,7 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, read: DataIdentity, 
     shard = shard_of(cfg)
     outputs = Outputs(Path(cfg.output_dir) if cfg.output_dir else None, accelerator.is_main_process,
                       cfg.mode == "document", tokenizer, save_tokens=cfg.save_tokens)
+    tables = TableParts(outputs.directory, accelerator.is_main_process, TABLES[cfg.task])  # words.parquet and the like
     with StopRequest(handle_signals=loaded.owns_process) as stop, quiet_datasets():
         plan = Plan(cfg, setup, scorer, accelerator, progress, stop, rows, outputs=outputs, shard=shard,
                     evaluator=evaluator, identity=recorded,
@@ -173,7 +176,7 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, read: DataIdentity, 
             keep_freed_blocks()
         try:
             try:
-                stopped = _passes(plan, run, tokenizer, done=bool(state and (state["complete"] or run.passes_done)))
+                stopped = _passes(plan, run, tokenizer, tables, done=bool(state and (state["complete"] or run.passes_done)))
             finally:
                 outputs.close()
             run.passes_done = not stopped
@@ -196,6 +199,7 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, read: DataIdentity, 
                         durations=durations, outputs=outputs)
     record_identity(results.summary, cfg, recorded.header())
     score = functools.partial(evaluate, owns_process=loaded.owns_process)  # stops as the run itself does
+    results.tables, results.table_files = tables.results()
     for name in compared.by_bytes:
         results.summary.setdefault("compare", {})[name] = compare_by_bytes(cfg, name, results, score=score, rows=rows)
         results.summary["compare"][name]["model"] = compared.models[f"--compare-to {name}"]
@@ -205,7 +209,7 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, read: DataIdentity, 
 def shows_documents(cfg: Config) -> bool:
     """Whether the run keeps the tokens of results.html's documents of highest and lowest loss (document mode, with
     an output directory to write the page to)."""
-    return bool(cfg.page and cfg.page_documents > 0 and cfg.mode == "document" and cfg.output_dir)
+    return bool(cfg.page and cfg.page_documents > 0 and cfg.mode == "document" and cfg.output_dir and cfg.task == "perplexity")
 
 
 def _resumable(cfg: Config, processes: int) -> dict | None:
@@ -216,13 +220,15 @@ def _resumable(cfg: Config, processes: int) -> dict | None:
     return None
 
 
-def _passes(plan: Plan, run: Run, tokenizer, done: bool) -> bool:
-    """The pass the mode asks for, unless the saved run is complete. True when stopped early."""
+def _passes(plan: Plan, run: Run, tokenizer, tables: TableParts, done: bool) -> bool:
+    """The pass the mode (or the task) asks for, unless the saved run is complete. True when stopped early."""
     try:
         if done:
             log.info("the saved run in %s has scored all its data: %s", plan.cfg.output_dir,
                      "going on with --context-curve" if plan.cfg.context_curve else "reporting it")
             return False
+        if plan.cfg.task != "perplexity":
+            return run_task(plan, run, tokenizer, tables)
         if plan.cfg.mode == "document":
             return run_documents(plan, run, tokenizer)
         if plan.cfg.mode == "stream":

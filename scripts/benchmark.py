@@ -4,6 +4,7 @@
     python scripts/benchmark.py --cases smollm2-short --tokens 3000 --no-scaling   # a quick run
     python scripts/benchmark.py --documents-scaling --documents-top 100000        # documents 10^3..10^5 only
     python scripts/benchmark.py --state-io                        # one save and load of a large run's state
+    python scripts/benchmark.py --multiple-choice --threads 1 --repeat 2          # lm_ce against lm-eval's CLI, 300 items
 
 This file is the parent: it starts one child process per path (scripts/bench/), so that each path's peak
 memory is its own, and imports only the standard library.
@@ -20,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench.choices import choices_table, run_choices  # noqa: E402
 from bench.documents import documents_table, plot_documents, run_documents_scaling  # noqa: E402
 from bench.processes import ROOT, Bench, baseline_checkout, load_average, run_child, run_cli  # noqa: E402
 from bench.scaling import plot, run_scaling, scaling_table  # noqa: E402
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         output.with_suffix(".state_io.md").write_text(text + "\n")
         return 0
+    if args.multiple_choice:
+        return choices_main(args, output, work)
     report = {"settings": settings(args), "cases": {},
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                           "load_average_start": load_average()}}
@@ -102,6 +106,28 @@ def documents_main(args, output: Path, work: Path) -> int:
     return 1 if failures else 0
 
 
+def choices_main(args, output: Path, work: Path) -> int:
+    """The multiple-choice case alone: lm_ce --task multiple-choice against lm-eval's command line."""
+    failures: list[str] = []
+    batches = tuple(int(b) for b in args.lm_eval_batches.split(",") if b)
+    print(f"== multiple choice: {args.items} items, SmolLM2-135M, {args.threads} thread(s), lm-eval batch sizes "
+          f"{', '.join(map(str, batches))}", flush=True)
+    report = {"settings": {"threads": args.threads, "items": args.items, "repeat": args.repeat},
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_start": load_average()},
+              "multiple_choice": run_choices(args.threads, args.items, args.repeat, batches,
+                                             Bench(work, args.timeout, failures))}
+    report["machine"]["load_average_end"] = load_average()
+    report["failures"] = failures
+    text = "\n".join(choices_table(report["multiple_choice"]))
+    print("\n" + text)
+    output.write_text(json.dumps(report, indent=2, default=str))
+    output.with_suffix(".md").write_text(text + "\n")
+    print(f"\nwrote {output} and {output.with_suffix('.md')}")
+    for f in failures:
+        print(f"FAIL: {f}")
+    return 1 if failures else 0
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="benchmark.py", description=__doc__.split("\n\n")[0],
                                  epilog="cases: " + ", ".join(f"{c.name} ({c.title})" for c in CASES.values()))
@@ -126,6 +152,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--documents-against", default=None, metavar="CHECKOUT",
                     help="also run the default variant with the lm_ce of this checkout (e.g. main), for documents/s")
     ap.add_argument("--documents-against-top", type=int, default=10**5, help="the largest size run against CHECKOUT")
+    ap.add_argument("--multiple-choice", action="store_true",
+                    help="run only the multiple-choice case: lm_ce --task multiple-choice against lm-eval's command line")
+    ap.add_argument("--items", type=int, default=300, help="the multiple-choice case's items (4 choices each)")
+    ap.add_argument("--lm-eval-batches", default="1,8", help="the multiple-choice case's lm-eval --batch_size values")
     ap.add_argument("--lm-ce", default=None, metavar="JSON", help='extra lm_ce Config fields, e.g. \'{"token_budget": 2048}\'')
     ap.add_argument("--rtol", type=float, default=None, help="NLL agreement with lm_ce (default 1e-4 for float32)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU (default: known cards)")

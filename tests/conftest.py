@@ -270,6 +270,26 @@ def tiny_gemma_softcap(tiny_gemma_softcap_dir):
     return _load(tiny_gemma_softcap_dir)
 
 
+@pytest.fixture(scope="session")
+def bos_adding_llama_dir(tiny_llama_dir, tmp_path_factory) -> str:
+    """The tiny llama with a tokenizer whose post-processor prepends <s> (as Llama/Mistral/Gemma tokenizers do)."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny_llama_addbos")
+    shutil.copytree(tiny_llama_dir, path, dirs_exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(path)
+    bos = tok.bos_token_id
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    tok.save_pretrained(path)
+    reloaded = AutoTokenizer.from_pretrained(path)
+    assert reloaded("Hello").input_ids[0] == bos, "the post-processor did not survive save_pretrained"
+    assert bos not in reloaded("Hello", add_special_tokens=False).input_ids
+    return str(path)
+
+
 def _long_document(rng: random.Random, n_sentences: int) -> str:
     """Sentences drawn with replacement, joined by spaces with an occasional paragraph break."""
     parts = []

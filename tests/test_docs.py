@@ -23,7 +23,7 @@ README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 # The pages the manual must have (corpora and shards are added by their own work).
 PAGES = ["index.md", "getting-started.md", "data-and-models.md", "windows-and-protocols.md", "reports.md",
-         "comparing.md", "suites.md", "placement.md", "corpus.md", "python-api.md", "configuration.md", "reliability.md",
+         "multiple-choice.md", "surprisal.md", "comparing.md", "suites.md", "placement.md", "corpus.md", "python-api.md", "configuration.md", "reliability.md",
          "benchmark.md", "design.md"]
 # "issue 17", "issues 15 and 17", "#17": numbers of the project's own issue tracker mean nothing to a reader.
 ISSUE_NUMBER = re.compile(r"\bissues?\s+#?\d+|(?<![\w&/])#\d+\b", re.IGNORECASE)

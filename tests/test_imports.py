@@ -18,7 +18,7 @@ LAYERS = [
     ("data", "model", "sums"),
     ("rundir",),
     ("scoring",),
-    ("analysis", "reports"),
+    ("analysis", "reports", "tasks"),
     ("suite",),
     ("runner",),
     ("explain",),

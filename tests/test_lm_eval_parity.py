@@ -12,8 +12,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # conftest sets it too; never reach the Hub
 
-import shutil
-
 import pytest
 
 pytest.importorskip("lm_eval")
@@ -124,26 +122,6 @@ def test_window_rule_matches_get_rolling_token_windows(max_length):
         assert ours == theirs, (n, max_length)
         for ctx, cont in ours:  # what lm-eval feeds the model is never truncated
             assert len(ctx) + len(cont) - 1 <= max_length
-
-
-@pytest.fixture(scope="module")
-def bos_adding_llama_dir(tiny_llama_dir, tmp_path_factory) -> str:
-    """The tiny llama with a tokenizer whose post-processor prepends <s> (as Llama/Mistral/Gemma tokenizers do)."""
-    from tokenizers.processors import TemplateProcessing
-    from transformers import AutoTokenizer
-
-    path = tmp_path_factory.mktemp("tiny_llama_addbos")
-    shutil.copytree(tiny_llama_dir, path, dirs_exist_ok=True)
-    tok = AutoTokenizer.from_pretrained(path)
-    bos = tok.bos_token_id
-    tok.backend_tokenizer.post_processor = TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
-    )
-    tok.save_pretrained(path)
-    reloaded = AutoTokenizer.from_pretrained(path)
-    assert reloaded("Hello").input_ids[0] == bos, "the post-processor did not survive save_pretrained"
-    assert bos not in reloaded("Hello", add_special_tokens=False).input_ids
-    return str(path)
 
 
 def test_bos_adding_tokenizer_with_add_bos_token_false(bos_adding_llama_dir, parity_texts, write_jsonl):

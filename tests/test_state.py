@@ -102,6 +102,27 @@ def test_the_state_round_trips_exactly(tmp_path):
     assert json.loads((tmp_path / "state.json").read_text())["body"]["file"] in os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("kind", ["multiple-choice", "surprisal"])
+def test_a_tasks_sums_round_trip_and_a_wrong_record_in_their_place_is_refused(tmp_path, kind):
+    from lm_ce.sums import tasks
+
+    run = every_record()
+    if kind == "multiple-choice":
+        run.task = tasks.ChoiceSums(items=7, choices=28, acc=3, acc_norm=4, acc_bytes=5, scoring="shared prefix")
+    else:
+        run.task = tasks.SurprisalSums(documents=2, words=9, sentences=3, tokens=12)
+        for nats, n in ((HARD[:3], 3), (HARD[3:6], 3)):
+            run.task.surprisal.add(math.fsum(nats))
+            run.task.by_document.add(math.fsum(nats), n)
+    header = {"complete": False, "tokens": run.tokens, "shard": run.shard, "processes": 1, "fingerprint": "f",
+              "config": {}}
+    state.save(tmp_path, header, run)
+    same(state.load(tmp_path)["run"], run)
+    run.task = records.CurveSums([8], [2], [stats.ExactSum()], [0], 0, 0, 0.0, False)
+    with pytest.raises(serial.StateError, match="run.task: expected one of ChoiceSums, SurprisalSums"):
+        state.save(tmp_path, header, run)
+
+
 def test_a_save_replaces_the_records_file_and_a_stop_between_keeps_the_old_state(tmp_path, monkeypatch):
     run = every_record()
     header = {"complete": False, "tokens": run.tokens, "shard": run.shard, "processes": 1, "fingerprint": "f",

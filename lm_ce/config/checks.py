@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 
 from lm_ce.config.fields import CHOICES, Config
-from lm_ce.config.protocols import PROTOCOLS
+from lm_ce.config.protocols import CHOICE_PROTOCOLS, PROTOCOLS
 from lm_ce.config.values import MAPPINGS
 from lm_ce.errors import UsageError
 
@@ -93,6 +93,50 @@ def check(cfg: Config) -> None:
         raise UsageError("--bos-policy every-window puts the prefix token in every window; it needs --prefix-token "
                          "auto, bos or eos, not none")
     check_context_curve(cfg)
+    check_task(cfg)
+
+
+# What a task other than perplexity cannot do: (field, value that is refused, why)
+TASK_REFUSES = (("compare_to", None, "score each model with its own --output-dir, then lm-ce compare pairs them item by item"),
+                ("save_tokens", False, "its per-item or per-word figures are in documents.jsonl and words.parquet"),
+                ("context_curve", None, "it scores each item or document as one sequence"),
+                ("min_k", None, "membership signals are per perplexity document"),
+                ("longppl_evaluator", None, "LongPPL is a perplexity figure"),
+                ("prompt_field", None, "the task says which tokens are scored"),
+                ("join_by", None, "each row is one item or document"))
+
+
+def check_task(cfg: Config) -> None:
+    """--task multiple-choice and surprisal: document mode, their own protocols, and none of the perplexity analyses."""
+    if cfg.task == "perplexity":
+        if cfg.protocol.startswith("llama-cpp-"):
+            raise UsageError(f"--protocol {cfg.protocol} scores multiple-choice items: give --task multiple-choice "
+                             "(or leave --task out)")
+        if cfg.words_field is not None:
+            raise UsageError("--words-field is read by --task surprisal; add --task surprisal, or drop --words-field")
+        return
+    task = f"--task {cfg.task}"
+    allowed = CHOICE_PROTOCOLS if cfg.task == "multiple-choice" else ("lm-eval",)
+    if cfg.protocol not in allowed:
+        raise UsageError(f"{task} --protocol {cfg.protocol}: " + (f"choose one of {', '.join(allowed)}" if len(allowed) > 1
+                         else "surprisal has one definition; drop --protocol"))
+    if cfg.mode != "document":
+        raise UsageError(f"{task} scores one item or document a row, in --mode document (--mode is {cfg.mode})")
+    for name, off, why in TASK_REFUSES:
+        if getattr(cfg, name) not in (off, []):
+            raise UsageError(f"{task} does not take --{name.replace('_', '-')}: {why}")
+    if cfg.detokenizer != "none":
+        raise UsageError(f"{task} scores the texts as given: drop --detokenizer")
+    if cfg.task == "multiple-choice":
+        if (cfg.protocol == "llama-cpp-winogrande") != (cfg.layout == "winogrande") and cfg.protocol != "lm-eval":
+            raise UsageError(f"--protocol {cfg.protocol} with --layout {cfg.layout}: llama-cpp-winogrande scores "
+                             "Winogrande rows (--layout winogrande), llama-cpp-hellaswag the other layouts")
+        if cfg.words_field is not None:
+            raise UsageError("--words-field is read by --task surprisal, not multiple-choice; drop it")
+        return
+    if cfg.prefix_token == "none" or cfg.bos_policy == "none":
+        raise UsageError(f"{task} conditions the first word on a prefix token (BOS, else EOS): drop --prefix-token none "
+                         "and --bos-policy none")
 
 
 def check_context_curve(cfg: Config) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from lm_ce.config.protocols import DEFAULT, DETOKENIZERS, PROTOCOLS, protocol_values
 from lm_ce.errors import UsageError
 
-GROUPS = ("model", "data", "windows", "analysis", "output", "placement", "suite")  # --help's sections, in order
+GROUPS = ("model", "data", "windows", "analysis", "task", "output", "placement", "suite")  # --help's sections, in order
 
 
 def option(default, group: str, help: str):
@@ -59,8 +59,9 @@ class Config:
     data_cache: str = option("default", "data", "default | output | off: where datasets keeps its Arrow copy "
                                                 "of the data")
     limit: int | None = option(None, "data", "score only the first N documents")
-    protocol: str = option("lm-eval", "windows", "lm-eval | lm-eval-wikitext | hf-docs | llama-cpp | gptq: sets "
-                                                 "the window fields (fields given explicitly win)")
+    protocol: str = option("lm-eval", "windows", "lm-eval | lm-eval-wikitext | hf-docs | llama-cpp | gptq | "
+                                                 "llama-cpp-hellaswag | llama-cpp-winogrande: sets the window fields "
+                                                 "(fields given explicitly win)")
     mode: str = option("document", "windows", "document | stream | llama-cpp | gptq")
     max_length: int | None = option(None, "windows", "input tokens per window (default: the model's positions, "
                                                      "at most 2048)")
@@ -105,6 +106,27 @@ class Config:
                                                    "loss_short - loss_full > alpha")
     longppl_beta: float = option(2.0, "analysis", "a LongPPL key token is predicted with long context: "
                                                   "loss_full < beta")
+    task: str = option("perplexity", "task", "perplexity | multiple-choice | surprisal: what is scored (a task other than "
+                                             "perplexity: one item or document a row)")
+    layout: str = option("generic", "task", "multiple choice: the rows' layout: generic (--context-field, --choices-field, "
+                                            "--label-field) | hellaswag | arc | winogrande (their datasets' own rows)")
+    context_field: str = option("context", "task", "multiple choice (generic layout): the field of each item's context")
+    choices_field: str = option("choices", "task", "multiple choice (generic layout): the field of each item's choices, "
+                                                   "a list of strings")
+    label_field: str = option("label", "task", "multiple choice (generic layout): the field of the correct choice: its "
+                                               "index from 0, its text, or a list of indices")
+    choice_delimiter: str = option(" ", "task", "multiple choice: put between the context and each choice (lm-eval's "
+                                                "target_delimiter)")
+    llama_cpp_quirk: bool = option(True, "task", "--protocol llama-cpp-winogrande: read the second option's first token "
+                                                 "from the first option's logits when the tail is short, as llama.cpp "
+                                                 "does (--no-llama-cpp-quirk: from its own)")
+    words_field: str | None = option(None, "task", "surprisal: the field of each row's words or regions, a list of "
+                                                   "strings (default: --text-field split at whitespace)")
+    surprisal_unit: str = option("bits", "task", "surprisal: bits | nats")
+    bow_correction: bool = option(True, "task", "surprisal: a word's probability includes that a new word starts after "
+                                                "it (Pimentel & Meister 2024); --no-bow-correction: plain token sums")
+    bow_style: str = option("pm", "task", "surprisal: pm (the paper's package, wordsprobability: the end of the text "
+                                          "ends a word, the first word over P(its kind of first token | BOS)) | minicons")
     output_dir: str | None = option(None, "output", "directory of the run's reports and saved progress")
     resume: bool = option(False, "output", "continue the run saved in --output-dir (same model, data and settings)")
     overwrite: bool = option(False, "output", "replace the run in --output-dir: its files are deleted first "
@@ -136,6 +158,16 @@ CHOICES = {
     "prefix_token": ("auto", "bos", "eos", "none"),
     "padding_side": ("right", "left"),
     "data_cache": ("default", "output", "off"),
+    "task": ("perplexity", "multiple-choice", "surprisal"),
+    "layout": ("generic", "hellaswag", "arc", "winogrande"),
+    "surprisal_unit": ("bits", "nats"),
+    "bow_style": ("pm", "minicons"),
+}
+# The fields of a row each multiple-choice layout reads (generic: the ones --context-field etc. name).
+LAYOUT_FIELDS = {
+    "hellaswag": ("activity_label", "ctx_a", "ctx_b", "endings", "label"),
+    "arc": ("question", "choices", "answerKey"),
+    "winogrande": ("sentence", "option1", "option2", "answer"),
 }
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 

@@ -40,9 +40,14 @@ PROTOCOLS = {
                  quote="llama.cpp PPL, -c 512"),
         Protocol("gptq", {**_COMMON, "mode": "gptq", "max_length": 2048},
                  quote="GPTQ-style perplexity, 2048-token chunks"),
+        Protocol("llama-cpp-hellaswag", {**_COMMON, "mode": "document", "task": "multiple-choice"},
+                 quote="llama.cpp HellaSwag / multiple-choice accuracy (mean log-prob after the choices' common prefix)"),
+        Protocol("llama-cpp-winogrande", {**_COMMON, "mode": "document", "task": "multiple-choice"},
+                 quote="llama.cpp Winogrande accuracy (mean log-prob of what follows the option)"),
     )
 }
 DEFAULT = "lm-eval"
+CHOICE_PROTOCOLS = ("lm-eval", "llama-cpp-hellaswag", "llama-cpp-winogrande")  # the protocols of --task multiple-choice
 
 
 def protocol_values(name: str) -> dict:

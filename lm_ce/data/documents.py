@@ -40,19 +40,7 @@ def iter_documents(cfg: Config, rows=None, *, start: int = 0, read: DataIdentity
     API's data in memory). A resumed run starts after its finished documents: the rows before them are skipped
     unread where the data allows it (a Dataset, an IterableDataset, a list), not turned into documents. `read`: the
     data as the run recorded it (reading.load_rows checks what it reads against it)."""
-    if rows is None:
-        rows = load_rows(cfg, read)
-        source = ", ".join(cfg.data_files) if cfg.data_files else f"dataset '{cfg.dataset}'"
-    else:
-        source = "the data given in memory"
-    fields = row_fields(cfg)
-    columns = getattr(rows, "column_names", None)
-    if columns is not None:
-        for name in fields:
-            if name not in columns:
-                raise UsageError(
-                    f"{source} has no field '{name}'; its fields are: {', '.join(columns)} (set --text-field etc.)"
-                )
+    rows, source, fields = opened(cfg, rows, read)
     if cfg.join_by:  # documents span rows: the rows before `start` are read to find where it begins
         documents = (d for d in _join(_guarded(rows_from(rows, 0, fields), cfg), cfg) if d.index >= start)
     else:
@@ -66,6 +54,46 @@ def iter_documents(cfg: Config, rows=None, *, start: int = 0, read: DataIdentity
         count += 1
     if count == 0:
         raise UsageError(f"{source} has no rows; point at a dataset with text in field '{cfg.text_field}'")
+
+
+def opened(cfg: Config, rows=None, read: DataIdentity | None = None) -> tuple[object, str, list[str]]:
+    """(rows, how to name their source, the fields read): the rows the config names (or those given), checked to
+    have those fields where their columns are known."""
+    if rows is None:
+        rows = load_rows(cfg, read)
+        source = ", ".join(cfg.data_files) if cfg.data_files else f"dataset '{cfg.dataset}'"
+    else:
+        source = "the data given in memory"
+    fields = row_fields(cfg)
+    columns = getattr(rows, "column_names", None)
+    if columns is not None:
+        for name in fields:
+            if name not in columns:
+                raise UsageError(
+                    f"{source} has no field '{name}'; its fields are: {', '.join(columns)} (set --text-field etc.)"
+                )
+    return rows, source, fields
+
+
+def iter_rows(cfg: Config, rows=None, *, start: int = 0,
+              read: DataIdentity | None = None) -> Iterator[tuple[int, dict, str]]:
+    """(index, row, source) of the run's rows as they are, from index `start` on, at most --limit of them: the items
+    or documents of a task other than perplexity, which reads its own fields (a lone surrogate in one refused)."""
+    rows, source, fields = opened(cfg, rows, read)
+    count = start
+    for index, row in enumerate(_guarded(rows_from(rows, start, fields), cfg), start=start):
+        if cfg.limit is not None and count >= cfg.limit:
+            return
+        for name in fields:  # a text, or a list of them (the choices)
+            value = row.get(name) if isinstance(row, dict) else None
+            found = next(filter(None, (lone_surrogate(v) for v in (value if isinstance(value, list) else [value])
+                                       if isinstance(v, str))), None)
+            if found:
+                raise UsageError(f"{source}, row {index}: its field '{name}' holds {found}; fix or drop that row")
+        yield index, row, source
+        count += 1
+    if count == 0:
+        raise UsageError(f"{source} has no rows; point at a dataset with the fields {', '.join(fields)}")
 
 
 def rows_from(rows, start: int, fields: list[str] | None = None):

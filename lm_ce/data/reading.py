@@ -9,7 +9,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from lm_ce.config.fields import Config
+from lm_ce.config.fields import LAYOUT_FIELDS, Config
 from lm_ce.data.arrow import ArrowCopy, copy_damage, plain_values, record_copy
 from lm_ce.data.identity import DataIdentity
 from lm_ce.data.local import first_bad_json_line, first_bad_utf8, local_files, whole_text
@@ -22,8 +22,16 @@ MEMORY = "<memory>"  # Config.dataset when the rows were given in memory (lm_ce.
 
 
 def row_fields(cfg: Config) -> list[str]:
-    """The fields of a row that the run reads: text, prompt, group, id, --join-by's keys."""
-    return [f for f in (cfg.text_field, cfg.prompt_field, cfg.group_field, cfg.id_field, *(cfg.join_by or [])) if f]
+    """The fields of a row that the run reads: text (or a task's own fields), prompt, group, id, --join-by's keys."""
+    main = task_fields(cfg) if cfg.task != "perplexity" else (cfg.text_field, cfg.prompt_field)
+    return [f for f in (*main, cfg.group_field, cfg.id_field, *(cfg.join_by or [])) if f]
+
+
+def task_fields(cfg: Config) -> tuple[str, ...]:
+    """The fields a multiple-choice layout or the surprisal task reads."""
+    if cfg.task == "surprisal":
+        return (cfg.words_field or cfg.text_field,)
+    return LAYOUT_FIELDS.get(cfg.layout, (cfg.context_field, cfg.choices_field, cfg.label_field))
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from lm_ce.errors import UsageError
 from lm_ce.sums import stats
 from lm_ce.sums.records import CurveSums, KeySums, RowSums, Run, Tally, TokenSums
 from lm_ce.sums.signals import SignalSums
+from lm_ce.sums.tasks import ChoiceSums, SurprisalSums
 
 
 class Metrics(TypedDict):
@@ -72,6 +73,8 @@ def figures(cfg: Config, run: Run, stopped: bool) -> tuple[dict, Tally]:
         for name, row in out.get("groups", {}).items():
             group = sums.get(name, KeySums()).figures()
             row.update(longppl=group["perplexity"], longppl_key_tokens=group["key_tokens"])
+    if run.task is not None:
+        out.update(task_figures(cfg, run.task))
     if tally.compares:
         out["compare"] = {name: c.summary(n_bytes=totals.bytes) for name, c in zip(cfg.compare_to, tally.compares)}
     if run.shard is not None:
@@ -103,6 +106,19 @@ def curve_figures(curve: CurveSums, mode: str) -> dict:
         "documents": curve.documents,
         "seconds": curve.seconds,
     }
+
+
+def task_figures(cfg: Config, sums: ChoiceSums | SurprisalSums) -> dict:
+    """results.json's multiple_choice or surprisal: the task's figures and what defined them."""
+    if isinstance(sums, ChoiceSums):
+        norm = "characters" if cfg.protocol == "lm-eval" else "tokens (the protocol's score is a mean per token)"
+        return {"multiple_choice": {"protocol": cfg.protocol, "layout": cfg.layout, **sums.figures(),
+                                    "acc_norm_divides_by": norm, "stderr_clusters": "items"}}
+    style = cfg.bow_style if cfg.bow_correction else "none"
+    first = {"pm": "divided by P(a first token of its kind | prefix)", "minicons": "no denominator",
+             "none": "no correction"}[style]
+    return {"surprisal": {**sums.figures(cfg.surprisal_unit), "bow_correction": style, "first_word": first,
+                          "stderr_clusters": "documents"}}
 
 
 def longppl_settings(cfg: Config) -> dict:

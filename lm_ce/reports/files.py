@@ -60,6 +60,14 @@ def write(results: Results, output_dir: str, plot: bool = True, page: bool = Tru
         with atomic_path(directory / TOKENS) as tmp:
             pq.write_table(pa.table(results.token_table), tmp)
         written.append(directory / TOKENS)
+    for name, files in results.table_files.items():  # a task's tables, written chunk by chunk as the run went
+        path = directory / f"{name}.parquet"
+        if files != [str(path)]:
+            join_parquet(files, path)
+            if results.summary.get("complete", True):
+                for part in files:
+                    Path(part).unlink()
+        written.append(path)
     if plot and results.positions is not None and "suite" not in results.summary and int(results.positions.count.sum()):
         if plot_positions(results.positions, directory / "position_loss.png", title(results.summary)):
             written.append(directory / "position_loss.png")

@@ -27,6 +27,7 @@ from lm_ce.rundir.checkpoint import FINGERPRINTED, legacy_refusal
 from lm_ce.rundir.claims import RUN_FILES
 from lm_ce.rundir.identity import differences
 from lm_ce.rundir.outputs import DOCUMENTS, TOKENS, DocumentRows
+from lm_ce.rundir.parts import TABLES
 from lm_ce.sums.extremes import Extremes
 from lm_ce.sums.records import Results, Run, Tally
 
@@ -186,6 +187,11 @@ def merged_run(shards: list[ShardRun]) -> Run:
                 run.curve = copy.deepcopy(r.curve)
             else:
                 run.curve.merge(r.curve)
+        if r.task is not None:  # --task multiple-choice or surprisal: their sums add up too
+            if run.task is None:
+                run.task = copy.deepcopy(r.task)
+            else:
+                run.task.merge(r.task)
     return run
 
 
@@ -213,18 +219,19 @@ def merge_documents(shards: list[ShardRun], chunk: int, path: Path) -> None:
             f.close()
 
 
-def merge_tokens(shards: list[ShardRun], path: Path) -> bool:
-    """tokens.parquet in document order: the shards' row groups ordered by their first document. False: none."""
+def merge_tokens(shards: list[ShardRun], path: Path, name: str = TOKENS, column: str = "doc") -> bool:
+    """tokens.parquet (or a task's table `name`, whose documents are in `column`) in document order: the shards' row
+    groups ordered by their first document. False: none."""
     import pyarrow.parquet as pq
 
-    paths = [s.directory / TOKENS for s in shards if (s.directory / TOKENS).is_file()]
+    paths = [s.directory / name for s in shards if (s.directory / name).is_file()]
     if not paths:
         return False
     readers = [pq.ParquetFile(p) for p in paths]
 
     def groups(r: int):
         meta = readers[r].metadata
-        doc = meta.schema.names.index("doc")
+        doc = meta.schema.names.index(column)
         for g in range(meta.num_row_groups):
             yield meta.row_group(g).column(doc).statistics.min, r, g
 
@@ -274,7 +281,9 @@ def merge(directories: list[str], output_dir: str) -> Results:
         summary["longppl"]["evaluator_model"] = first.get("longppl", {}).get("evaluator_model")
     merge_documents(shards, cfg.chunk_documents, out / DOCUMENTS)
     token_files = [str(out / TOKENS)] if cfg.save_tokens and merge_tokens(shards, out / TOKENS) else []
+    tables = {n: [str(out / f"{n}.parquet")] for n in TABLES[cfg.task]
+              if merge_tokens(shards, out / f"{n}.parquet", f"{n}.parquet", "document_index")}
     results = Results(summary, DocumentRows(out / DOCUMENTS), tally.positions, token_files=token_files,
-                      extremes=Extremes.merged([s.run.extremes for s in shards]))
+                      extremes=Extremes.merged([s.run.extremes for s in shards]), table_files=tables)
     report.write(results, str(out), plot=cfg.plot, page=cfg.page)
     return results

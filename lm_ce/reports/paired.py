@@ -20,6 +20,7 @@ import numpy as np
 from lm_ce.errors import UsageError
 from lm_ce.files import atomic_write
 from lm_ce.reports.tables import md
+from lm_ce.reports.agreement import agreement_lines, choice_agreement, task_identity
 from lm_ce.rundir import claims as outdir
 from lm_ce.rundir import state as saved
 from lm_ce.sums.stats import exp_capped, paired
@@ -97,6 +98,7 @@ def check_comparable(a: RunFiles, b: RunFiles) -> bool:
     commits = [r.summary["data"].get("resolved_revision") for r in (a, b)]
     if all(commits) and commits[0] != commits[1]:  # a Hub dataset read at two commits (recorded by both runs)
         differ.append(f"data.resolved_revision: {commits[0][:12]} vs {commits[1][:12]}")
+    differ += [f"{k}: {x!r} vs {y!r}" for k, x, y in task_identity(a.summary, b.summary) if x != y]
     if differ:
         raise UsageError(f"the runs are on different data or settings ({'; '.join(differ)}): compare runs of the same data")
     if a.documents is None:  # stream mode: the same joined text has the same bytes
@@ -179,6 +181,8 @@ def compare_runs(dir_a: str, dir_b: str) -> dict:
         out["delta"] = deltas(a_nll, b_nll, tokens, n_bytes, same)
         out["groups"] = _groups(rows, same)
         out["most_changed"] = _most_changed(rows)
+        if a.summary.get("multiple_choice") and b.summary.get("multiple_choice"):
+            out["multiple_choice"] = choice_agreement(rows)
     else:
         out["paired_by"] = "totals"
         out["delta"] = _stream_deltas(a, b, same)
@@ -308,6 +312,8 @@ def markdown(c: dict) -> str:
                 "| document | id | group | tokens | Δ NLL sum (nats) | bits/byte A | bits/byte B |", "|---|---|---|---|---|---|---|"]
         out += [f"| {r['index']} | {md(r['id'] or '-')} | {md(r['group'] or '-')} | {r['tokens_a']} | {r['delta_nll_sum']:+.4g} | "
                 f"{_num(r['bits_per_byte_a'])} | {_num(r['bits_per_byte_b'])} |" for r in c["most_changed"]]
+    if c.get("multiple_choice"):
+        out += agreement_lines(c["multiple_choice"], lambda d: _delta_text(d, 4))
     t = c.get("token_by_token")
     if t:
         dp, same, ratio = t["delta_p"], t["same_top1"], t["ln_ppl_ratio"]

@@ -60,6 +60,8 @@ class Summary(TypedDict, total=False):
     context_curve: dict
     signals: dict
     longppl: dict
+    multiple_choice: dict
+    surprisal: dict
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,7 @@ def identity_of(summary: dict) -> dict:
 def _settings(cfg: Config, setup: Setup) -> dict:
     return {
         "protocol": cfg.protocol,
+        "task": cfg.task,
         "protocol_overrides": protocol_overrides(cfg),
         "headline": PROTOCOLS[cfg.protocol].headline,
         "mode": cfg.mode,

@@ -205,10 +205,31 @@ def sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                     f"beta {fmt(k['beta'])})", ["evaluator", "LongPPL", "key tokens", "key fraction", "perplexity"],
                     [[k["evaluator"], fmt(k["perplexity"]), fmt(k["key_tokens"]), fmt(k["key_fraction"]),
                       fmt(summary["metrics"]["perplexity"])]]))
+    out += task_sections(summary)
     if summary.get("by_position"):
         rows = [[f"{b['positions'][0]}-{b['positions'][1]}", fmt(b["tokens"]), fmt(b["mean_loss"]), fmt(b["perplexity"])]
                 for b in summary["by_position"]]
         out.append(("Mean loss by position in the window", ["positions", "tokens", "mean loss", "perplexity"], rows))
+    return out
+
+
+def task_sections(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The multiple-choice accuracies or the surprisal per word, with their standard errors."""
+    out = []
+    m = summary.get("multiple_choice")
+    if m:
+        names = ("acc", "acc_norm", "acc_bytes") if m["protocol"] == "lm-eval" else ("acc",)
+        rows = [[name, fmt(m[name]), fmt(m[f"{name}_stderr"]),
+                 " .. ".join(fmt(x) for x in m[f"{name}_wilson95"]) if m[f"{name}_wilson95"] else "-"] for name in names]
+        out.append((f"Multiple choice ({m['protocol']}, {m['items']:,} items; stderr over items)",
+                    ["metric", "value", "stderr", "95% Wilson interval"], rows))
+    w = summary.get("surprisal")
+    if w:
+        ci = " .. ".join(fmt(x) for x in w["mean_surprisal_ci95"]) if w.get("mean_surprisal_ci95") else "-"
+        out.append((f"Word surprisal ({w['unit']}, bow correction {w['bow_correction']}; stderr clustered by document)",
+                    ["words", "documents", "mean surprisal per word", "stderr", "95% interval"],
+                    [[fmt(w["words"]), fmt(w["documents"]), fmt(w["mean_surprisal"]),
+                      fmt(w.get("mean_surprisal_stderr")), ci]]))
     return out
 
 

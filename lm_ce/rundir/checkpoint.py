@@ -25,6 +25,8 @@ FINGERPRINTED = (
     "dataset_revision",
     "protocol", "bos_policy", "chunks", "detokenizer", "shard", "min_k",
     "longppl_evaluator", "longppl_short", "longppl_step", "longppl_alpha", "longppl_beta",
+    "task", "layout", "context_field", "choices_field", "label_field", "choice_delimiter", "llama_cpp_quirk",
+    "words_field", "surprisal_unit", "bow_correction", "bow_style",
 )
 
 

@@ -28,7 +28,7 @@ from lm_ce.rundir.state import LEGACY, STATE
 log = logging.getLogger("lm_ce")
 
 REPORTS = ("results.json", "results.md", "config.yaml", "documents.jsonl", "tokens.parquet", "position_loss.png",
-           "context_curve.png", "results.html")
+           "context_curve.png", "results.html", "words.parquet", "sentences.parquet")
 # Every file a run writes, with the records' files state.json names (state.body_files): --overwrite deletes these
 # and nothing else
 RUN_FILES = (*REPORTS, STATE, LEGACY)

@@ -26,12 +26,13 @@ from lm_ce.files import atomic_path
 from lm_ce.sums.extremes import SHOWN_TOKENS
 from lm_ce.sums.records import DocumentResult, KeyTokens, Run
 from lm_ce.sums.signals import Signals
+from lm_ce.sums.tasks import row_of as task_row
 
 DOCUMENTS = "documents.jsonl"
 TOKENS = "tokens.parquet"
 PART_PREFIX = f".{TOKENS}.tmp-part"  # hidden parts, one per chunk: --overwrite clears them with the temporaries
 JOINED = f".{TOKENS}.tmp-joined"  # the parts so far as one file, appended as they finish (renamed at the end)
-FIELDS = tuple(f.name for f in dataclasses.fields(DocumentResult) if f.name not in ("signals", "longppl"))
+FIELDS = tuple(f.name for f in dataclasses.fields(DocumentResult) if f.name not in ("signals", "longppl", "task"))
 SIGNALS = tuple(f.name for f in dataclasses.fields(Signals))
 
 
@@ -39,6 +40,8 @@ def row_line(d: DocumentResult) -> str:
     """One line of documents.jsonl: the row, with its perplexity and bits per byte (and its signals: --min-k; its
     LongPPL: --longppl-evaluator)."""
     row = dataclasses.asdict(d)
+    row.pop("task")
+    row.update(d.task.fields() if d.task is not None else {})
     row.update(row.pop("signals") or {})
     if row.pop("longppl") is not None:
         keys = d.longppl
@@ -53,7 +56,7 @@ def row_of(line: str) -> DocumentResult:
     row = json.loads(line)
     signals = Signals(**{k: row[k] for k in SIGNALS}) if SIGNALS[0] in row else None
     keys = KeyTokens(row["longppl_nll_sum"], row["longppl_key_tokens"]) if "longppl_key_tokens" in row else None
-    return DocumentResult(**{k: row[k] for k in FIELDS}, signals=signals, longppl=keys)
+    return DocumentResult(**{k: row[k] for k in FIELDS}, signals=signals, longppl=keys, task=task_row(row))
 
 
 class DocumentRows(Sequence):

@@ -70,7 +70,7 @@ class Scorer:
 
     def score_batch(self, batch: list[Window], tally: Tally) -> BatchSums:
         """Score a whole batch at once into the tally."""
-        inputs, rows, in_window = self._inputs(batch)
+        inputs, rows, in_window = self.batch_inputs(batch)
         targets = torch.cat([w.seq[w.a + 1 : w.b + 1] for w in batch]).to(self.device)
         rows = rows.to(self.device)
         compared = []
@@ -103,7 +103,7 @@ class Scorer:
     @torch.inference_mode()
     def nll(self, batch: list[Window]) -> torch.Tensor:
         """Each scored token's NLL, window after window, as score_batch computes them (for the start-up checks)."""
-        inputs, rows, _ = self._inputs(batch)
+        inputs, rows, _ = self.batch_inputs(batch)
         targets = torch.cat([w.seq[w.a + 1 : w.b + 1] for w in batch]).to(self.device)
         return self._losses(inputs, rows.to(self.device), targets).nll.cpu()
 
@@ -116,7 +116,7 @@ class Scorer:
         logits = logits.reshape(-1, logits.shape[-1]).index_select(0, rows.to(logits.device))
         return logits_losses(logits, targets.to(logits.device), self.want_top1, self.want_signals)
 
-    def _inputs(self, batch: list[Window]) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    def batch_inputs(self, batch: list[Window]) -> tuple[dict, torch.Tensor, torch.Tensor]:
         """(model inputs, flat indices of the scored positions, each one's position in its window)."""
         width = max(w.length for w in batch)
         # Right padding needs no mask and no position ids: causal attention never lets a real token see a

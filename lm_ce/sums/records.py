@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from lm_ce.sums import stats
 from lm_ce.sums.extremes import Extremes
 from lm_ce.sums.signals import Signals, SignalSums, TokenSignals
+from lm_ce.sums.tasks import ChoiceRow, ChoiceSums, SurprisalRow, SurprisalSums
 
 
 @dataclass
@@ -72,6 +73,7 @@ class DocumentResult:
     skipped: str | None = None  # why nothing was scored: "empty" (no targets) or "not_text"
     signals: Signals | None = None  # with --min-k: written as the row's min_k, min_k_plus_plus, zlib_ratio
     longppl: KeyTokens | None = None  # with --longppl-evaluator: written as longppl, longppl_key_tokens, longppl_nll_sum
+    task: ChoiceRow | SurprisalRow | None = None  # --task multiple-choice or surprisal: the item's or document's fields
 
 
 @dataclass
@@ -268,6 +270,7 @@ class Run:
     extremes: Extremes | None = None  # results.html's documents of highest and lowest loss, with their tokens
     passes_done: bool = False  # the pass over the data is finished (a stop after it was in --context-curve)
     curve: CurveSums | None = None  # --context-curve's sums so far
+    task: ChoiceSums | SurprisalSums | None = None  # --task multiple-choice or surprisal: of the finished chunks
 
     @property
     def tokens(self) -> int:
@@ -288,3 +291,5 @@ class Results:
     joined_tokens: str | None = None  # those parts already joined into one file, renamed to tokens.parquet
     extremes: Extremes | None = None  # results.html's documents of highest and lowest loss
     byte_heatmaps: dict[str, list] = field(default_factory=dict)  # --compare-to model -> bytegap.Shown (results.html)
+    tables: dict[str, dict[str, list]] = field(default_factory=dict)  # a task's tables in memory: "words" -> columns
+    table_files: dict[str, list[str]] = field(default_factory=dict)  # their parts on disk (NAME.parquet's), in order

@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from lm_ce.sums import divergence, extremes, quantiles, records, signals, stats
+from lm_ce.sums import divergence, extremes, quantiles, records, signals, stats, tasks
 from lm_ce.sums.kinds import (
     BOOL,
     DTYPES,
@@ -72,6 +72,25 @@ class Rec(Kind):
             if (why := check(value)) is not None:
                 raise StateError(f"{where(path)}: {why}")
         return value
+
+
+class OneOf(Kind):
+    """A record of one of several types of SCHEMA, told apart by its tag."""
+
+    def __init__(self, *classes: type):
+        self.recs = {cls.__name__: Rec(cls) for cls in classes}
+
+    def encode(self, value, arrays, path):
+        rec = self.recs.get(type(value).__name__)
+        if rec is None or rec.cls is not type(value):
+            raise StateError(f"{where(path)}: expected one of {', '.join(self.recs)}, found {type(value).__name__}")
+        return rec.encode(value, arrays, path)
+
+    def decode(self, data, arrays, path):
+        tag = data.get("@") if isinstance(data, dict) else None
+        if tag not in self.recs:
+            raise StateError(f"{where(path)}: expected a record of one of {', '.join(self.recs)} ({str(tag)[:40]!r})")
+        return self.recs[tag].decode(data, arrays, path)
 
 
 class Columns(Kind):
@@ -159,11 +178,15 @@ SCHEMA: dict[type, dict[str, Kind]] = {
                       "longppl": Opt(Map(Opt(STR), Rec(records.KeySums)))},
     records.CurveSums: {"lengths": List(INT), "strides": List(INT), "nll": List(SUM), "tokens": List(INT),
                         "documents": INT, "chunks_done": INT, "seconds": FLOAT, "done": BOOL},
+    tasks.ChoiceSums: {"items": INT, "choices": INT, "acc": INT, "acc_norm": INT, "acc_bytes": INT, "scoring": STR},
+    tasks.SurprisalSums: {"documents": INT, "words": INT, "sentences": INT, "tokens": INT, "surprisal": SUM,
+                          "sum_sq": SUM, "by_document": Rec(stats.Clustered)},
     records.Run: {"rows": Rec(records.RowSums), "sums": Rec(records.TokenSums), "tally": Rec(records.Tally),
                   "chunks_done": INT, "partial": Opt(Rec(records.Tally)), "windows": INT, "stream_bytes": INT,
                   "stream_words": INT, "doubled_prefix": INT, "tokens_per_process": List(INT), "rows_offset": INT,
                   "rows_sha256": Opt(STR), "shard": Opt(STR), "extremes": Opt(Rec(extremes.Extremes)),
-                  "passes_done": BOOL, "curve": Opt(Rec(records.CurveSums))},
+                  "passes_done": BOOL, "curve": Opt(Rec(records.CurveSums)),
+                  "task": Opt(OneOf(tasks.ChoiceSums, tasks.SurprisalSums))},
 }
 
 

