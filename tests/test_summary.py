@@ -115,7 +115,7 @@ def test_document_run_summary_by_hand():
     assert s["groups"]["y"]["bits_per_byte"] == pytest.approx(5 / 6 / LN2, rel=1e-15)
     assert s["model"] == {"name": "tiny", "source": "object", "path": "tiny", "revision": None, "dtype": "float32",
                           "max_positions": 256, "parameters": 1000, "device_map": None, "commit": None, "weights": None,
-                          "tokenizer": None, "head": "full logits (built by hand)"}
+                          "tokenizer": None, "attn_implementation": None, "head": "full logits (built by hand)"}
     assert s["settings"] == {"protocol": "lm-eval", "protocol_overrides": {}, "headline": "perplexity", "mode": "document", "max_length": 8,
                              "stride": 8, "prefix_token": "auto", "prefix_token_id": 0, "bos_policy": "first",
                              "window_first_token_id": None, "chunks": None, "detokenizer": "none", "separator": None,
