@@ -119,7 +119,7 @@ def test_document_run_summary_by_hand():
     assert s["settings"] == {"protocol": "lm-eval", "protocol_overrides": {}, "headline": "perplexity", "mode": "document", "max_length": 8,
                              "stride": 8, "prefix_token": "auto", "prefix_token_id": 0, "bos_policy": "first",
                              "window_first_token_id": None, "chunks": None, "detokenizer": "none", "separator": None,
-                             "batch_size": 8, "token_budget": 64, "padding_side": "right"}
+                             "batch_size": 8, "token_budget": 64, "padding_side": "right", "task": "perplexity"}
     assert s["data"]["dataset"] == "wikitext" and s["data"]["group_field"] == "group"
     assert s["environment"]["processes"] == 1 and s["environment"]["device"] == "cpu"
     assert s["environment"]["torch"] == torch.__version__
