@@ -98,7 +98,7 @@ def test_every_protocol_sets_every_window_field_and_flags_override():
     for name, p in PROTOCOLS.items():
         assert set(WINDOW_FIELDS) <= set(p.fields), name
         assert p.quote
-        cfg = config_for(protocol=name, **({"layout": "winogrande"} if name == "llama-cpp-winogrande" else {}))
+        cfg = config_for(protocol=name)
         for key, value in {**p.fields, **p.data}.items():
             assert getattr(cfg, key) == value, (name, key)
     cfg = build_config(["--protocol", "llama-cpp", "--max-length", "256", "--chunks", "3"])

@@ -4,11 +4,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shutil
 
 import pytest
-import re
-
 import yaml
 
 from lm_ce.config.sources import build_config, entry_config
