@@ -15,7 +15,6 @@ import logging
 import time
 
 from lm_ce.data import documents as data
-from lm_ce.errors import UsageError
 from lm_ce.scoring.parallel import Plan, gather, save_if_due, score_windows
 from lm_ce.scoring.passes import Sequence, document_chunks, stream_sequence, tokenize_share
 from lm_ce.scoring.progress import Progress
@@ -44,13 +43,6 @@ def curve_spans(mode: str, n_seq: int, first_target: int, length: int, stride: i
     if mode == "stream":
         return restricted(stream_spans(n_seq, length, stride), longest)
     return restricted(document_spans(n_seq, first_target, length, stride), max(longest, first_target))
-
-
-def check_lengths(lengths: list[int], positions: int | None) -> None:
-    """Refuse context lengths beyond the model's positions (known once the model is loaded)."""
-    if positions and lengths[-1] > positions:
-        raise UsageError(f"--context-curve {','.join(map(str, lengths))}: {lengths[-1]} is beyond the model's "
-                         f"{positions} positions; use lengths of at most {positions}")
 
 
 def context_curve(plan: Plan, tokenizer, run: Run) -> bool:

@@ -37,13 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     from lm_ce.config.sources import build_config
     from lm_ce.errors import SharedUsageError, UsageError
     from lm_ce.rundir import claims as outdir
-    from lm_ce.suite import check_suite
 
     results = None
     try:
         cfg = build_config(argv)
-        check_suite(cfg)  # before the output directory is claimed: its advice names the suite's entry
-        from lm_ce.runner import evaluate
+        from lm_ce.runner import evaluate, prepare
+
+        prepare(cfg)  # before the output directory is claimed: its advice names the suite's entry
 
         with outdir.claim(cfg):  # the output directory is checked and locked before the model loads
             results = evaluate(cfg, owns_process=True)  # its Ctrl-C / SIGTERM: save and stop at the next batch

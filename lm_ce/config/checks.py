@@ -6,7 +6,6 @@ import re
 from lm_ce.config.fields import CHOICES, Config
 from lm_ce.config.protocols import CHOICE_PROTOCOLS, PROTOCOLS
 from lm_ce.config.values import Words
-from lm_ce.errors import UsageError
 
 CHUNK_TOKENS = {"llama-cpp": 3, "gptq": 2}  # the shortest chunk that scores a token (windows.llama_cpp_spans, gptq_spans)
 
@@ -71,6 +70,23 @@ def checked(cfg: Config) -> Config:
     if not cfg.__dict__.get("_checked"):
         check(cfg)
     return cfg
+
+
+def check_positions(cfg: Config, positions: int | None, words: Words | None = None) -> None:
+    """Once the model is loaded (before anything is scored): the window, its stride and the context curve's longest
+    length fit in the model's positions (a suite checks every entry, each named with the protocol that set a value)."""
+    w = words or Words()
+    max_length = cfg.max_length or min(positions or 2048, 2048)
+    if positions and max_length > positions:
+        by = set_by(cfg, "max_length", w)
+        raise w.error(f"{w('max_length', max_length)}{by}{',' if by else ''} is beyond the model's {positions} "
+                      f"positions; use {w('max_length', positions)} or less")
+    if cfg.stride and cfg.stride > max_length:
+        raise w.error(f"{w('stride', cfg.stride)} is larger than {w('max_length', max_length)} (the model's "
+                      "default); use a stride at most max_length")
+    if cfg.context_curve and positions and cfg.context_curve[-1] > positions:
+        raise w.error(f"{w('context_curve', cfg.context_curve)}: {cfg.context_curve[-1]} is beyond the model's "
+                      f"{positions} positions; use lengths of at most {positions}")
 
 
 def set_by(cfg: Config, name: str, w: Words) -> str:

@@ -22,7 +22,6 @@ from lm_ce.data.reading import MEMORY
 from lm_ce.errors import UsageError
 from lm_ce.reports import files as report
 from lm_ce.rundir import claims as outdir
-from lm_ce.suite import check_suite
 from lm_ce.sums.records import Results
 
 SOURCE = "lm_ce.evaluate"
@@ -45,7 +44,7 @@ def evaluate_with(model: torch.nn.Module, tokenizer, data, settings: dict, *, ac
     cfg = from_settings({"model": name_of(model), **settings}, SOURCE)
     if rows is not None and cfg.resume:
         raise UsageError(f"{SOURCE}: resume=True needs data read from files or the Hub, not rows in memory")
-    check_suite(cfg)
+    runner.prepare(cfg)  # the checks the claim's advice needs first (evaluate finds them made)
     with kept_accelerate_state(accelerator), outdir.claim(cfg):  # held until the reports are written, as the CLI does
         with kept_state(model):
             results = runner.evaluate(cfg, model=model, tokenizer=tokenizer, rows=rows, accelerator=accelerator)

@@ -69,15 +69,10 @@ def resolve(cfg: Config, *, model: torch.nn.Module, tokenizer, info: ModelInfo, 
 
 
 def resolve_lengths(cfg: Config, positions: int | None) -> tuple[int, int]:
-    """(max_length, stride): the model's positions at most 2048 by default; never beyond them."""
+    """(max_length, stride): the model's positions at most 2048 by default; never beyond them (checks.check_positions
+    refused those once the model loaded)."""
     max_length = cfg.max_length or min(positions or 2048, 2048)
-    if positions and max_length > positions:
-        raise UsageError(
-            f"--max-length {max_length} is beyond the model's {positions} positions; use --max-length {positions} or less"
-        )
     stride = cfg.stride or (max(1, max_length // 2) if PROTOCOLS[cfg.protocol].half_stride else max_length)
-    if stride > max_length:
-        raise UsageError(f"--stride {stride} is larger than --max-length {max_length}; use a stride at most max_length")
     return max_length, stride
 
 
