@@ -26,6 +26,7 @@ from lm_ce.analysis.longppl import load_evaluator
 from lm_ce.config.checks import check_positions, checked
 from lm_ce.config.fields import Config
 from lm_ce.config.sources import entry_config, entry_words, words_of
+from lm_ce.config.values import note, noted
 from lm_ce.data.identity import DataIdentity
 from lm_ce.data.reading import quiet_datasets
 from lm_ce.data.shards import shard_of
@@ -70,7 +71,10 @@ def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=Non
     on_event(name) is called as each of EVENTS happens: after the model loads, when the scoring clock
     starts (after the head probe and the compared models), and when scoring ends (for benchmarks)."""
     emit = on_event or (lambda name: None)
-    prepare(cfg)
+    if noted(cfg, "prepared"):  # by the caller, just before it claimed the output directory
+        note(cfg, prepared=False)
+    else:
+        prepare(cfg)
     started = time.perf_counter()
     accelerator = accelerator or _accelerator()
     with outdir.claim(cfg):  # checked and locked before anything loads; released at the end, also on error
@@ -88,14 +92,13 @@ def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=Non
 
 
 def prepare(cfg: Config) -> None:
-    """Every check that needs no model, once per Config (the command line and lm_ce.evaluate make them before they
-    claim the output directory; evaluate then finds them made): the settings, each suite entry's data and directory."""
-    if cfg.__dict__.get("_prepared"):
-        return
+    """Every check that needs no model: the settings (once per Config), each suite entry's data and directory. The
+    command line and lm_ce.evaluate make them before they claim the output directory; the evaluate they call next
+    finds them made."""
     checked(cfg)
     check_suite(cfg)
     user_classes(cfg.byte_classes, words_of(cfg)("byte_classes"))
-    cfg.__dict__["_prepared"] = True
+    note(cfg, prepared=True)
 
 
 def with_model(cfg: Config, work: Callable[[Callable[[Config], Results], Loaded], T], owns_process: bool = False) -> T:

@@ -5,7 +5,7 @@ import re
 
 from lm_ce.config.fields import CHOICES, Config
 from lm_ce.config.protocols import CHOICE_PROTOCOLS, PROTOCOLS
-from lm_ce.config.values import Words
+from lm_ce.config.values import Words, note, noted
 
 CHUNK_TOKENS = {"llama-cpp": 3, "gptq": 2}  # the shortest chunk that scores a token (windows.llama_cpp_spans, gptq_spans)
 
@@ -62,12 +62,12 @@ def check(cfg: Config, words: Words | None = None) -> None:
     check_windows(cfg, w)
     check_context_curve(cfg, w)
     check_task(cfg, w)
-    cfg.__dict__["_checked"] = True
+    note(cfg, checked=True)
 
 
 def checked(cfg: Config) -> Config:
     """The Config, checked unless a source's constructor already checked it (each rule runs once)."""
-    if not cfg.__dict__.get("_checked"):
+    if not noted(cfg, "checked"):
         check(cfg)
     return cfg
 

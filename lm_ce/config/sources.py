@@ -16,7 +16,7 @@ import yaml
 from lm_ce.config.checks import check
 from lm_ce.config.fields import FIELDS, Config, with_protocol
 from lm_ce.config.protocols import protocol_values
-from lm_ce.config.values import CLI, Words, coerce, field_type, unknown
+from lm_ce.config.values import CLI, Words, coerce, field_type, note, noted, unknown
 from lm_ce.errors import UsageError
 
 
@@ -127,13 +127,13 @@ def make_config(values: dict, words: Words) -> Config:
     check(cfg, words)
     for number, entry in enumerate(cfg.suite or [], 1):
         check(entry_config(cfg, entry), words.entry(number, entry["name"], entry))
-    cfg.__dict__["_words"] = words
+    note(cfg, words=words)
     return cfg
 
 
 def words_of(cfg: Config) -> Words:
     """The words of the source a Config came from (the command line's for one built otherwise)."""
-    return cfg.__dict__.get("_words") or Words()
+    return noted(cfg, "words") or Words()
 
 
 def entry_words(cfg: Config, number: int, entry: dict) -> Words:

@@ -13,6 +13,7 @@ import os
 import re
 import types
 import typing
+import weakref
 from collections.abc import Mapping
 
 from lm_ce.config.fields import CHOICES, FIELDS, Config
@@ -32,6 +33,25 @@ def field_type(name: str) -> tuple[type, bool, bool]:
     if typing.get_origin(hint) is list:
         is_list, hint = True, typing.get_args(hint)[0]
     return hint, optional, is_list
+
+
+_NOTES: dict[int, tuple[weakref.ref, dict]] = {}  # id(Config) -> (the Config, what is known of it)
+
+
+def note(cfg: Config, **facts) -> None:
+    """Remember facts about one Config object (checked, its source's words), outside its fields: a copy or
+    dataclasses.replace is a new object that knows nothing (and is checked again)."""
+    key = id(cfg)
+    found = _NOTES.get(key)
+    if found is None or found[0]() is not cfg:
+        found = _NOTES[key] = (weakref.ref(cfg, lambda _, key=key: _NOTES.pop(key, None)), {})
+    found[1].update(facts)
+
+
+def noted(cfg: Config, name: str, default=None):
+    """A fact `note` remembered about this Config object, else `default`."""
+    found = _NOTES.get(id(cfg))
+    return found[1].get(name, default) if found is not None and found[0]() is cfg else default
 
 
 def coerce(name: str, value, source: str):
@@ -82,8 +102,10 @@ class Words:
         """Field `name` (with its value, if given) as this source writes it."""
         if self.given.get(name, self.source) == CLI:
             flag = f"--{name.replace('_', '-')}"
-            if value is _NO_VALUE:
+            if value is _NO_VALUE or value is True:  # a flag: --resume, not --resume True
                 return flag
+            if value is False:
+                return f"--no-{flag[2:]}"
             shown = ",".join(map(str, value)) if isinstance(value, list) else "none" if value is None else value
             return f"{flag} {shown}"
         return name if value is _NO_VALUE else f"{name}={value!r}"

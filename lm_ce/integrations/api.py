@@ -38,8 +38,7 @@ def evaluate(model: torch.nn.Module, tokenizer, data=None, /, **settings) -> Res
 
 def evaluate_with(model: torch.nn.Module, tokenizer, data, settings: dict, *, accelerator=None) -> Results:
     """`evaluate`, sharing the work with the processes of `accelerator` (a Trainer's) when given."""
-    if tokenizer is None:
-        raise UsageError(f"{SOURCE}: give the model's tokenizer (AutoTokenizer.from_pretrained(...))")
+    check_objects(model, tokenizer, SOURCE)
     rows, settings = data_settings(data, settings)
     cfg = from_settings({"model": name_of(model), **settings}, SOURCE)
     if rows is not None and cfg.resume:
@@ -51,6 +50,28 @@ def evaluate_with(model: torch.nn.Module, tokenizer, data, settings: dict, *, ac
         if cfg.output_dir and _main_process(accelerator):
             report.write(results, cfg.output_dir, plot=cfg.plot, page=cfg.page)
     return results
+
+
+def check_objects(model, tokenizer, source: str) -> None:
+    """A loaded model and tokenizer, not their names: lm_ce.evaluate scores objects in memory (the command line's
+    --model loads one by name)."""
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"{source}: model must be a loaded model (a torch.nn.Module, e.g. "
+                         f"AutoModelForCausalLM.from_pretrained(...)), got {_kind(model)}; to load one by name, use the "
+                         "command line's --model")
+    check_tokenizer(tokenizer, source)
+
+
+def check_tokenizer(tokenizer, source: str) -> None:
+    """A tokenizer object (AutoTokenizer.from_pretrained(...)), not its name or None."""
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)) or not callable(tokenizer):
+        raise UsageError(f"{source}: tokenizer must be the model's tokenizer (AutoTokenizer.from_pretrained(...)), got "
+                         f"{_kind(tokenizer)}")
+
+
+def _kind(value) -> str:
+    return "None" if value is None else f"{value!r}"[:60] if isinstance(value, (str, os.PathLike)) else (
+        f"a {type(value).__name__}")
 
 
 def data_settings(data, settings: dict) -> tuple[object | None, dict]:
