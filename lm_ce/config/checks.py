@@ -147,7 +147,7 @@ def check_windows(cfg: Config, w: Words) -> None:
 
 
 # What a task other than perplexity cannot do: (field, value that is refused, why)
-TASK_REFUSES = (("compare_to", None, "score each model with its own --output-dir, then lm-ce compare pairs them item by item"),
+TASK_REFUSES = (("compare_to", None, "score each model with its own {output_dir}, then lm-ce compare pairs them item by item"),
                 ("save_tokens", False, "its per-item or per-word figures are in documents.jsonl and words.parquet"),
                 ("context_curve", None, "it scores each item or document as one sequence"),
                 ("min_k", None, "membership signals are per perplexity document"),
@@ -178,7 +178,7 @@ def check_task(cfg: Config, w: Words | None = None) -> None:
                       f"{cfg.mode})")
     for name, off, why in TASK_REFUSES:
         if getattr(cfg, name) not in (off, []):
-            raise w.error(f"{task} does not take {w(name)}: {why}")
+            raise w.error(f"{task} does not take {w(name)}: {why.format(output_dir=w('output_dir'))}")
     if cfg.detokenizer != "none":
         raise w.error(f"{task} scores the texts as given: drop {w('detokenizer')}")
     if cfg.task == "multiple-choice":

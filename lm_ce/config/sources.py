@@ -33,7 +33,7 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise UsageError(f"config file {path} does not exist; give the path of a YAML file (see configs/)")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys) or {}
+        data = _UniqueKeys.read(path.read_text(encoding="utf-8"), str(path)) or {}
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise UsageError(f"{path}:{line}: not UTF-8 text; save the config file as UTF-8") from None
@@ -54,6 +54,15 @@ def load_yaml(path: str | Path) -> dict:
 
 class _UniqueKeys(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last, silently)."""
+
+    @classmethod
+    def read(cls, text: str, name: str):
+        loader = cls(text)
+        loader.name = name  # named in the refusal
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -117,6 +126,9 @@ def build_config(args: list[str]) -> Config:
     """Config from `[--config FILE] [--field value ...]`: defaults, then the file, then the overrides."""
     given: dict[str, str] = {}
     values = given_values(args, given)
+    files = sorted(set(given.values()) - {CLI})
+    if len(files) == 1 and CLI not in given.values():  # `--config FILE` alone: the file's words, naming the file
+        return make_config(values, Words(files[0], given, where=files[0]))
     return make_config(values, Words(CLI, given))
 
 
