@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -50,6 +50,10 @@ from lm_ce.sums.bytegap import user_classes
 from lm_ce.sums.extremes import Extremes, for_resumed_run
 from lm_ce.sums.records import Results, Run
 from lm_ce.tasks.passes import run_task
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger("lm_ce")
 
@@ -138,9 +142,9 @@ class Loaded:
     """The model once loaded, and the processes: shared by every dataset of a suite."""
 
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     info: model_lib.ModelInfo
-    accelerator: object  # accelerate.Accelerator
+    accelerator: Accelerator
     threads: int
     owns_process: bool = False  # the command line's: signal handlers, the allocator (see evaluate)
 

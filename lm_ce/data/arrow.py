@@ -8,8 +8,12 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lm_ce.files import atomic_write, file_sha256
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 RECORD = "lm_ce_copy.json"  # beside datasets' Arrow files: what lm_ce found in them when it made the copy
 
@@ -81,7 +85,7 @@ class BatchAt:
 
     offset: int | None  # byte offset of the batch's message; None: the file ends before the row
     rows_before: int  # rows in the batches before it (all the file's rows when offset is None)
-    schema: object  # the stream's pyarrow schema
+    schema: pa.Schema  # the stream's
 
 
 def batch_at(name: str, index: int) -> BatchAt:
