@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lm_ce import compat
 from lm_ce.files import atomic_write, file_sha256
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ def arrow_files(rows, fields: list[str] | None) -> list[str]:
     no selection or shuffle on top, and the fields read plain values (strings, numbers). Else []."""
     import datasets
 
-    if not fields or not isinstance(rows, datasets.Dataset) or rows._indices is not None or not rows.cache_files:
+    if not fields or not isinstance(rows, datasets.Dataset) or not compat.plain_files(rows) or not rows.cache_files:
         return []
     if not plain_values(rows.features, fields):
         return []

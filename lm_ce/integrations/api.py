@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lm_ce import runner
+from lm_ce import compat, runner
 from lm_ce.config.fields import Config, resolve_path, with_protocol
 from lm_ce.config.sources import from_settings
 from lm_ce.data.reading import MEMORY
@@ -153,8 +153,8 @@ def kept_accelerate_state(accelerator) -> Iterator[None]:
 def plain_forward(model: torch.nn.Module) -> Iterator[None]:
     """The model without the autocast wrapper accelerate puts on a mixed-precision model's forward (a Trainer's
     with bf16/fp16), so the figures are those of the weights as they are, as the CLI computes them; put back after."""
-    wrapped, original = model.__dict__.get("forward"), model.__dict__.get("_original_forward")
-    if wrapped is None or original is None:
+    wrapped, original = model.__dict__.get("forward"), compat.original_forward(model)
+    if original is None:
         yield
         return
     model.forward = original

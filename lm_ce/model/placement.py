@@ -15,6 +15,7 @@ import tempfile
 
 import torch
 
+from lm_ce import compat
 from lm_ce.config.fields import Config
 from lm_ce.config.sources import words_of
 from lm_ce.errors import UsageError, first_line
@@ -187,7 +188,7 @@ def execution_device(model: torch.nn.Module, module: torch.nn.Module) -> torch.d
     name = next((n for n, m in modules.items() if m is module), None)
     parts = name.split(".") if name else []
     for k in range(len(parts), -1, -1) if name is not None else ():
-        found = _hook_device(getattr(modules[".".join(parts[:k])], "_hf_hook", None))
+        found = _hook_device(compat.hook_of(modules[".".join(parts[:k])]))
         if found is not None:
             return found
     for tensor in module.parameters():

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lm_ce import compat
 from lm_ce.config.fields import Config
 from lm_ce.config.protocols import PROTOCOLS
 from lm_ce.errors import UsageError
@@ -159,14 +160,7 @@ _said_half_precision = False
 def cpu_has_native(dtype: torch.dtype) -> bool | None:
     """Whether oneDNN has fast kernels for a half-precision dtype on this CPU (x86: AVX-512 or AMX; Arm: its
     BF16/FP16 extensions), or None when torch cannot tell. A cheap check: no arithmetic is timed."""
-    try:
-        if dtype == torch.bfloat16:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        if dtype == torch.float16:
-            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except (AttributeError, RuntimeError):
-        return None
-    return True
+    return compat.cpu_half_kernels(dtype)
 
 
 def note_cpu_half_precision(dtype: torch.dtype) -> None:
