@@ -57,12 +57,15 @@ def file_instructions(prepared) -> list[dict] | None:
         return None
 
 
+DATASET_INDICES = "_indices"  # a Dataset's selection or shuffle over its files' rows (None: none)
+
+
 def plain_files(dataset) -> bool:
     """Whether a datasets.Dataset's rows are its Arrow files' rows in order (no selection or shuffle on top), as
     datasets' private `_indices` tells; False when that cannot be known (the Dataset is then iterated)."""
     if not within("datasets"):
         return False
-    return getattr(dataset, "_indices", _MISSING) is None
+    return getattr(dataset, DATASET_INDICES, _MISSING) is None
 
 
 def arrow_streams() -> bool:
