@@ -16,7 +16,7 @@ import torch
 from lm_ce import compat
 from lm_ce.config.fields import Config
 from lm_ce.config.protocols import PROTOCOLS
-from lm_ce.errors import UsageError
+from lm_ce.config.sources import words_of
 from lm_ce.model.load import ModelInfo, check_vocabulary
 from lm_ce.scoring.head import Head, head_of
 from lm_ce.scoring.probe import check_causal, check_left_padding, probe_head
@@ -105,13 +105,15 @@ def _token(cfg: Config, tokenizer) -> int | None:
     if choice == "none":
         return None
     token = tokenizer.bos_token_id if choice == "bos" else tokenizer.eos_token_id
+    w = words_of(cfg)
     if token is None and cfg.prefix_token == "auto":
-        raise UsageError(
-            "--prefix-token auto: the tokenizer has neither a BOS nor an EOS token; use --prefix-token none "
-            "(then the first token of each document is context, not scored)"
+        raise w.error(
+            f"{w('prefix_token', 'auto')}: the tokenizer has neither a BOS nor an EOS token; use "
+            f"{w('prefix_token', 'none')} (then the first token of each document is context, not scored)"
         )
     if token is None:
-        raise UsageError(f"--prefix-token {choice}: the tokenizer has no {choice.upper()} token; use --prefix-token none")
+        raise w.error(f"{w('prefix_token', choice)}: the tokenizer has no {choice.upper()} token; use "
+                      f"{w('prefix_token', 'none')}")
     return token
 
 
