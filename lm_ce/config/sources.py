@@ -1,7 +1,9 @@
 """Config fields from YAML files, the command line, keyword settings and suite entries, each checked by name
 and type.
 
-Every field can be overridden with `--field value` (dashes or underscores). Unknown or mistyped keys are
+`make_config` is the one constructor of a checked Config, for every source (the command line, a YAML file, the
+Python API's keyword settings, the callback, the datatrove step, each suite entry). Every field can be
+overridden with `--field value` (dashes or underscores). Unknown or mistyped keys are
 refused by name, with the closest valid key suggested. A config's `suite:` lists datasets; each entry has a
 `name` and any data or window field, and takes the top-level config, then its protocol's fields if it names
 one, then its own fields.

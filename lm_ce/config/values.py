@@ -1,7 +1,8 @@
 """Typed values of config fields: each value converted to its field's type, or one line naming the field, the
 source (file, command line, keyword settings) and what to write instead; unknown names get the closest field.
 
-Device maps and memory budgets are mappings: from YAML, or `key=value,key=value` on the command line.
+Device maps and memory budgets are mappings: from YAML, or `key=value,key=value` on the command line. `Words`
+names settings in their source's words in a refusal (`--stride 5`, `stride=5`).
 """
 from __future__ import annotations
 
@@ -80,6 +81,8 @@ KEYWORD_SOURCES = ("lm_ce.evaluate", "lm_ce.PerplexityCallback", "lm_ce.Perplexi
 def keywords(source: str) -> bool:
     """Whether settings come from Python keywords (typed by the caller: output_dir=5 is a mistake, not a name)."""
     return source.split(":")[0] in KEYWORD_SOURCES
+
+
 _NO_VALUE = object()
 
 
