@@ -1,4 +1,5 @@
-"""The errors every module may raise: bad input that the CLI prints as one line and ends with exit code 2."""
+"""The errors every module may raise: bad input that the CLI prints as one line and ends with exit code 2, and a
+broken invariant of lm_ce's own (a bug to report, never the input's fault)."""
 from __future__ import annotations
 
 
@@ -8,6 +9,10 @@ class UsageError(Exception):
 
 class SharedUsageError(UsageError):
     """A UsageError the main process found and told every process of the run: the CLI prints it once."""
+
+
+class InternalError(RuntimeError):
+    """An invariant of lm_ce's own that does not hold: a bug in lm_ce, not bad input (the CLI shows the traceback)."""
 
 
 def first_line(e: BaseException) -> str:

@@ -16,15 +16,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
 from lm_ce.analysis.compare import compare_by_bytes, load_compared
-from lm_ce.analysis.curve import check_lengths, context_curve
+from lm_ce.analysis.curve import context_curve
 from lm_ce.analysis.longppl import load_evaluator
-from lm_ce.config.checks import check
+from lm_ce.config.checks import check_positions, checked
 from lm_ce.config.fields import Config
+from lm_ce.config.sources import entry_config, entry_words, words_of
+from lm_ce.config.values import note, noted
 from lm_ce.data.identity import DataIdentity
 from lm_ce.data.reading import quiet_datasets
 from lm_ce.data.shards import shard_of
@@ -49,6 +51,10 @@ from lm_ce.sums.extremes import Extremes, for_resumed_run
 from lm_ce.sums.records import Results, Run
 from lm_ce.tasks.passes import run_task
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
 log = logging.getLogger("lm_ce")
 
 T = TypeVar("T")
@@ -69,9 +75,10 @@ def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=Non
     on_event(name) is called as each of EVENTS happens: after the model loads, when the scoring clock
     starts (after the head probe and the compared models), and when scoring ends (for benchmarks)."""
     emit = on_event or (lambda name: None)
-    check(cfg)
-    check_suite(cfg)
-    user_classes(cfg.byte_classes, "--byte-classes")
+    if noted(cfg, "prepared"):  # by the caller, just before it claimed the output directory
+        note(cfg, prepared=False)
+    else:
+        prepare(cfg)
     started = time.perf_counter()
     accelerator = accelerator or _accelerator()
     with outdir.claim(cfg):  # checked and locked before anything loads; released at the end, also on error
@@ -80,6 +87,7 @@ def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=Non
         state = None if cfg.suite else _saved_state(cfg, accelerator.num_processes)
         read = None if cfg.suite else _data_read(cfg, state, in_memory=rows is not None)  # checked before loading
         model, tokenizer, info = _model(cfg, model, tokenizer, accelerator)
+        fits(cfg, info.max_positions)
         emit("loaded")
         loaded = Loaded(model, tokenizer, info, accelerator, threads, owns_process)
         if cfg.suite:
@@ -87,17 +95,40 @@ def evaluate(cfg: Config, *, model: torch.nn.Module | None = None, tokenizer=Non
         return _score(cfg, loaded, state, read, started, emit, rows)
 
 
+def prepare(cfg: Config) -> None:
+    """Every check that needs no model: the settings (once per Config), each suite entry's data and directory. The
+    command line and lm_ce.evaluate make them before they claim the output directory; the evaluate they call next
+    finds them made."""
+    checked(cfg)
+    check_suite(cfg)
+    user_classes(cfg.byte_classes, words_of(cfg)("byte_classes"))
+    note(cfg, prepared=True)
+
+
 def with_model(cfg: Config, work: Callable[[Callable[[Config], Results], Loaded], T], owns_process: bool = False) -> T:
     """Load cfg's model once and give `work` a function that scores any config with it, each in its own output
     directory, claimed and resumable as a suite entry's is (lm-ce explain's steps); what `work` returns.
     `owns_process` as for `evaluate`."""
-    check(cfg)
+    checked(cfg)
     accelerator = _accelerator()
     threads = set_threads(cfg, accelerator.num_processes, accelerator.device)
     torch.manual_seed(cfg.seed)
     model, tokenizer, info = _model(cfg, None, None, accelerator)
     loaded = Loaded(model, tokenizer, info, accelerator, threads, owns_process)
-    return work(lambda entry: _score_entry(entry, loaded, lambda name: None), loaded)
+
+    def score(entry: Config) -> Results:
+        check_positions(entry, info.max_positions, words_of(entry))
+        return _score_entry(entry, loaded, lambda name: None)
+
+    return work(score, loaded)
+
+
+def fits(cfg: Config, positions: int | None) -> None:
+    """The config, or every entry of its suite, checked against the model's positions before anything is scored."""
+    if not cfg.suite:
+        check_positions(cfg, positions, words_of(cfg))
+    for number, entry in enumerate(cfg.suite or [], 1):
+        check_positions(entry_config(cfg, entry), positions, entry_words(cfg, number, entry))
 
 
 def _accelerator():
@@ -111,9 +142,9 @@ class Loaded:
     """The model once loaded, and the processes: shared by every dataset of a suite."""
 
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     info: model_lib.ModelInfo
-    accelerator: object  # accelerate.Accelerator
+    accelerator: Accelerator
     threads: int
     owns_process: bool = False  # the command line's: signal handlers, the allocator (see evaluate)
 
@@ -132,8 +163,6 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, read: DataIdentity, 
     model, tokenizer, accelerator = loaded.model, loaded.tokenizer, loaded.accelerator
     setup = resolve(cfg, model=model, tokenizer=tokenizer, info=loaded.info, device=_device_of(model),
                     processes=accelerator.num_processes, threads=loaded.threads)
-    if cfg.context_curve:
-        check_lengths(cfg.context_curve, loaded.info.max_positions)
     if cfg.compile:  # compiled per new input shape on first use; pays on long runs of similar batches
         model.base_model.compile(dynamic=True)
     compared = load_compared(cfg, tokenizer=tokenizer, setup=setup, accelerator=accelerator)

@@ -124,9 +124,11 @@ def fewer_positions(e: Env, positions: int = 64) -> str:
                                                          "max_position_embeddings": positions}), without="nothing")
 
 
-def base(e: Env) -> list[str]:
-    """A command line that works; each case adds to it (later flags win)."""
-    return ["--model", e.llama, "--data-files", e.good, "--progress", "false", "--batch-size", "4"]
+def base(e: Env, extra=()) -> list[str]:
+    """A command line that works, then `extra` (later flags win; a list flag is given once: the case's data files
+    replace the good ones)."""
+    data = [] if "--data-files" in extra else ["--data-files", e.good]
+    return ["--model", e.llama, *data, "--progress", "false", "--batch-size", "4", *extra]
 
 
 def yaml_config(e: Env, text: str) -> list[str]:
@@ -219,7 +221,7 @@ ABSENT = {
 
 @pytest.mark.parametrize("case,args,fragments", REFUSED, ids=[c[0] for c in REFUSED])
 def test_refused_with_one_clear_line(env, capsys, case, args, fragments):
-    code = main(base(env) + args(env))
+    code = main(base(env, args(env)))
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     print(f"{case}: {err}")
@@ -235,7 +237,7 @@ def test_refused_with_one_clear_line(env, capsys, case, args, fragments):
 def results_of(e: Env, args: list[str]) -> tuple[dict, list[dict]]:
     """Run the CLI to completion: (results.json, documents.jsonl rows)."""
     out = e.tmp / "run"
-    assert main(base(e) + args + ["--output-dir", str(out)]) == 0
+    assert main(base(e, args + ["--output-dir", str(out)])) == 0
     documents = out / "documents.jsonl"
     rows = [json.loads(line) for line in documents.read_text().splitlines()] if documents.exists() else []
     return json.loads((out / "results.json").read_text()), rows
@@ -358,7 +360,7 @@ def test_subprocess_exit_2_without_traceback(env, case):
     args, fragments = {c[0]: c[1:] for c in REFUSED}[case]
     run_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "LM_CE_CACHE": str(env.tmp / "cache")}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "evaluate.py"), *base(env), *args(env)],
+        [sys.executable, str(ROOT / "scripts" / "evaluate.py"), *base(env, args(env))],
         capture_output=True, text=True, env=run_env, timeout=120, cwd=env.tmp,
     )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -73,7 +73,7 @@ def test_the_shortest_chunk_allowed_scores_tokens(tiny_llama_dir, good, tmp_path
 
 
 def test_python_api_refuses_the_same(tiny_llama, llama_tokenizer, tiny_llama_dir):
-    for settings, needle in [({"output_dir": ""}, "--output-dir is empty"),
+    for settings, needle in [({"output_dir": ""}, "lm_ce.evaluate: output_dir is empty"),
                              ({"compare_to": [tiny_llama_dir, tiny_llama_dir]}, "more than once"),
                              ({"protocol": "gptq", "max_length": 1}, "scores nothing")]:
         with pytest.raises(UsageError, match=needle) as e:

@@ -238,9 +238,9 @@ def test_bad_winogrande_rows_are_refused():
 @pytest.mark.parametrize("settings,message", [
     ({"protocol": "llama-cpp-winogrande"}, "llama-cpp-winogrande scores Winogrande rows"),
     ({"task": "multiple-choice", "protocol": "gptq"}, "choose one of lm-eval, llama-cpp-hellaswag"),
-    ({"task": "multiple-choice", "save_tokens": True}, "does not take --save-tokens"),
+    ({"task": "multiple-choice", "save_tokens": True}, "does not take save_tokens"),  # in Python's words
     ({"task": "multiple-choice", "compare_to": ["x"]}, "lm-ce compare pairs them item by item"),
-    ({"task": "perplexity", "protocol": "llama-cpp-hellaswag"}, "give --task multiple-choice"),
+    ({"task": "perplexity", "protocol": "llama-cpp-hellaswag"}, "give task='multiple-choice'"),
 ])
 def test_settings_that_cannot_work_are_refused(settings, message):
     with pytest.raises(UsageError, match=message):

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from lm_ce.config.fields import Config
-from lm_ce.config.sources import build_config
+from lm_ce.config.sources import build_config, config_for
 from lm_ce.errors import UsageError
 from lm_ce.model import placement
 from lm_ce.model.load import load
@@ -153,7 +153,7 @@ def test_gpu_numbers_count_within_the_process_group(tmp_path):
     with pytest.raises(UsageError, match="balanced_low_0"):
         placement.from_pretrained_kwargs(Config(device_map="balanced_low_0"), gpus=4, local_rank=1, local_world=2)
     assert placement.from_pretrained_kwargs(Config(), gpus=8, local_rank=0, local_world=1) == {}
-    typed = Config(device_map={"lm_head": "1", "model": "CPU"}, max_memory={"1": "2GiB"}, offload_folder=str(tmp_path))
+    typed = config_for(device_map={"lm_head": "1", "model": "CPU"}, max_memory={"1": "2GiB"}, offload_folder=str(tmp_path))
     kwargs = placement.from_pretrained_kwargs(typed, gpus=2, local_rank=0, local_world=1)
     assert kwargs["device_map"] == {"lm_head": 1, "model": "cpu"} and kwargs["max_memory"] == {1: "2GiB"}
 

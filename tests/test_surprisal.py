@@ -189,7 +189,7 @@ def test_a_list_in_the_text_field_is_refused(tiny_llama_dir, tmp_path):
 @pytest.mark.parametrize("settings,message", [
     ({"task": "surprisal", "protocol": "llama-cpp"}, "surprisal has one definition"),
     ({"task": "surprisal", "prefix_token": "none"}, "conditions the first word on a prefix token"),
-    ({"words_field": "w"}, "is read by --task surprisal"),
+    ({"words_field": "w"}, "words_field is read by task='surprisal'"),  # in Python's words (config_for)
     ({"task": "surprisal", "surprisal_unit": "bytes"}, "choose one of bits, nats"),
 ])
 def test_settings_that_cannot_work_are_refused(settings, message):

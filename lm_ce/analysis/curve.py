@@ -15,9 +15,8 @@ import logging
 import time
 
 from lm_ce.data import documents as data
-from lm_ce.errors import UsageError
 from lm_ce.scoring.parallel import Plan, gather, save_if_due, score_windows
-from lm_ce.scoring.passes import Sequence, document_chunks, stream_sequence, tokenize_share
+from lm_ce.scoring.passes import TokenSequence, document_chunks, stream_sequence, tokenize_share
 from lm_ce.scoring.progress import Progress
 from lm_ce.scoring.windows import document_spans, stream_spans, windows_of
 from lm_ce.sums.records import CurveSums, DocumentResult, Run
@@ -44,13 +43,6 @@ def curve_spans(mode: str, n_seq: int, first_target: int, length: int, stride: i
     if mode == "stream":
         return restricted(stream_spans(n_seq, length, stride), longest)
     return restricted(document_spans(n_seq, first_target, length, stride), max(longest, first_target))
-
-
-def check_lengths(lengths: list[int], positions: int | None) -> None:
-    """Refuse context lengths beyond the model's positions (known once the model is loaded)."""
-    if positions and lengths[-1] > positions:
-        raise UsageError(f"--context-curve {','.join(map(str, lengths))}: {lengths[-1]} is beyond the model's "
-                         f"{positions} positions; use lengths of at most {positions}")
 
 
 def context_curve(plan: Plan, tokenizer, run: Run) -> bool:
@@ -109,7 +101,7 @@ def context_curve(plan: Plan, tokenizer, run: Run) -> bool:
 
 
 def _sequences(plan: Plan, tokenizer, done: int):
-    """{index: Sequence} per chunk of documents this run scores, from its `done`-th on (document mode), or the one
+    """{index: TokenSequence} per chunk of documents this run scores, from its `done`-th on (document mode), or the one
     joined stream (stream mode, index -1)."""
     cfg = plan.cfg
     if cfg.mode == "stream":
@@ -117,7 +109,7 @@ def _sequences(plan: Plan, tokenizer, done: int):
             return
         texts = [d.text for d in data.iter_documents(cfg, plan.rows, read=plan.read) if d.text is not None]
         ids, _ = stream_sequence(plan, tokenizer, texts)
-        yield {-1: Sequence(ids, 1)}
+        yield {-1: TokenSequence(ids, 1)}
         return
     rank, world = plan.accelerator.process_index, plan.accelerator.num_processes
     for docs in document_chunks(plan, done):

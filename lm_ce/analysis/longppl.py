@@ -24,7 +24,7 @@ import torch
 
 from lm_ce.config.fields import Config
 from lm_ce.config.protocols import detokenized
-from lm_ce.errors import UsageError
+from lm_ce.errors import InternalError, UsageError
 from lm_ce.model import load as model_lib
 from lm_ce.rundir.identity import model_record
 from lm_ce.scoring.head import head_of
@@ -103,7 +103,7 @@ def check_positions(cfg: Config, max_length: int, positions: int | None) -> None
 
 def chunk_key_tokens(sequences: dict, texts: dict[int, str], plan: Plan,
                      evaluator: Evaluator) -> dict[int, KeyTokens] | None:
-    """Each document's KeyTokens for one chunk (`sequences`: index -> passes.Sequence, the run's tokens; `texts`:
+    """Each document's KeyTokens for one chunk (`sequences`: index -> passes.TokenSequence, the run's tokens; `texts`:
     index -> text), the same on every process; None when stopped inside."""
     cfg, setup = plan.cfg, plan.setup
     full = [w for i in sorted(sequences) for w in windows_of(i, sequences[i].ids, _full_spans(sequences[i], setup),
@@ -171,7 +171,8 @@ def key_targets(full: torch.Tensor | None, short: torch.Tensor | None, *, first:
         return []
     f = full[candidate - first :].double()
     s = short.double()
-    assert f.numel() == s.numel(), (f.numel(), s.numel())
+    if f.numel() != s.numel():
+        raise InternalError(f"LongPPL: {s.numel()} short-context losses for {f.numel()} targets")
     key = torch.nonzero((s - f > alpha) & (f < beta)).flatten()
     return (key + candidate).tolist()
 
@@ -222,7 +223,8 @@ def _per_token(windows: list, plan: Plan) -> dict[int, torch.Tensor] | None:
     docs, counts = torch.unique_consecutive(doc, return_counts=True)
     out = {}
     for d, pos, values in zip(docs.tolist(), position.split(counts.tolist()), nll.split(counts.tolist())):
-        assert torch.equal(pos, torch.arange(len(pos))), "each target scored once"
+        if not torch.equal(pos, torch.arange(len(pos))):
+            raise InternalError(f"LongPPL: document {d}'s targets are not each scored once")
         out[d] = values
     return out
 

@@ -74,9 +74,12 @@ def explain_main(argv: list[str]) -> int:
         from lm_ce.explain.run import explain
 
         summary = explain(spec)
-    except (UsageError, FloatingPointError) as e:
+    except UsageError as e:
         print(f"lm_ce: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # the model produced NaN/inf
+        print(f"lm_ce: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("lm_ce: interrupted (Ctrl-C): rerun the same command with --resume to continue", file=sys.stderr)
         return 130

@@ -14,6 +14,9 @@ from lm_ce.cli.commands import cache_main, compare_main, merge_main
 from lm_ce.cli.help import help_text
 
 
+NON_FINITE = 3  # the exit code of a model that produced NaN/inf (2: bad input; 130: interrupted)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:
@@ -37,13 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     from lm_ce.config.sources import build_config
     from lm_ce.errors import SharedUsageError, UsageError
     from lm_ce.rundir import claims as outdir
-    from lm_ce.suite import check_suite
 
     results = None
     try:
         cfg = build_config(argv)
-        check_suite(cfg)  # before the output directory is claimed: its advice names the suite's entry
-        from lm_ce.runner import evaluate
+        from lm_ce.runner import evaluate, prepare
+
+        prepare(cfg)  # before the output directory is claimed: its advice names the suite's entry
 
         with outdir.claim(cfg):  # the output directory is checked and locked before the model loads
             results = evaluate(cfg, owns_process=True)  # its Ctrl-C / SIGTERM: save and stop at the next batch
@@ -54,9 +57,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lm_ce: error: {e}", file=sys.stderr, flush=True)
         state.wait_for_everyone()
         return 2
-    except (UsageError, FloatingPointError) as e:  # bad input, or a model that produced NaN/inf
+    except UsageError as e:  # bad input
         print(f"lm_ce: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # the model produced NaN/inf: the input may be fine (docs/reliability.md)
+        print(f"lm_ce: error: {e}", file=sys.stderr)
+        return NON_FINITE
     except KeyboardInterrupt:  # Ctrl-C outside scoring (scoring itself stops cleanly and saves its progress)
         where = "before scoring started: nothing was scored" if results is None else (
             "while writing the reports: rerun the command with --resume to write them")

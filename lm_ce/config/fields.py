@@ -18,7 +18,8 @@ GROUPS = ("model", "data", "windows", "analysis", "task", "output", "placement",
 
 def option(default, group: str, help: str):
     """A config field with its group and one-line help: the source of `--help` and of the docs' field table."""
-    assert group in GROUPS, group
+    if group not in GROUPS:
+        raise ValueError(f"config field group {group!r} is none of {GROUPS}")
     return dataclasses.field(default=default, metadata={"group": group, "help": help})
 
 

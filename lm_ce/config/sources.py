@@ -1,7 +1,9 @@
 """Config fields from YAML files, the command line, keyword settings and suite entries, each checked by name
 and type.
 
-Every field can be overridden with `--field value` (dashes or underscores). Unknown or mistyped keys are
+`make_config` is the one constructor of a checked Config, for every source (the command line, a YAML file, the
+Python API's keyword settings, the callback, the datatrove step, each suite entry). Every field can be
+overridden with `--field value` (dashes or underscores). Unknown or mistyped keys are
 refused by name, with the closest valid key suggested. A config's `suite:` lists datasets; each entry has a
 `name` and any data or window field, and takes the top-level config, then its protocol's fields if it names
 one, then its own fields.
@@ -16,7 +18,7 @@ import yaml
 from lm_ce.config.checks import check
 from lm_ce.config.fields import FIELDS, Config, with_protocol
 from lm_ce.config.protocols import protocol_values
-from lm_ce.config.values import coerce, field_type, unknown
+from lm_ce.config.values import CLI, Words, coerce, field_type, note, noted, unknown
 from lm_ce.errors import UsageError
 
 
@@ -33,7 +35,7 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise UsageError(f"config file {path} does not exist; give the path of a YAML file (see configs/)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = _UniqueKeys.read(path.read_text(encoding="utf-8"), str(path)) or {}
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise UsageError(f"{path}:{line}: not UTF-8 text; save the config file as UTF-8") from None
@@ -50,6 +52,29 @@ def load_yaml(path: str | Path) -> dict:
             raise unknown(str(key), str(path))
         out[name] = field_value(name, value, str(path))
     return out
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last, silently)."""
+
+    @classmethod
+    def read(cls, text: str, name: str):
+        loader = cls(text)
+        loader.name = name  # named in the refusal
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise UsageError(f"{self.name}:{key_node.start_mark.line + 1}: key '{key}' is given twice in one "
+                                 "mapping; give it once")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_overrides(args: list[str]) -> dict:
@@ -72,6 +97,10 @@ def parse_overrides(args: list[str]) -> dict:
             raise unknown("--" + key, "command line")
         if name == "suite":
             raise UsageError("command line: a suite is a list of datasets; give it in a config file (see configs/)")
+        if name in out and field_type(name)[2]:  # `--data-files a --data-files b` would score b alone, silently
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"command line: {flag} is given twice; give all its values after one {flag} "
+                             f"({flag} a b, or a,b)")
         kind, _, is_list = field_type(name)
         if negate:
             out[name] = False
@@ -97,17 +126,45 @@ def parse_overrides(args: list[str]) -> dict:
 
 def build_config(args: list[str]) -> Config:
     """Config from `[--config FILE] [--field value ...]`: defaults, then the file, then the overrides."""
-    cfg = Config(**with_protocol(given_values(args)))
-    check(cfg)
-    if cfg.suite:
-        for entry in cfg.suite:
-            check(entry_config(cfg, entry))
+    given: dict[str, str] = {}
+    values = given_values(args, given)
+    files = sorted(set(given.values()) - {CLI})
+    if len(files) == 1 and CLI not in given.values():  # `--config FILE` alone: the file's words, naming the file
+        return make_config(values, Words(files[0], given, where=files[0]))
+    return make_config(values, Words(CLI, given))
+
+
+def make_config(values: dict, words: Words) -> Config:
+    """The one constructor of a checked Config, whatever its source: the fields given (typed by `coerce`) over their
+    protocol's, every rule checked once in the source's words, and each suite entry in its own."""
+    cfg = Config(**with_protocol(values))
+    check(cfg, words)
+    for number, entry in enumerate(cfg.suite or [], 1):
+        check(entry_config(cfg, entry), words.entry(number, entry["name"], entry))
+    note(cfg, words=words)
     return cfg
 
 
-def given_values(args: list[str]) -> dict:
-    """The fields `[--config FILE] [--field value ...]` give, checked by name and type (the file's, then the flags')."""
+def words_of(cfg: Config) -> Words:
+    """The words of the source a Config came from (the command line's for one built otherwise)."""
+    return noted(cfg, "words") or Words()
+
+
+def entry_words(cfg: Config, number: int, entry: dict) -> Words:
+    """The words of suite entry `number` of cfg (from 1)."""
+    return words_of(cfg).entry(number, entry["name"], entry)
+
+
+def given_values(args: list[str], given: dict[str, str] | None = None) -> dict:
+    """The fields `[--config FILE] [--field value ...]` give, checked by name and type (the file's, then the flags');
+    `given` is filled with each field's source (the file's path, or the command line)."""
+    given = {} if given is None else given
     values: dict = {}
+
+    def from_file(path: str) -> None:
+        found = load_yaml(path)
+        values.update(found)
+        given.update(dict.fromkeys(found, path))
     if "--config" in args or any(a.startswith("--config=") for a in args):
         rest = []
         i = 0
@@ -115,16 +172,18 @@ def given_values(args: list[str]) -> dict:
             if args[i] == "--config":
                 if i + 1 >= len(args):
                     raise UsageError("command line: --config needs a file path")
-                values.update(load_yaml(args[i + 1]))
+                from_file(args[i + 1])
                 i += 2
                 continue
             if args[i].startswith("--config="):
-                values.update(load_yaml(args[i].split("=", 1)[1]))
+                from_file(args[i].split("=", 1)[1])
             else:
                 rest.append(args[i])
             i += 1
         args = rest
-    values.update(parse_overrides(args))
+    flags = parse_overrides(args)
+    values.update(flags)
+    given.update(dict.fromkeys(flags, CLI))
     return values
 
 
@@ -141,9 +200,7 @@ def from_settings(settings: dict, source: str) -> Config:
         if key not in FIELDS:
             raise unknown(key, source)
         values[key] = field_value(key, value, source)
-    cfg = Config(**with_protocol(values))
-    check(cfg)
-    return cfg
+    return make_config(values, Words(source, dict.fromkeys(values, source), where=source))
 
 
 SUITE_EXCLUDED = ("model", "revision", "dtype", "trust_remote_code", "gguf_cache", "compile", "threads", "compare_to",

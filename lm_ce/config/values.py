@@ -1,16 +1,21 @@
 """Typed values of config fields: each value converted to its field's type, or one line naming the field, the
 source (file, command line, keyword settings) and what to write instead; unknown names get the closest field.
 
-Device maps and memory budgets are mappings: from YAML, or `key=value,key=value` on the command line.
+Device maps and memory budgets are mappings: from YAML, or `key=value,key=value` on the command line. `Words`
+names settings in their source's words in a refusal (`--stride 5`, `stride=5`).
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import math
+import os
 import re
 import types
 import typing
+import weakref
+from collections.abc import Mapping
 
 from lm_ce.config.fields import CHOICES, FIELDS, Config
 from lm_ce.errors import UsageError
@@ -29,6 +34,25 @@ def field_type(name: str) -> tuple[type, bool, bool]:
     if typing.get_origin(hint) is list:
         is_list, hint = True, typing.get_args(hint)[0]
     return hint, optional, is_list
+
+
+_NOTES: dict[int, tuple[weakref.ref, dict]] = {}  # id(Config) -> (the Config, what is known of it)
+
+
+def note(cfg: Config, **facts) -> None:
+    """Remember facts about one Config object (checked, its source's words), outside its fields: a copy or
+    dataclasses.replace is a new object that knows nothing (and is checked again)."""
+    key = id(cfg)
+    found = _NOTES.get(key)
+    if found is None or found[0]() is not cfg:
+        found = _NOTES[key] = (weakref.ref(cfg, lambda _, key=key: _NOTES.pop(key, None)), {})
+    found[1].update(facts)
+
+
+def noted(cfg: Config, name: str, default=None):
+    """A fact `note` remembered about this Config object, else `default`."""
+    found = _NOTES.get(id(cfg))
+    return found[1].get(name, default) if found is not None and found[0]() is cfg else default
 
 
 def coerce(name: str, value, source: str):
@@ -50,11 +74,54 @@ def coerce(name: str, value, source: str):
 
 
 KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+CLI = "command line"
+KEYWORD_SOURCES = ("lm_ce.evaluate", "lm_ce.PerplexityCallback", "lm_ce.PerplexityStats", "config_for")
+
+
+def keywords(source: str) -> bool:
+    """Whether settings come from Python keywords (typed by the caller: output_dir=5 is a mistake, not a name)."""
+    return source.split(":")[0] in KEYWORD_SOURCES
+
+
+_NO_VALUE = object()
 
 
 def label(name: str, source: str) -> str:
     """How a field is named to the user: as the flag on the command line, as the key in a file."""
-    return f"--{name.replace('_', '-')}" if source == "command line" else f"field '{name}'"
+    return f"--{name.replace('_', '-')}" if source == CLI else f"field '{name}'"
+
+
+@dataclasses.dataclass(frozen=True)
+class Words:
+    """A source's own words for its settings: `--stride 5` on the command line, `stride=5` in a YAML file and in
+    Python's keyword settings. `given` names the source of fields given elsewhere (a YAML file among the flags);
+    `where` starts every refusal (a file, lm_ce.evaluate, a suite entry; nothing on the command line)."""
+
+    source: str = CLI
+    given: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    where: str = ""
+
+    def __call__(self, name: str, value=_NO_VALUE) -> str:
+        """Field `name` (with its value, if given) as this source writes it."""
+        if self.given.get(name, self.source) == CLI:
+            flag = f"--{name.replace('_', '-')}"
+            if value is _NO_VALUE or value is True:  # a flag: --resume, not --resume True
+                return flag
+            if value is False:
+                return f"--no-{flag[2:]}"
+            shown = ",".join(map(str, value)) if isinstance(value, list) else "none" if value is None else value
+            return f"{flag} {shown}"
+        return name if value is _NO_VALUE else f"{name}={value!r}"
+
+    def error(self, message: str) -> UsageError:
+        """A refusal, starting with where the settings came from."""
+        return UsageError(f"{self.where}: {message}" if self.where else message)
+
+    def entry(self, number: int, name: str, fields) -> "Words":
+        """The words of suite entry `number` ('name'): its own fields (`fields`) named as its source writes them."""
+        source = self.given.get("suite", self.where or self.source)  # a suite comes from a file or from Python
+        given = {**self.given, **dict.fromkeys(fields, source)}
+        return Words(source, given, f"{source}: suite entry {number} ('{name}')")
 
 
 def _coerce_scalar(name: str, kind: type, value, source: str):
@@ -88,8 +155,12 @@ def _coerce_scalar(name: str, kind: type, value, source: str):
         if number is not None:  # nan compares false with everything: a threshold of nan selects nothing, silently
             raise UsageError(f"{source}: {label(name, source)} must be a finite number, got {value!r}")
     elif kind is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, os.PathLike):  # a pathlib.Path from Python
+            return os.fspath(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not keywords(source):
+            return str(value)  # YAML reads `split: 2023` as a number; the command line gives "2023"
     expected = KINDS.get(kind, kind.__name__)
     raise UsageError(f"{source}: {label(name, source)} must be {expected}, got {value!r}")
 

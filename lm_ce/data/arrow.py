@@ -8,8 +8,13 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from lm_ce import compat
 from lm_ce.files import atomic_write, file_sha256
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 RECORD = "lm_ce_copy.json"  # beside datasets' Arrow files: what lm_ce found in them when it made the copy
 
@@ -37,7 +42,7 @@ def arrow_files(rows, fields: list[str] | None) -> list[str]:
     no selection or shuffle on top, and the fields read plain values (strings, numbers). Else []."""
     import datasets
 
-    if not fields or not isinstance(rows, datasets.Dataset) or rows._indices is not None or not rows.cache_files:
+    if not fields or not isinstance(rows, datasets.Dataset) or not compat.plain_files(rows) or not rows.cache_files:
         return []
     if not plain_values(rows.features, fields):
         return []
@@ -81,7 +86,7 @@ class BatchAt:
 
     offset: int | None  # byte offset of the batch's message; None: the file ends before the row
     rows_before: int  # rows in the batches before it (all the file's rows when offset is None)
-    schema: object  # the stream's pyarrow schema
+    schema: pa.Schema  # the stream's
 
 
 def batch_at(name: str, index: int) -> BatchAt:

@@ -133,14 +133,26 @@ def _guarded(rows, cfg: Config) -> Iterator[dict]:
     log line before it is silenced by the runner (reading.quiet_datasets around its passes): a generator holds no
     logger setting across a yield, where a caller's kept traceback could leave it set."""
     rows = iter(rows)
+    bad_input = read_errors()
     while True:
         try:
             row = next(rows)
         except StopIteration:
             return
-        except Exception as e:  # datasets raises many kinds; turn them into one clear line
+        except UsageError:  # already one line (a lone surrogate, a changed file)
+            raise
+        except bad_input as e:  # what a bad file makes datasets, pyarrow or the JSON and CSV readers raise
             raise read_error(cfg, e) from None
         yield row
+
+
+def read_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that a file lm_ce cannot read raises while its rows are read (turned into one line naming the
+    file); any other (an lm_ce bug: InternalError, AttributeError, ...) is raised as it is, not blamed on the file."""
+    import datasets.exceptions
+    import pyarrow as pa
+
+    return (OSError, ValueError, KeyError, pa.ArrowException, datasets.exceptions.DatasetsError)
 
 
 def _text(value) -> str | None:

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+from lm_ce import compat
 from lm_ce.config.fields import LAYOUT_FIELDS, Config
 from lm_ce.data.arrow import ArrowCopy, copy_damage, plain_values, record_copy
 from lm_ce.data.identity import DataIdentity
@@ -192,11 +193,8 @@ def arrow_copy(cfg: Config, builder: str, paths: list[str], *, cache_dir: str | 
 def copy_files(prepared) -> tuple[list[str], int]:
     """(the Arrow files of the copy's train split in order, its row count as datasets recorded it); no files when
     the split is not read whole from its files."""
-    from datasets.arrow_reader import ArrowReader
-
     split = prepared.info.splits["train"]
-    parts = ArrowReader(prepared.cache_dir, prepared.info).get_file_instructions(
-        prepared.dataset_name, "train", prepared.info.splits.values())
+    parts = compat.file_instructions(prepared)
     if parts and all(p["skip"] == 0 for p in parts) and sum(p["take"] for p in parts) == split.num_examples:
         return [p["filename"] for p in parts], split.num_examples
     return [], split.num_examples

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import torch
 
-from lm_ce import runner
+from lm_ce import compat, runner
 from lm_ce.config.fields import Config, resolve_path, with_protocol
 from lm_ce.config.sources import from_settings
 from lm_ce.data.reading import MEMORY
 from lm_ce.errors import UsageError
 from lm_ce.reports import files as report
 from lm_ce.rundir import claims as outdir
-from lm_ce.suite import check_suite
 from lm_ce.sums.records import Results
 
 SOURCE = "lm_ce.evaluate"
@@ -39,19 +38,40 @@ def evaluate(model: torch.nn.Module, tokenizer, data=None, /, **settings) -> Res
 
 def evaluate_with(model: torch.nn.Module, tokenizer, data, settings: dict, *, accelerator=None) -> Results:
     """`evaluate`, sharing the work with the processes of `accelerator` (a Trainer's) when given."""
-    if tokenizer is None:
-        raise UsageError(f"{SOURCE}: give the model's tokenizer (AutoTokenizer.from_pretrained(...))")
+    check_objects(model, tokenizer, SOURCE)
     rows, settings = data_settings(data, settings)
     cfg = from_settings({"model": name_of(model), **settings}, SOURCE)
     if rows is not None and cfg.resume:
         raise UsageError(f"{SOURCE}: resume=True needs data read from files or the Hub, not rows in memory")
-    check_suite(cfg)
+    runner.prepare(cfg)  # the checks the claim's advice needs first (evaluate finds them made)
     with kept_accelerate_state(accelerator), outdir.claim(cfg):  # held until the reports are written, as the CLI does
         with kept_state(model):
             results = runner.evaluate(cfg, model=model, tokenizer=tokenizer, rows=rows, accelerator=accelerator)
         if cfg.output_dir and _main_process(accelerator):
             report.write(results, cfg.output_dir, plot=cfg.plot, page=cfg.page)
     return results
+
+
+def check_objects(model, tokenizer, source: str) -> None:
+    """A loaded model and tokenizer, not their names: lm_ce.evaluate scores objects in memory (the command line's
+    --model loads one by name)."""
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"{source}: model must be a loaded model (a torch.nn.Module, e.g. "
+                         f"AutoModelForCausalLM.from_pretrained(...)), got {_kind(model)}; to load one by name, use the "
+                         "command line's --model")
+    check_tokenizer(tokenizer, source)
+
+
+def check_tokenizer(tokenizer, source: str) -> None:
+    """A tokenizer object (AutoTokenizer.from_pretrained(...)), not its name or None."""
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)) or not callable(tokenizer):
+        raise UsageError(f"{source}: tokenizer must be the model's tokenizer (AutoTokenizer.from_pretrained(...)), got "
+                         f"{_kind(tokenizer)}")
+
+
+def _kind(value) -> str:
+    return "None" if value is None else f"{value!r}"[:60] if isinstance(value, (str, os.PathLike)) else (
+        f"a {type(value).__name__}")
 
 
 def data_settings(data, settings: dict) -> tuple[object | None, dict]:
@@ -133,8 +153,8 @@ def kept_accelerate_state(accelerator) -> Iterator[None]:
 def plain_forward(model: torch.nn.Module) -> Iterator[None]:
     """The model without the autocast wrapper accelerate puts on a mixed-precision model's forward (a Trainer's
     with bf16/fp16), so the figures are those of the weights as they are, as the CLI computes them; put back after."""
-    wrapped, original = model.__dict__.get("forward"), model.__dict__.get("_original_forward")
-    if wrapped is None or original is None:
+    wrapped, original = model.__dict__.get("forward"), compat.original_forward(model)
+    if original is None:
         yield
         return
     model.forward = original

@@ -17,10 +17,12 @@ from transformers import TrainerCallback
 from lm_ce.config.sources import from_settings
 from lm_ce.errors import UsageError
 from lm_ce.integrations import api
+from lm_ce.rundir.claims import check_free
 from lm_ce.sums.records import Results
 
 log = logging.getLogger("lm_ce")
 
+SOURCE = "lm_ce.PerplexityCallback"
 PREFIX = "eval_lm_ce_"
 FIGURES = {"perplexity": "metrics.perplexity", "bits_per_byte": "metrics.bits_per_byte",
            "mean_loss": "metrics.mean_loss", "tokens": "counts.tokens"}
@@ -32,8 +34,11 @@ class PerplexityCallback(TrainerCallback):
 
     def __init__(self, data, *, trainer=None, tokenizer=None, **settings):
         self.settings = {"progress": False, **settings}  # the Trainer has its own progress bar
+        if tokenizer is not None:
+            api.check_tokenizer(tokenizer, SOURCE)
         _, checked = api.data_settings(data, self.settings)
-        from_settings(checked, api.SOURCE)  # refuse bad settings now, not at the first evaluation
+        cfg = from_settings(checked, SOURCE)  # refuse bad settings now, not at the first evaluation
+        check_free(cfg)  # and an output directory that holds an earlier run, before any training step
         self.data, self.trainer, self.tokenizer = data, trainer, tokenizer
         self.found_tokenizer = None  # the tokenizer on_train_begin found when none was given
         self.figures: dict[str, float] = {}

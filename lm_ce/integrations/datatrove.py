@@ -36,6 +36,9 @@ NOT_HERE = {
                     "the figures go to each document's metadata; the pipeline's writer and executor save and resume"),
     **dict.fromkeys(("compare_to", "save_tokens", "suite"), "a document's metadata holds one model's figures; use "
                     "the lm-ce command line for this"),
+    "shard": "the pipeline's executor shares the documents out to its tasks (each task scores those it reads)",
+    **dict.fromkeys(("min_k", "longppl_evaluator", "context_curve"), "a document's metadata holds the five figures of "
+                    "documents.jsonl, not these analyses; use the lm-ce command line for them"),
 }
 
 
@@ -71,8 +74,9 @@ several local workers on a CPU give threads=cores/workers (each task would take 
         if not isinstance(model, str):
             raise UsageError(f"{SOURCE}: model must be a model spec (Hub id, directory or .gguf path), so that each "
                              f"task loads its own copy; got a {type(model).__name__}")
-        if documents_per_call < 1:
-            raise UsageError(f"{SOURCE}: documents_per_call must be at least 1, got {documents_per_call}")
+        if isinstance(documents_per_call, bool) or not isinstance(documents_per_call, int) or documents_per_call < 1:
+            raise UsageError(f"{SOURCE}: documents_per_call must be a whole number of at least 1, got "
+                             f"{documents_per_call!r}")
         for key in settings:
             if key in NOT_HERE:
                 raise UsageError(f"{SOURCE}: setting '{key}' does not apply to a pipeline step: {NOT_HERE[key]}")
@@ -101,7 +105,7 @@ several local workers on a CPU give threads=cores/workers (each task would take 
             return
         for docs in batched(data, self.documents_per_call):
             for doc in docs:  # as lm_ce.evaluate and the command line refuse it, naming the pipeline's document
-                if found := lone_surrogate(doc.text):
+                if found := lone_surrogate(doc.text if isinstance(doc.text, str) else None):
                     raise UsageError(f"{SOURCE}: document {doc.id!r}: its text holds {found}; fix or drop it in an "
                                      "earlier step (a LambdaFilter)")
             with self.track_time(unit="call"):  # the first call's time includes loading the model
@@ -109,16 +113,19 @@ several local workers on a CPU give threads=cores/workers (each task would take 
                 figures = figures_of(model, tokenizer, [doc.text for doc in docs], self.settings)
             for doc, values in zip(docs, figures, strict=True):
                 doc.metadata.update(values)
-                self.stat_update("lm_ce_scored" if values["lm_ce_tokens"] else "lm_ce_empty")
+                kind = "lm_ce_scored" if values["lm_ce_tokens"] else "lm_ce_empty"
+                self.stat_update(kind if isinstance(doc.text, str) else "lm_ce_skipped")
                 for key in ("lm_ce_tokens", "lm_ce_bytes", "lm_ce_nll"):
                     self.stat_update(key, value=values[key])
                 yield doc
 
 
 def figures_of(model: torch.nn.Module, tokenizer, texts: list[str], settings: dict) -> list[dict[str, float | int]]:
-    """Each text's metadata values, in order, from one lm_ce.evaluate call on the texts that are not empty."""
+    """Each text's metadata values, in order, from one lm_ce.evaluate call on the texts that are not empty; a text
+    that is no string (None from a step before) is skipped, as the command line skips such a row, with the figures
+    of nothing scored (counted as lm_ce_skipped)."""
     figures = [metadata_of(0.0, 0, 0) for _ in texts]
-    kept = [i for i, text in enumerate(texts) if text]
+    kept = [i for i, text in enumerate(texts) if text and isinstance(text, str)]
     if not kept:
         return figures
     try:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from lm_ce import compat
 from lm_ce.config.fields import Config, resolve_path
 from lm_ce.errors import UsageError
 from lm_ce.model import fingerprint, placement
@@ -105,7 +106,7 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
         raise error from None
     if cache_to and main_process:
         save_gguf_cache(model, tokenizer, cache_to, source=spec)
-    drop_build_tables(tokenizer)
+    compat.drop_build_tables(tokenizer)
     if cache_to and place:
         del model
         if not (Path(cache_to) / "config.json").is_file():
@@ -181,18 +182,6 @@ def check_vocabulary(model: torch.nn.Module, tokenizer, name: str) -> None:
         )
 
 
-BUILD_TABLES = ("_vocab", "_merges", "_vocab_scores")
-
-
 def same_tokenizer(a, b) -> bool:
     """Whether two tokenizers map text to the same ids (then two models can be compared token by token)."""
     return a.get_vocab() == b.get_vocab() and a.all_special_ids == b.all_special_ids
-
-
-def drop_build_tables(tokenizer) -> None:
-    """Delete the Python vocabulary and merge list that transformers (5.x) keeps on a fast tokenizer after building
-    its Rust tokenizer from them: nothing reads them again, and at Gemma-3's 262k vocabulary they hold 125 MB."""
-    if getattr(tokenizer, "is_fast", False) and getattr(tokenizer, "_tokenizer", None) is not None:
-        for name in BUILD_TABLES:
-            if name in vars(tokenizer):
-                delattr(tokenizer, name)

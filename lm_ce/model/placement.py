@@ -15,8 +15,9 @@ import tempfile
 
 import torch
 
+from lm_ce import compat
 from lm_ce.config.fields import Config
-from lm_ce.config.values import parse_device_map, parse_max_memory
+from lm_ce.config.sources import words_of
 from lm_ce.errors import UsageError, first_line
 
 log = logging.getLogger("lm_ce")
@@ -48,27 +49,27 @@ def from_pretrained_kwargs(cfg: Config, *, gpus: int, local_rank: int, local_wor
     if not cfg.device_map:
         return {}
     group = gpu_group(gpus, local_rank=local_rank, local_world=local_world)
+    w = words_of(cfg)
 
     def device(d, what: str):
         if not isinstance(d, int):
             return d
         if d >= len(group):
             where = f"GPUs 0..{len(group) - 1} of this process's group" if group else "no GPU (CUDA is not available)"
-            raise UsageError(f"{what} names GPU {d}, but there is {where}; use GPU numbers within it, cpu or disk")
+            raise w.error(f"{what} names GPU {d}, but there is {where}; use GPU numbers within it, cpu or disk")
         return group[d]
 
-    spec = parse_device_map(cfg.device_map, "--device-map", "config")  # as typed checks leave it: "0" is GPU 0
+    spec = cfg.device_map  # typed by the config's source (values.parse_device_map): "0" is GPU 0
     if isinstance(spec, dict):
-        device_map = {module: device(d, "--device-map") for module, d in spec.items()}
+        device_map = {module: device(d, w("device_map")) for module, d in spec.items()}
     else:
         device_map = spec
         if device_map == "balanced_low_0" and group and group[0] != 0:
-            raise UsageError("--device-map balanced_low_0 works only for the process whose GPUs start at 0; "
-                             "use balanced, auto or sequential with several processes")
+            raise w.error(f"{w('device_map', 'balanced_low_0')} works only for the process whose GPUs start at 0; "
+                          "use balanced, auto or sequential with several processes")
     max_memory = None
     if cfg.max_memory:
-        budget = parse_max_memory(cfg.max_memory, "--max-memory", "config")
-        max_memory = {device(d, "--max-memory"): size for d, size in budget.items()}
+        max_memory = {device(d, w("max_memory")): size for d, size in cfg.max_memory.items()}
     elif local_world > 1 and not isinstance(device_map, dict):
         max_memory = shared_memory(group, local_world)
     folder = offload_folder(cfg, f"process{local_rank}" if local_world > 1 else "")
@@ -187,7 +188,7 @@ def execution_device(model: torch.nn.Module, module: torch.nn.Module) -> torch.d
     name = next((n for n, m in modules.items() if m is module), None)
     parts = name.split(".") if name else []
     for k in range(len(parts), -1, -1) if name is not None else ():
-        found = _hook_device(getattr(modules[".".join(parts[:k])], "_hf_hook", None))
+        found = _hook_device(compat.hook_of(modules[".".join(parts[:k])]))
         if found is not None:
             return found
     for tensor in module.parameters():

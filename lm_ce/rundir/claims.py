@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lm_ce.config.fields import Config
+from lm_ce.config.sources import words_of
 from lm_ce.errors import SharedUsageError, UsageError
 from lm_ce.rundir import state as saved
 from lm_ce.rundir.state import LEGACY, STATE
@@ -108,27 +109,38 @@ def _claim(directory: Path, cfg: Config) -> None:
     fd = _lock(directory)
     try:
         found = previous_run(directory)
-        if found and found.foreign:
-            them = "them" if len(found.foreign) > 1 else "it"
-            raise UsageError(
-                f"--output-dir {directory} holds {', '.join(found.foreign)}, not written by lm_ce (no results.json or "
-                f"{STATE} of an lm_ce run there), which a run would replace: move {them} elsewhere or use another "
-                "--output-dir"
-            )
+        refuse_previous(directory, cfg, found)
         if found and cfg.overwrite:
             removed = clear(directory)
             log.info("--overwrite: deleted the previous run's files in %s (%s)", directory, ", ".join(removed))
-        elif found and not cfg.resume:
-            resume = "continue it with --resume, " if found.resumable else ""
-            raise UsageError(
-                f"--output-dir {directory} holds {found.words}: {resume}replace it with --overwrite (deletes those "
-                "files), or use another --output-dir"
-            )
     except BaseException:
         os.unlink(directory / LOCK)
         os.close(fd)
         raise
     _held[directory] = [fd, 1]
+
+
+def check_free(cfg: Config) -> None:
+    """Refuse, without taking it, an output directory that a run could not claim (the callback asks this before
+    training starts, where the claim comes at the first evaluation)."""
+    directory = Path(cfg.output_dir).absolute() if cfg.output_dir else None
+    if directory is not None and directory.is_dir():
+        refuse_previous(directory, cfg, previous_run(directory))
+
+
+def refuse_previous(directory: Path, cfg: Config, found: Previous | None) -> None:
+    """A UsageError when `directory` holds files lm_ce did not write, or a run that cfg neither resumes nor
+    overwrites; in the words of cfg's source."""
+    w = words_of(cfg)
+    if found and found.foreign:
+        them = "them" if len(found.foreign) > 1 else "it"
+        raise w.error(f"{w('output_dir')} {directory} holds {', '.join(found.foreign)}, not written by lm_ce (no "
+                      f"results.json or {STATE} of an lm_ce run there), which a run would replace: move {them} "
+                      f"elsewhere or use another {w('output_dir')}")
+    if found and not cfg.overwrite and not cfg.resume:
+        resume = f"continue it with {w('resume', True)}, " if found.resumable else ""
+        raise w.error(f"{w('output_dir')} {directory} holds {found.words}: {resume}replace it with "
+                      f"{w('overwrite', True)} (deletes those files), or use another {w('output_dir')}")
 
 
 def make(directory: Path) -> None:

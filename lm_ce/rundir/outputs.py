@@ -18,6 +18,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +28,10 @@ from lm_ce.sums.extremes import SHOWN_TOKENS
 from lm_ce.sums.records import DocumentResult, KeyTokens, Run
 from lm_ce.sums.signals import Signals
 from lm_ce.sums.tasks import row_of as task_row
+
+if TYPE_CHECKING:
+    import pyarrow.parquet as pq
+    from transformers import PreTrainedTokenizerBase
 
 DOCUMENTS = "documents.jsonl"
 TOKENS = "tokens.parquet"
@@ -125,14 +130,14 @@ class Outputs:
     directory: Path | None  # None: keep in memory
     main: bool
     document_mode: bool
-    tokenizer: object = None
+    tokenizer: PreTrainedTokenizerBase | None = None
     save_tokens: bool = False  # write the token tables (--save-tokens); else they only feed results.html's documents
     documents: list[DocumentResult] = field(default_factory=list)  # in memory (no directory)
     tables: list[dict] = field(default_factory=list)  # token tables in memory (no directory)
     vocab: dict[int, str] = field(default_factory=dict)  # token id -> text, decoded once
     _file: object = None
     _digest: object = None  # the running sha256 of documents.jsonl's rows (run.rows_sha256)
-    _joined: object = None  # pyarrow.parquet.ParquetWriter of JOINED, open while the run writes tokens
+    _joined: pq.ParquetWriter | None = None  # of JOINED, open while the run writes tokens
 
     @property
     def writes(self) -> bool:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lm_ce.sums.signals import TileMoments, logprob_moments, wide
+from lm_ce.sums.signals import TileMoments, logprob_moments, wide_dtype
 
 log = logging.getLogger("lm_ce")
 
@@ -199,7 +199,7 @@ def _token_losses(hidden, targets, head: Head, rows, want_top1, vocab_block, wan
     cols = min(vocab, vocab_block or tile_columns(rows))
     nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
     top1 = torch.empty(n, dtype=torch.long, device=hidden.device) if want_top1 else None
-    mean = torch.empty(n, dtype=wide(hidden.device), device=hidden.device) if want_moments else None
+    mean = torch.empty(n, dtype=wide_dtype(hidden.device), device=hidden.device) if want_moments else None
     std = torch.empty_like(mean) if want_moments else None
     for start in range(0, n, rows):
         block = slice(start, min(start + rows, n))

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from lm_ce.sums import stats
 from lm_ce.sums.divergence import Divergence
 from lm_ce.sums.records import DocumentResult, Run, Tally
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
 
 @dataclass
 class Plan:
@@ -36,7 +40,7 @@ class Plan:
     cfg: Config
     setup: Setup
     scorer: Scorer
-    accelerator: object  # accelerate.Accelerator
+    accelerator: Accelerator
     progress: Progress
     stop: StopRequest
     rows: object = None  # rows given in memory (lm_ce.evaluate), read instead of what cfg names

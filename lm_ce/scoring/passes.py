@@ -48,7 +48,7 @@ COSTLY = 8  # input tokens read per token scored from which the cost is said bef
 
 
 @dataclass
-class Sequence:
+class TokenSequence:
     """One document's token sequence S and where its targets start."""
 
     ids: list[int]
@@ -194,8 +194,8 @@ def _say_doubled(run: Run, n: int) -> None:
 
 
 def tokenize_share(docs: list[data.Document], tokenizer, prefix: int | None, rank: int, world: int,
-                   detokenizer: str = "none", byte_spans: SpanMaker | None = None) -> dict[int, Sequence]:
-    """{document index: Sequence} for this process's share (every world-th) of a chunk; each S an int64 tensor
+                   detokenizer: str = "none", byte_spans: SpanMaker | None = None) -> dict[int, TokenSequence]:
+    """{document index: TokenSequence} for this process's share (every world-th) of a chunk; each S an int64 tensor
     (8 bytes a token, where a list of Python ints takes about 36: a chunk's memory is its tokens). With
     `byte_spans`, each token's byte span in its scored text too (one tokenizer call that also gives offsets)."""
     mine = [d for i, d in enumerate(docs) if i % world == rank and data.has_text(d)]
@@ -213,13 +213,13 @@ def tokenize_share(docs: list[data.Document], tokenizer, prefix: int | None, ran
             ids, doubled = without_double_prefix(ids, prefix)
             seq = torch.tensor(head + ids, dtype=torch.long)
             where = text_bytes(byte_spans, len(seq), 0 if doubled else len(head), text_spans, d.index)
-            out[d.index] = Sequence(seq, len(head), doubled, where)
+            out[d.index] = TokenSequence(seq, len(head), doubled, where)
     for d in mine:
         if d.prompt is not None:
             text = detokenized(detokenizer, d.text)
             seq, first = document_sequence(tokenizer, text, prefix, d.prompt)
             where = text_bytes(byte_spans, len(seq), first, None, d.index, prompted=(d.prompt, text))
-            out[d.index] = Sequence(torch.tensor(seq, dtype=torch.long), first, bytes=where)
+            out[d.index] = TokenSequence(torch.tensor(seq, dtype=torch.long), first, bytes=where)
     return out
 
 
@@ -241,7 +241,7 @@ def _score_chunk(docs: list[data.Document], future: Future, plan: Plan, run: Run
         if not data.has_text(d):  # "" or whitespace only: nothing to score, not even its tokens
             r.skipped = "empty"
             continue
-        sequence = sequences.get(d.index, Sequence([], 0))
+        sequence = sequences.get(d.index, TokenSequence([], 0))
         spans = document_spans(len(sequence.ids), sequence.first_target, plan.setup.max_length, plan.setup.stride)
         if not spans:
             r.skipped = "empty"

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from lm_ce import compat
 from lm_ce.config.fields import Config
 from lm_ce.config.protocols import PROTOCOLS
-from lm_ce.errors import UsageError
+from lm_ce.config.sources import words_of
 from lm_ce.model.load import ModelInfo, check_vocabulary
 from lm_ce.scoring.head import Head, head_of
 from lm_ce.scoring.probe import check_causal, check_left_padding, probe_head
@@ -69,15 +70,10 @@ def resolve(cfg: Config, *, model: torch.nn.Module, tokenizer, info: ModelInfo, 
 
 
 def resolve_lengths(cfg: Config, positions: int | None) -> tuple[int, int]:
-    """(max_length, stride): the model's positions at most 2048 by default; never beyond them."""
+    """(max_length, stride): the model's positions at most 2048 by default; never beyond them (checks.check_positions
+    refused those once the model loaded)."""
     max_length = cfg.max_length or min(positions or 2048, 2048)
-    if positions and max_length > positions:
-        raise UsageError(
-            f"--max-length {max_length} is beyond the model's {positions} positions; use --max-length {positions} or less"
-        )
     stride = cfg.stride or (max(1, max_length // 2) if PROTOCOLS[cfg.protocol].half_stride else max_length)
-    if stride > max_length:
-        raise UsageError(f"--stride {stride} is larger than --max-length {max_length}; use a stride at most max_length")
     return max_length, stride
 
 
@@ -109,13 +105,15 @@ def _token(cfg: Config, tokenizer) -> int | None:
     if choice == "none":
         return None
     token = tokenizer.bos_token_id if choice == "bos" else tokenizer.eos_token_id
+    w = words_of(cfg)
     if token is None and cfg.prefix_token == "auto":
-        raise UsageError(
-            "--prefix-token auto: the tokenizer has neither a BOS nor an EOS token; use --prefix-token none "
-            "(then the first token of each document is context, not scored)"
+        raise w.error(
+            f"{w('prefix_token', 'auto')}: the tokenizer has neither a BOS nor an EOS token; use "
+            f"{w('prefix_token', 'none')} (then the first token of each document is context, not scored)"
         )
     if token is None:
-        raise UsageError(f"--prefix-token {choice}: the tokenizer has no {choice.upper()} token; use --prefix-token none")
+        raise w.error(f"{w('prefix_token', choice)}: the tokenizer has no {choice.upper()} token; use "
+                      f"{w('prefix_token', 'none')}")
     return token
 
 
@@ -164,14 +162,7 @@ _said_half_precision = False
 def cpu_has_native(dtype: torch.dtype) -> bool | None:
     """Whether oneDNN has fast kernels for a half-precision dtype on this CPU (x86: AVX-512 or AMX; Arm: its
     BF16/FP16 extensions), or None when torch cannot tell. A cheap check: no arithmetic is timed."""
-    try:
-        if dtype == torch.bfloat16:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        if dtype == torch.float16:
-            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except (AttributeError, RuntimeError):
-        return None
-    return True
+    return compat.cpu_half_kernels(dtype)
 
 
 def note_cpu_half_precision(dtype: torch.dtype) -> None:

@@ -16,6 +16,7 @@ import dataclasses
 
 import torch
 
+from lm_ce.errors import InternalError
 from lm_ce.sums import divergence, extremes, quantiles, records, signals, stats, tasks
 from lm_ce.sums.kinds import (
     BOOL,
@@ -236,7 +237,8 @@ def check_schema() -> None:
     """Every field of every record is in SCHEMA (a field added to a record and not here would not be saved)."""
     for cls, fields in SCHEMA.items():
         names = [f.name for f in dataclasses.fields(cls)]
-        assert set(names) == set(fields), (cls.__name__, sorted(set(names) ^ set(fields)))
+        if set(names) != set(fields):
+            raise InternalError(f"{cls.__name__}: fields {sorted(set(names) ^ set(fields))} are not in SCHEMA")
 
 
 def encode(run: records.Run) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lm_ce.errors import InternalError
 from lm_ce.sums import stats
 
 
-def wide(device: torch.device) -> torch.dtype:
+def wide_dtype(device: torch.device) -> torch.dtype:
     """float64 for sums across tiles, where the device has it (MPS has not: float32 there)."""
     return torch.float32 if device.type == "mps" else torch.float64
 
@@ -50,7 +51,7 @@ class TileMoments:
         d.clamp_min_(FAR_BELOW)
         s1 = e.mul_(d).sum(dim=-1)
         s2 = e.mul_(d).sum(dim=-1)
-        dt = wide(logits.device)
+        dt = wide_dtype(logits.device)
         self._combine(shift.to(dt), s0.to(dt), s1.to(dt), s2.to(dt))
         return part
 
@@ -79,7 +80,7 @@ def _shifted(s0, s1, s2, delta):
 
 def logprob_moments(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mu, sigma) per row of full log-probabilities (the fallback paths that already hold them), float64."""
-    logp = logp.to(wide(logp.device))
+    logp = logp.to(wide_dtype(logp.device))
     p = logp.exp()
     finite = logp.clamp_min(FAR_BELOW * 100)  # p = 0 there: 0 * finite, not 0 * -inf
     mean = (p * finite).sum(dim=-1)
@@ -138,7 +139,8 @@ def document_signals(parts: list[tuple[int, torch.Tensor, torch.Tensor]], *, k: 
     parts = sorted(parts, key=lambda p: p[0])
     lp = torch.cat([p[1] for p in parts])
     z = torch.cat([p[2] for p in parts])
-    assert lp.numel() == tokens, (lp.numel(), tokens)
+    if lp.numel() != tokens:
+        raise InternalError(f"membership signals: {lp.numel()} log-probabilities for {tokens} scored tokens")
     m = max(1, math.floor(k * tokens))
     return Signals(lowest_mean(lp, m), lowest_mean(z, m), zlib_ratio(nll_sum, tokens, text))
 
