@@ -34,7 +34,7 @@ REPORTS = ("results.json", "results.md", "config.yaml", "documents.jsonl", "toke
 RUN_FILES = (*REPORTS, STATE, LEGACY)
 LOCK = ".lm_ce.lock"
 
-_held: dict[Path, list[int]] = {}  # directories this process holds: [lock file descriptor, nested claims]
+_held: dict[Path, list] = {}  # directories this process holds: [lock file descriptor, nested claims, folders created]
 
 
 @dataclass
@@ -56,6 +56,11 @@ class Claim:
             except OSError:
                 pass
             os.close(held[0])
+            for folder in held[2]:  # created by this claim, deepest first: a run that wrote nothing (its model
+                try:  # missing, say) leaves no empty directory behind
+                    folder.rmdir()  # only an empty one
+                except OSError:
+                    break
         self.directory = None
 
     def __enter__(self) -> "Claim":
@@ -104,6 +109,7 @@ def _claim(directory: Path, cfg: Config) -> None:
     if directory in _held:
         _held[directory][1] += 1
         return
+    created = [folder for folder in (directory, *directory.parents) if not folder.exists()]
     make(directory)
     fd = _lock(directory)
     try:
@@ -128,7 +134,7 @@ def _claim(directory: Path, cfg: Config) -> None:
         os.unlink(directory / LOCK)
         os.close(fd)
         raise
-    _held[directory] = [fd, 1]
+    _held[directory] = [fd, 1, created]
 
 
 def make(directory: Path) -> None:
