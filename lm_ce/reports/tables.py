@@ -65,6 +65,8 @@ def lookup(summary: dict, path: str):
 def fmt(value) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):  # before int (a bool is one): results.json's spelling, not 0 and 1
+        return "true" if value else "false"
     if isinstance(value, float):
         if math.isinf(value) or math.isnan(value):
             return str(value)
