@@ -95,4 +95,17 @@ def test_the_estimate_is_said_then_said_again_when_it_moves(monkeypatch, caplog)
         clock[0] = 200.0
         progress.update(50, 1.0, 50.0)  # much slower, and a minute on: said again
     said = [r.getMessage() for r in caplog.records if "estimated scoring time" in r.getMessage()]
-    assert len(said) == 2 and "about 2 s left" in said[0] and said[1].startswith("estimated scoring time (updated)")
+    assert len(said) == 2 and "about 1 s left" in said[0] and said[1].startswith("estimated scoring time (updated)")
+
+
+def test_the_first_batch_warm_up_is_left_out(monkeypatch):
+    """The first batch also pays for first calls and allocations: the rate is measured from its end on."""
+    clock = [0.0]
+    monkeypatch.setattr(progress_lib.time, "perf_counter", lambda: clock[0])
+    progress = Progress(False, costs=COSTS)
+    progress.add_total(1000, cost=1000.0)
+    clock[0] = 10.0  # ten times what its cost takes
+    progress.update(100, 1.0, 100.0)
+    clock[0] = 11.0
+    progress.update(100, 1.0, 100.0)  # 1 s per 100 from here on: 8 s left
+    assert math.isclose(progress.seconds_left(), 8.0) and progress.estimates == [(11.0, 8.0)]

@@ -68,6 +68,8 @@ class Progress:
         self.cost_planned = 0.0  # cost of the batches planned so far in this process's run (a resume's done ones not)
         self.cost_done = 0.0  # of those, scored
         self.started: float | None = None  # the clock when the first batch was planned
+        self.warm: tuple[float, float, int] | None = None  # (clock, cost done, tokens) after the first batch: the rate
+        # is measured from there on, the first batch's warm-up (first calls, allocations) left out
         self.cost_said = False
         self.estimate_wanted = False  # log the time left once the next batch is scored (costly windows)
         self.said: tuple[float, float] | None = None  # (clock, estimated total seconds) of the last estimate logged
@@ -101,7 +103,9 @@ class Progress:
         self.nll += nll
         self.cost_done += cost
         left = self.seconds_left()
-        if left is not None:
+        if tokens and self.warm is None:
+            self.warm = (time.perf_counter(), self.cost_done, self.tokens)
+        elif left is not None:  # from the second batch on
             self.estimates.append((time.perf_counter() - self.started, left))
             if self.main and (self.estimate_wanted or self.said is not None):
                 self._say_estimate(left)
@@ -113,15 +117,18 @@ class Progress:
             self.bar.set_postfix(shown, refresh=False)
 
     def seconds_left(self) -> float | None:
-        """The scoring time left for what is planned so far: its cost left at the cost per second measured so far
-        (tokens per second without `costs`); None before a batch is scored."""
+        """The scoring time left for what is planned so far: its cost left at the cost per second measured since the
+        first batch (tokens per second without `costs`), or over the first batch while it is the only one; None
+        before a batch is scored."""
         if self.started is None:
             return None
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        if self.costs is not None and self.cost_done > 0:
-            return max(self.cost_planned - self.cost_done, 0.0) * elapsed / self.cost_done
-        if self.costs is None and self.tokens > 0:
-            return max(self.planned - self.counted, 0) * elapsed / self.tokens
+        now = time.perf_counter()
+        since, cost, tokens = self.warm if self.warm and now > self.warm[0] else (self.started, 0.0, 0)
+        elapsed = max(now - since, 1e-9)
+        if self.costs is not None and self.cost_done > cost:
+            return max(self.cost_planned - self.cost_done, 0.0) * elapsed / (self.cost_done - cost)
+        if self.costs is None and self.tokens > tokens:
+            return max(self.planned - self.counted, 0) * elapsed / (self.tokens - tokens)
         return None
 
     def _say_estimate(self, left: float) -> None:
