@@ -27,8 +27,22 @@ from lm_ce.rundir.state import LEGACY, STATE
 
 log = logging.getLogger("lm_ce")
 
-REPORTS = ("results.json", "results.md", "config.yaml", "documents.jsonl", "tokens.parquet", "position_loss.png",
-           "context_curve.png", "results.html", "words.parquet", "sentences.parquet")
+# The files a run writes and what each holds: the manual's lists of them are drawn from here (docs/hooks/run_files.py)
+WRITES = {
+    "results.json": "every figure and what was run: [its keys](reports.md#resultsjson), a contract other tools read",
+    "results.md": "the printed report as Markdown tables",
+    "results.html": "one page to open in a browser, offline: the figures, the groups, the loss-by-position plot "
+                    "(inline SVG) and the documents of highest and lowest mean loss coloured token by token "
+                    "(`--no-page` to skip)",
+    "config.yaml": "the resolved configuration: `--config DIR/config.yaml` repeats the run exactly",
+    "documents.jsonl": "document mode: one row per document",
+    "position_loss.png": "mean loss by position in the window (`--no-plot` to skip)",
+    "context_curve.png": "with `--context-curve`: mean loss of the same targets against the context length",
+    "tokens.parquet": "with `--save-tokens`: every scored token",
+    "words.parquet": "with `--task surprisal`: every word ([Word surprisal](surprisal.md#what-it-writes))",
+    "sentences.parquet": "with `--task surprisal`: every sentence",
+}
+REPORTS = tuple(WRITES)
 # Every file a run writes, with the records' files state.json names (state.body_files): --overwrite deletes these
 # and nothing else
 RUN_FILES = (*REPORTS, STATE, LEGACY)
