@@ -42,7 +42,7 @@ from lm_ce.rundir.parts import TABLES, TableParts
 from lm_ce.scoring.bytespans import SpanMaker
 from lm_ce.scoring.parallel import Plan, unfinished_state
 from lm_ce.scoring.passes import keep_freed_blocks, run_chunks, run_documents, run_stream
-from lm_ce.scoring.progress import Progress, StopRequest
+from lm_ce.scoring.progress import Costs, Progress, StopRequest
 from lm_ce.scoring.scorer import Scorer
 from lm_ce.scoring.setup import resolve, set_threads
 from lm_ce.suite import check_suite, run_suite
@@ -178,7 +178,8 @@ def _score(cfg: Config, loaded: Loaded, state: dict | None, read: DataIdentity, 
     accelerator.wait_for_everyone()  # processes finish loading at different times: scoring starts when all have
     emit("scoring")
     loaded_at = time.perf_counter()
-    progress = Progress(accelerator.is_main_process and cfg.progress, main=accelerator.is_main_process)
+    progress = Progress(accelerator.is_main_process and cfg.progress, main=accelerator.is_main_process,
+                        costs=Costs.of(model))
     shard = shard_of(cfg)
     outputs = Outputs(Path(cfg.output_dir) if cfg.output_dir else None, accelerator.is_main_process,
                       cfg.mode == "document", tokenizer, save_tokens=cfg.save_tokens)

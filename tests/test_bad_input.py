@@ -337,10 +337,24 @@ def test_odd_documents_are_scored_or_counted(env, mode):
     assert counts["tokens"] > 20000
     scored = ODD if mode == "stream" else ODD[1:]  # a stream's bytes are its joined text's, whitespace rows included
     assert counts["bytes"] == len(("\n\n" if mode == "stream" else "").join(scored).encode("utf-8"))
-    assert (counts["documents"], counts["skipped_documents"]) == (3, 2)  # whitespace and "": empty documents
-    if mode == "document":
+    if mode == "document":  # whitespace and "": empty documents, skipped
+        assert (counts["documents"], counts["skipped_documents"]) == (3, 2) and "joined_empty_rows" not in counts
         assert [d["skipped"] for d in documents] == ["empty", None, "empty", None, None]
+    else:  # joined into the stream with their separators (the bytes count them): joined, not skipped
+        assert (counts["documents"], counts["skipped_documents"], counts["joined_empty_rows"]) == (3, 0, 2)
+        assert "| empty rows joined | 2 |" in (env.tmp / "run" / "results.md").read_text()
     assert_finite(summary)
+
+
+def test_a_stream_skips_only_rows_without_text(env, capsys):
+    """A row with no text is left out of the stream (skipped); an empty one is joined (its separator is scored)."""
+    rows = [{"text": "Hello world."}, {"text": ""}, {"text": None}, {"text": "Good morning!"}, {"text": "  "}]
+    summary, _ = results_of(env, ["--data-files", make_jsonl(env.tmp / "s.jsonl", rows), "--mode", "stream"])
+    counts = summary["counts"]
+    assert (counts["documents"], counts["skipped_documents"], counts["joined_empty_rows"]) == (2, 1, 2)
+    assert counts["bytes"] == len("\n\n".join(["Hello world.", "", "Good morning!", "  "]).encode())
+    table = capsys.readouterr().out
+    assert [line.split()[-1] for line in table.splitlines() if "empty rows joined" in line or "documents skipped" in line] == ["1", "2"]
 
 
 def test_odd_documents_in_a_text_file(env):

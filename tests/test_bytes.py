@@ -144,6 +144,7 @@ def sp_model_dir(tmp_path_factory):
 def corpus(tmp_path_factory, texts):
     rows = [{"text": t, "id": f"t{i}", "group": "multi" if i < len(MULTIBYTE) else "plain"}
             for i, t in enumerate(MULTIBYTE + [t for t in texts if t.strip()][:8])]
+    rows[-1]["group"] = None  # the group (null): the groups' contributions still add up to the gap
     rows.append({"text": "", "id": "empty", "group": "plain"})
     return make_jsonl(tmp_path_factory.mktemp("bytes") / "docs.jsonl", rows)
 
@@ -207,6 +208,7 @@ def test_byte_comparison_adds_up(runs, tmp_path):
     gaps = docs[[f"gap_{k}" for k in block["classes"]]].sum(axis=1)
     np.testing.assert_allclose(gaps, docs["bits_per_byte_gap"], rtol=1e-9, atol=1e-12)
     assert math.isclose(sum(g["contribution"] for g in block["groups"].values()), block["gap_bits_per_byte"], rel_tol=1e-9)
+    assert block["groups"]["(null)"]["documents"] == 1
     spans = block["aligned_spans_top"]
     assert spans and all(s["tokens_a"].startswith("|") and s["tokens_b"].endswith("|") for s in spans)
     page = (out / "comparison.html").read_text(encoding="utf-8")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -200,7 +199,8 @@ def test_real_model_disk_offload_equals_in_memory_run(tmp_path, monkeypatch):
     device_map = disk_map(30)
     offloaded = evaluate(offloaded_config(tmp_path, SMOLLM2, device_map, **fields))
     assert_same_run(offloaded, in_memory, device_map)
-    assert os.path.isdir(offloaded.summary["model"]["path"])  # placed from the dequantized cache
+    assert offloaded.summary["model"]["path"] == in_memory.summary["model"]["path"]  # the .gguf file, cached or not
+    assert offloaded.summary["model"]["path"].endswith(".gguf")
 
 
 @pytest.mark.gpu

@@ -26,6 +26,7 @@ MAX_LEN, STRIDE = 32, 16
 def corpus(tmp_path_factory, texts):
     rows = [{"text": t, "title": f"t{i}", "domain": "short" if len(t) < 60 else "long"} for i, t in enumerate(texts)]
     rows += [{"text": t[::-1], "title": f"r{i}", "domain": "reversed"} for i, t in enumerate(texts[8:])]
+    rows += [{"text": t.upper(), "title": f"u{i}"} for i, t in enumerate(texts[3:6])]  # no domain: the group (null)
     return make_jsonl(tmp_path_factory.mktemp("paired") / "docs.jsonl", rows)
 
 
@@ -87,9 +88,12 @@ def test_paired_standard_error_matches_numpy(runs):
 def test_groups_and_most_changed(runs):
     c = paired.compare_runs(runs["a"], runs["b"])
     a, b = documents(runs["a"]), documents(runs["b"])
-    assert set(c["groups"]) == set(a["group"])
+    names = a["group"].fillna("(null)")  # documents with no group value form the group (null), as in a run's groups
+    assert set(c["groups"]) == set(names) and "(null)" in c["groups"]
+    assert sum(g["documents"] for g in c["groups"].values()) == len(a)  # the groups add up to the totals
+    assert sum(g["tokens_a"] for g in c["groups"].values()) == a["tokens"].sum()
     for name, g in c["groups"].items():
-        m = (a["group"] == name).to_numpy()
+        m = (names == name).to_numpy()
         mean, se = paired_se(a["nll_sum"].to_numpy()[m], b["nll_sum"].to_numpy()[m], a["tokens"].to_numpy()[m])
         assert g["documents"] == m.sum() and math.isclose(g["delta"]["mean_loss"]["value"], mean, rel_tol=1e-9)
         assert math.isclose(g["delta"]["mean_loss"]["stderr"], se, rel_tol=1e-9)

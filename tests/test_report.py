@@ -71,6 +71,13 @@ def test_fmt():
     assert fmt(1.5e7) == "15,000,000" and fmt(12345678.9) == "12,345,679"  # from 10^6 on: whole numbers
     assert fmt(math.inf) == "inf" and fmt(math.nan) == "nan"
     assert fmt("chunked") == "chunked"
+    assert fmt(False) == "false" and fmt(True) == "true"  # as results.json has them (data.streaming), not 0 and 1
+
+
+def test_what_was_run_spells_booleans_as_results_json(tmp_path):
+    s = summary_dict()
+    s["data"]["streaming"] = False
+    assert "\n| data.streaming | false |\n" in markdown(s)
 
 
 def test_labels_are_unique():

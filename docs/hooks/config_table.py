@@ -21,7 +21,8 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
 
 
 def config_tables() -> str:
-    """Markdown: one table per group of Config fields, in the order the fields are defined."""
+    """Markdown: one table per group of Config fields, in --help's order of the groups (`GROUPS`), each group's
+    fields in the order they are defined."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     from lm_ce.config import fields as config
@@ -34,8 +35,9 @@ def config_tables() -> str:
         kind = f"one of {', '.join(map(str, options))}" if options else _type(field)
         row = f"| `{field.name}` | {_flags(field)} | {_cell(kind)} | `{_default(field)}` | {_cell(field.metadata.get('help', ''))} |"
         groups.setdefault(group, []).append(row)
+    order = list(getattr(config, "GROUPS", ()))  # --help's order of the sections, then any other group
     out = []
-    for group, rows in groups.items():
+    for group, rows in sorted(groups.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)):
         out += [f"### {group[:1].upper() + group[1:]}", "",
                 "| field | flag | type | default | what it does |", "|---|---|---|---|---|", *rows, ""]
     return "\n".join(out)

@@ -6,6 +6,7 @@ USAGE = """usage: lm-ce [--config FILE.yaml] [--FIELD VALUE ...]     (also: pyth
        lm-ce merge SHARD_DIR... --output-dir OUT      (the shards of one --shard K/N run; see lm-ce merge --help)
        lm-ce cache list | clear [NAME...]             (lm_ce's cache: GGUF weights, file hashes; lm-ce cache --help)
        lm-ce explain --from P --to P --output-dir D   (why two protocols differ; see lm-ce explain --help)
+       lm-ce --version                                (the installed lm_ce's version)
 
 Scores a text dataset with a causal LM: mean token cross-entropy, perplexity, bits per byte.
 Every field below is a flag (--max-length 1024; dashes or underscores) and a key of the --config file

@@ -18,7 +18,23 @@ NON_FINITE = 3  # the exit code of a model that produced NaN/inf (2: bad input; 
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run the command; output cut off by its reader (`lm-ce --help | head`) ends quietly, as other tools do."""
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except BrokenPipeError:
+        # the reader is gone: point stdout at /dev/null so that Python's flush at exit raises nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE, what a shell reports for a command ended by a closed pipe
+
+
+def _main(argv: list[str]) -> int:
+    if argv[:1] == ["--version"] or argv[:1] == ["-V"]:
+        from lm_ce import __version__
+
+        print(f"lm_ce {__version__}")  # as results.json's environment.lm_ce records it
+        return 0
     if argv[:1] == ["compare"]:
         return compare_main(argv[1:])
     if argv[:1] == ["merge"]:

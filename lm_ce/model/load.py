@@ -21,7 +21,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class ModelInfo:
     name: str  # what the user gave
     source: str  # hub | directory | gguf
-    path: str  # what was loaded (a cache directory for a cached GGUF)
+    path: str  # what was loaded: the directory, the Hub id, or the .gguf file (the same whether or not its cache was read)
     revision: str | None
     dtype: str
     max_positions: int | None
@@ -122,7 +122,7 @@ def load(cfg: Config, device: torch.device, main_process: bool = True) -> tuple[
     info = ModelInfo(
         name=cfg.model,
         source=source,
-        path=str(path),
+        path=spec if source == "gguf" else str(path),
         revision=cfg.revision,
         dtype=str(dtype).replace("torch.", ""),
         max_positions=max_positions(model.config),

@@ -51,10 +51,13 @@ def figures(cfg: Config, run: Run, stopped: bool) -> tuple[dict, Tally]:
     out = {
         "nll_sum": totals.nll_sum,
         "counts": {
-            "tokens": totals.tokens, "documents": rows.documents, "skipped_documents": rows.skipped,
+            "tokens": totals.tokens, "documents": rows.documents,
+            "skipped_documents": rows.skipped if document else rows.not_text,  # joined: rows with no text
             "bytes": rows.bytes if document else totals.bytes, "words": rows.words if document else totals.words,
             "windows": windows, "input_tokens": tally.inputs, "padding_tokens": tally.padding,
             "tokens_per_process": run.tokens_per_process, "double_prefix_removed": run.doubled_prefix,
+            # a joined run's empty or whitespace-only rows: joined into its text with their separators, not skipped
+            **({} if document else {"joined_empty_rows": rows.skipped - rows.not_text}),
         },
         "metrics": metrics(totals.nll_sum, totals.tokens, totals.bytes, totals.words),
         "uncertainty": _uncertainty(cfg, by_document, sums, totals),

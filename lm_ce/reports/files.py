@@ -14,11 +14,9 @@ from lm_ce.reports.page import PageParts
 from lm_ce.reports.page import render as render_page
 from lm_ce.reports.plots import plot_curve, plot_positions
 from lm_ce.reports.tables import (
-    ROWS,
-    fmt,
+    figure_rows,
     headline,
     interval,
-    lookup,
     markdown,
     sections,
     shard_note,
@@ -95,7 +93,7 @@ def write(results: Results, output_dir: str, plot: bool = True, page: bool = Tru
 def page_parts(results: Results) -> PageParts:
     """What results.html shows: the figures and tables of results.md, the loss by position, the documents."""
     summary = results.summary
-    figures = [(label, fmt(lookup(summary, path))) for label, path in ROWS]
+    figures = figure_rows(summary)
     figures.insert(2, ("perplexity 95% interval", interval(summary)))
     if headline(summary):
         figures.insert(0, headline(summary))

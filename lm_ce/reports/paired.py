@@ -23,7 +23,7 @@ from lm_ce.reports.tables import md
 from lm_ce.reports.agreement import agreement_lines, choice_agreement, task_identity
 from lm_ce.rundir import claims as outdir
 from lm_ce.rundir import state as saved
-from lm_ce.sums.stats import exp_capped, paired
+from lm_ce.sums.stats import NULL_GROUP, exp_capped, paired
 
 DATA_KEYS = ("source", "dataset", "dataset_config", "split", "text_field", "prompt_field", "join_by", "streaming", "limit")
 WINDOW_KEYS = ("max_length", "stride")
@@ -179,7 +179,7 @@ def compare_runs(dir_a: str, dir_b: str) -> dict:
         tokens, n_bytes = np.array([x["tokens"] for x, _ in rows]), np.array([x["bytes"] for x, _ in rows])
         out["paired_by"] = "documents"
         out["delta"] = deltas(a_nll, b_nll, tokens, n_bytes, same)
-        out["groups"] = _groups(rows, same)
+        out["groups"] = _groups(rows, same, grouped=bool(a.summary["data"].get("group_field")))
         out["most_changed"] = _most_changed(rows)
         if a.summary.get("multiple_choice") and b.summary.get("multiple_choice"):
             out["multiple_choice"] = choice_agreement(rows)
@@ -220,11 +220,16 @@ def _stream_deltas(a: RunFiles, b: RunFiles, same: bool) -> dict:
     return deltas(a_nll, b_nll, np.array([a.summary["counts"]["tokens"]]), np.array([a.summary["counts"]["bytes"]]), same)
 
 
-def _groups(rows: list, same: bool) -> dict:
+def _groups(rows: list, same: bool, grouped: bool) -> dict:
+    """One entry per group (with --group-field); documents whose group is null or missing form the group `(null)`,
+    as in a run's own `groups`, so that the groups add up to the totals."""
     out: dict = {}
-    for name in sorted({x.get("group") for x, _ in rows if x.get("group") is not None}):
+    names = sorted({x.get("group") for x, _ in rows if x.get("group") is not None}, key=str)
+    if not names and not grouped:
+        return out
+    for name in [*names, None] if any(x.get("group") is None for x, _ in rows) else names:
         part = [(x, y) for x, y in rows if x.get("group") == name]
-        out[name] = {"documents": len(part), "tokens_a": sum(x["tokens"] for x, _ in part),
+        out[NULL_GROUP if name is None else name] = {"documents": len(part), "tokens_a": sum(x["tokens"] for x, _ in part),
                      "tokens_b": sum(y["tokens"] for _, y in part), "bytes": sum(x["bytes"] for x, _ in part),
                      "delta": deltas(np.array([x["nll_sum"] for x, _ in part]), np.array([y["nll_sum"] for _, y in part]),
                                      np.array([x["tokens"] for x, _ in part]), np.array([x["bytes"] for x, _ in part]), same)}

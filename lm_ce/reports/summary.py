@@ -5,7 +5,7 @@ The key paths typed below are a contract other tools read; the README's key tabl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 import torch
 
@@ -31,6 +31,7 @@ class Counts(TypedDict):
     padding_tokens: int
     tokens_per_process: list[int]
     double_prefix_removed: int
+    joined_empty_rows: NotRequired[int]  # joined runs only (stream mode, chunk protocols)
 
 
 class Timing(TypedDict):

@@ -55,6 +55,15 @@ def md_code(lines: list[str], info: str = "text") -> list[str]:
     return [fence + info, *lines, fence]
 
 
+def figure_rows(summary: dict) -> list[tuple[str, str]]:
+    """(label, value) of ROWS; in a joined run (stream, chunk protocols) also the empty rows joined into its text."""
+    rows = [(label, fmt(lookup(summary, path))) for label, path in ROWS]
+    if lookup(summary, "counts.joined_empty_rows") is not None:
+        at = next(i for i, (_, path) in enumerate(ROWS) if path == "counts.skipped_documents") + 1
+        rows.insert(at, ("empty rows joined", fmt(summary["counts"]["joined_empty_rows"])))
+    return rows
+
+
 def lookup(summary: dict, path: str):
     value = summary
     for key in path.split("."):
@@ -65,6 +74,8 @@ def lookup(summary: dict, path: str):
 def fmt(value) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):  # before int (a bool is one): results.json's spelling, not 0 and 1
+        return "true" if value else "false"
     if isinstance(value, float):
         if math.isinf(value) or math.isnan(value):
             return str(value)
@@ -286,7 +297,7 @@ def table(summary: dict) -> str:
     if "suite" in summary:
         interrupted = [] if summary["complete"] else ["INTERRUPTED: the suite stopped before its last dataset"]
         return "\n".join([_suite_title(summary), *interrupted, *_grid(*suite_rows(summary))])
-    rows = [(label, fmt(lookup(summary, path))) for label, path in ROWS]
+    rows = figure_rows(summary)
     rows.insert(2, ("perplexity 95% interval", interval(summary)))
     if headline(summary):
         rows.insert(0, headline(summary))
@@ -316,7 +327,7 @@ def markdown(summary: dict) -> str:
     if shard_note(summary):
         out += [f"**{shard_note(summary)}.**", ""]
     out += ["| metric | value |", "|---|---|"]
-    out += [md_row([label, fmt(lookup(summary, path))]) for label, path in ROWS]
+    out += [md_row([label, value]) for label, value in figure_rows(summary)]
     out += [md_row(["perplexity 95% interval", interval(summary)])]
     if headline(summary):
         out += [md_row(headline(summary))]

@@ -28,14 +28,28 @@ from lm_ce.rundir.state import LEGACY, STATE
 
 log = logging.getLogger("lm_ce")
 
-REPORTS = ("results.json", "results.md", "config.yaml", "documents.jsonl", "tokens.parquet", "position_loss.png",
-           "context_curve.png", "results.html", "words.parquet", "sentences.parquet")
+# The files a run writes and what each holds: the manual's lists of them are drawn from here (docs/hooks/run_files.py)
+WRITES = {
+    "results.json": "every figure and what was run: [its keys](reports.md#resultsjson), a contract other tools read",
+    "results.md": "the printed report as Markdown tables",
+    "results.html": "one page to open in a browser, offline: the figures, the groups, the loss-by-position plot "
+                    "(inline SVG) and the documents of highest and lowest mean loss coloured token by token "
+                    "(`--no-page` to skip)",
+    "config.yaml": "the resolved configuration: `--config DIR/config.yaml` repeats the run exactly",
+    "documents.jsonl": "document mode: one row per document",
+    "position_loss.png": "mean loss by position in the window (`--no-plot` to skip)",
+    "context_curve.png": "with `--context-curve`: mean loss of the same targets against the context length",
+    "tokens.parquet": "with `--save-tokens`: every scored token",
+    "words.parquet": "with `--task surprisal`: every word ([Word surprisal](surprisal.md#what-it-writes))",
+    "sentences.parquet": "with `--task surprisal`: every sentence",
+}
+REPORTS = tuple(WRITES)
 # Every file a run writes, with the records' files state.json names (state.body_files): --overwrite deletes these
 # and nothing else
 RUN_FILES = (*REPORTS, STATE, LEGACY)
 LOCK = ".lm_ce.lock"
 
-_held: dict[Path, list[int]] = {}  # directories this process holds: [lock file descriptor, nested claims]
+_held: dict[Path, list] = {}  # directories this process holds: [lock file descriptor, nested claims, folders created]
 
 
 @dataclass
@@ -57,6 +71,11 @@ class Claim:
             except OSError:
                 pass
             os.close(held[0])
+            for folder in held[2]:  # created by this claim, deepest first: a run that wrote nothing (its model
+                try:  # missing, say) leaves no empty directory behind
+                    folder.rmdir()  # only an empty one
+                except OSError:
+                    break
         self.directory = None
 
     def __enter__(self) -> "Claim":
@@ -105,6 +124,7 @@ def _claim(directory: Path, cfg: Config) -> None:
     if directory in _held:
         _held[directory][1] += 1
         return
+    created = [folder for folder in (directory, *directory.parents) if not folder.exists()]
     make(directory)
     fd = _lock(directory)
     try:
@@ -117,7 +137,7 @@ def _claim(directory: Path, cfg: Config) -> None:
         os.unlink(directory / LOCK)
         os.close(fd)
         raise
-    _held[directory] = [fd, 1]
+    _held[directory] = [fd, 1, created]
 
 
 def check_free(cfg: Config) -> None:

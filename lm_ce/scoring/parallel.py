@@ -91,7 +91,9 @@ def score_windows(windows: list[Window], plan: Plan, run: Run, results: dict[int
     ids_of = {id(batches[i]): i for i in todo}
     mine = shares[share_of(accelerator.process_index, shares, run.tokens_per_process)]
     tally = plan.new_tally()
-    plan.progress.add_total(sum(w.n_scored for w in windows), resumed.tokens)
+    costs = plan.progress.costs  # each step's cost over every process's batch, for the time left
+    step_costs = [sum(costs.batch(share[step] or []) for share in shares) if costs else 0.0 for step in range(len(mine))]
+    plan.progress.add_total(sum(w.n_scored for w in windows), resumed.tokens, sum(step_costs))
     stopped = False
     for step, batch in enumerate(mine):
         tokens, nll = 0, 0.0
@@ -102,7 +104,7 @@ def score_windows(windows: list[Window], plan: Plan, run: Run, results: dict[int
         flags = torch.tensor([tokens, nll, _save_due(plan), float(plan.stop.requested)], dtype=torch.float64)
         if world > 1:
             flags = accelerator.reduce(flags.to(accelerator.device), reduction="sum").cpu()
-        plan.progress.update(int(flags[0]), float(flags[1]))
+        plan.progress.update(int(flags[0]), float(flags[1]), step_costs[step])
         if flags[3] > 0 and step + 1 < len(mine):
             stopped = True
             break

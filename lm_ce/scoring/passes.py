@@ -300,7 +300,7 @@ def say_cost(windows: list[Window], plan: Plan, which: str = "") -> None:
     if plan.progress.main:
         log.warning(
             "--stride %d with --max-length %d: %s windows%s read %s input tokens to score %s, %.0f per scored token "
-            "(--stride %d reads about 1): the time estimate follows the first batch",
+            "(--stride %d reads about 1): the time estimate follows the first batch, updated as the run goes",
             stride, max_length, f"{len(windows):,}", which, f"{read:,}", f"{scored:,}", read / scored, max_length,
         )
     plan.progress.estimate_after_next_batch()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lm_ce.errors import UsageError
+from lm_ce.sums.stats import NULL_GROUP
 
 LN2 = math.log(2)
 BUILTIN = ("url", "newline", "whitespace", "digits", "letters", "punctuation", "non_ascii", "other")
@@ -304,11 +305,13 @@ def compare_documents(pairs: list[tuple[dict, dict]], tokens: tuple[dict, dict],
 
 
 def _groups(rows: list[dict], total: int) -> dict:
-    """Per group: its bytes, its own gap (over its bytes) and its contribution to the total gap (over all bytes)."""
+    """Per group: its bytes, its own gap (over its bytes) and its contribution to the total gap (over all bytes).
+    Documents with no group value form the group `(null)` (with other groups present), so the contributions add up."""
     out: dict = {}
-    for name in sorted({r["group"] for r in rows if r["group"] is not None}):
+    names = sorted({r["group"] for r in rows if r["group"] is not None}, key=str)
+    for name in [*names, None] if names and any(r["group"] is None for r in rows) else names:
         part = [r for r in rows if r["group"] == name]
         n = sum(r["bytes"] for r in part)
         bits = math.fsum(r["delta_bits"] for r in part)
-        out[name] = {"documents": len(part), "bytes": n, "gap_bits_per_byte": bits / n, "contribution": bits / total}
+        out[NULL_GROUP if name is None else name] = {"documents": len(part), "bytes": n, "gap_bits_per_byte": bits / n, "contribution": bits / total}
     return out

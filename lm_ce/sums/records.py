@@ -280,7 +280,22 @@ class Run:
 
 @dataclass
 class Results:
-    """What `evaluate` returns: the summary (results.json) and the breakdowns the reports write."""
+    """What `evaluate` returns: the summary (results.json) and the breakdowns the reports write.
+
+    Attributes:
+        summary: exactly the keys of results.json (`reports.summary.Summary`).
+        documents: one `DocumentResult` per document in document mode (documents.jsonl's rows): a list, or the
+            written documents.jsonl read on use.
+        positions: the loss by position in the window (sums and counts), as plotted in position_loss.png.
+        token_table: with `save_tokens`, column -> values of every scored token in memory (tokens.parquet's columns).
+        parts: a suite: each dataset's own `Results`, by its name.
+        token_files: tokens.parquet's parts on disk, in document order (`save_tokens` with an output directory).
+        joined_tokens: those parts already joined into one file, renamed to tokens.parquet when written.
+        extremes: the documents of highest and lowest loss that results.html shows.
+        byte_heatmaps: a compared model of another tokenizer -> the documents of largest gap byte by byte.
+        tables: a task's tables in memory (`"words"`, `"sentences"` -> columns).
+        table_files: those tables' parts on disk, in order.
+    """
 
     summary: dict  # summary.Summary: what results.json holds
     documents: Sequence[DocumentResult] = field(default_factory=list)  # a list, or documents.jsonl read on use
