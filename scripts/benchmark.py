@@ -96,14 +96,7 @@ def documents_main(args, output: Path, work: Path) -> int:
         lines += ["", f"The same, lm_ce of {args.documents_against}:", ""] + documents_table(other)[2:]
     report["documents_scaling"]["plot"] = plot_documents(report["documents_scaling"], ROOT / "docs" / "documents_scaling.png")
     report["failures"] = failures
-    text = "\n".join(lines)
-    print("\n" + text)
-    output.write_text(json.dumps(report, indent=2, default=str))
-    output.with_suffix(".md").write_text(text + "\n")
-    print(f"\nwrote {output} and {output.with_suffix('.md')}")
-    for f in failures:
-        print(f"FAIL: {f}")
-    return 1 if failures else 0
+    return written(report, "\n".join(lines), output, failures)
 
 
 def choices_main(args, output: Path, work: Path) -> int:
@@ -118,7 +111,11 @@ def choices_main(args, output: Path, work: Path) -> int:
                                              Bench(work, args.timeout, failures))}
     report["machine"]["load_average_end"] = load_average()
     report["failures"] = failures
-    text = "\n".join(choices_table(report["multiple_choice"]))
+    return written(report, "\n".join(choices_table(report["multiple_choice"])), output, failures)
+
+
+def written(report: dict, text: str, output: Path, failures: list[str]) -> int:
+    """Print the tables, write the report (JSON) and the tables (Markdown) beside it; the exit code."""
     print("\n" + text)
     output.write_text(json.dumps(report, indent=2, default=str))
     output.with_suffix(".md").write_text(text + "\n")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from lm_ce.config.fields import Config
 from lm_ce.sums.divergence import Divergence, TokenPairs
 from lm_ce.sums.quantiles import Quantiles
 
@@ -327,9 +328,7 @@ def resume_corpus(tmp_path_factory):
     return make_jsonl(tmp_path_factory.mktemp("resume") / "docs.jsonl", rows)
 
 
-def compare_settings(model: str, other: str, data: str, out) -> "Config":
-    from lm_ce.config.fields import Config
-
+def compare_settings(model: str, other: str, data: str, out) -> Config:
     return Config(model=model, compare_to=[other], data_files=[data], id_field="id", max_length=24, stride=12,
                   batch_size=2, chunk_documents=16, output_dir=str(out), progress=False)
 
