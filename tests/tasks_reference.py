@@ -19,12 +19,13 @@ class LM:
     def __init__(self, model, tokenizer):
         self.model, self.tok = model.eval(), tokenizer
         self.prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        self.vocab = model.get_output_embeddings().weight.shape[0]
+        output = model.get_output_embeddings()
+        self.vocab = output.weight.shape[0] if output is not None else None
 
     @torch.no_grad()
     def logdist(self, ids: list[int]) -> torch.Tensor:
         """float64 log-probabilities: row r is the distribution of the token after ids[:r + 1]."""
-        logits = self.model(torch.tensor([ids])).logits[0]
+        logits = self.model(torch.tensor([ids]), use_cache=False).logits[0]
         return torch.log_softmax(logits.double(), dim=-1)
 
     def plain(self, text: str) -> list[int]:

@@ -14,7 +14,9 @@ from lm_ce.config.sources import config_for
 from lm_ce.errors import UsageError
 from lm_ce.runner import evaluate
 from lm_ce.tasks import forward
+from lm_ce.tasks.choice import ChoiceScorer
 from lm_ce.tasks.items import item_of
+from lm_ce.tasks.requests import Request
 
 from . import tasks_reference as ref
 from .conftest import make_jsonl
@@ -73,36 +75,82 @@ def test_lm_eval_protocol_equals_reference(request, model_fixture, lms):
     assert res.summary["counts"]["tokens"] == sum(sum(e["tokens"]) for e in expected)
 
 
-def test_shared_prefix_equals_whole_choices(tiny_llama_dir, monkeypatch):
-    """The context read once and its cache copied to each choice gives what reading each choice whole gives (float32
-    rounding), and a model whose cache fails the probe is scored whole."""
-    shared = run(tiny_llama_dir, MC)
-    monkeypatch.setattr(forward, "probe_cache", lambda body: "a test said so")
+@pytest.mark.parametrize("mode", [forward.ONE_BY_ONE, forward.WHOLE])
+def test_items_batched_equal_items_one_at_a_time_and_whole_choices(tiny_llama_dir, monkeypatch, mode):
+    """Items read together (their prefixes left-padded in one pass, the choices' remainders over the copied caches)
+    give what one item at a time, and each choice read whole, give (float32 rounding); a model that fails the probe
+    is read as the probe says, and results.json says how."""
+    batched = run(tiny_llama_dir, MC, token_budget=64)
     from lm_ce.tasks import passes
 
-    monkeypatch.setattr(passes, "probe_cache", lambda body: "a test said so")
-    whole = run(tiny_llama_dir, MC)
-    assert whole.summary["multiple_choice"]["scoring"] == "whole sequences: a test said so"
-    for a, b in zip(shared.documents, whole.documents):
+    monkeypatch.setattr(passes, "probe_cache", lambda body: (mode, "a test said so"))
+    other = run(tiny_llama_dir, MC)
+    expected = {forward.ONE_BY_ONE: "shared prefix, one item at a time: a test said so",
+                forward.WHOLE: "whole sequences: a test said so"}[mode]
+    assert other.summary["multiple_choice"]["scoring"] == expected
+    for a, b in zip(batched.documents, other.documents):
         assert a.task.choice_loglikelihoods == pytest.approx(b.task.choice_loglikelihoods, rel=2e-6)
         assert (a.task.pred, a.task.pred_norm, a.task.choice_tokens) == (b.task.pred, b.task.pred_norm, b.task.choice_tokens)
 
 
+@pytest.mark.parametrize("budget", [8, 40, 10_000])
+def test_groups_and_passes_do_not_change_the_figures(tiny_gpt2_dir, lms, budget, tmp_path):
+    """Whatever the token budget cuts the items into (a group per item and a pass per remainder, a few passes with
+    copied caches, everything in one pass), every choice equals the float64 reference, Winogrande rows with no
+    common prefix (the blank first) included."""
+    res = run(tiny_gpt2_dir, MC, token_budget=budget)
+    lm = lms[tiny_gpt2_dir]
+    for d, r in zip(res.documents, rows_of(MC)):
+        expected = ref.lmeval_item(lm, r["context"], r["choices"], [r["label"]])
+        assert d.task.choice_loglikelihoods == pytest.approx(expected["loglikelihoods"], rel=REL), (budget, d.id)
+    rows = [*WG_ROWS, {"id": "wg6", "sentence": "_ opened the door when the bell rang.", "option1": "Tom",
+                       "option2": "The old woman", "answer": "2"}]
+    res = run(tiny_gpt2_dir, make_jsonl(tmp_path / "wg.jsonl", rows), layout="winogrande", token_budget=budget)
+    for d, r in zip(res.documents, rows):
+        expected = ref.lmeval_winogrande(lm, r["sentence"], r["option1"], r["option2"])
+        assert d.task.choice_loglikelihoods == pytest.approx(expected["loglikelihoods"], rel=REL), (budget, d.id)
+
+
+def test_groups_read_prefixes_of_similar_length_within_the_budget(monkeypatch):
+    """Items are grouped by their common prefix's length, longest first, each group's tokens and padded prefixes
+    within the budget, a group closed before a prefix it would pad by more than 1/8 once it reads MIN_TOKENS; one
+    item per group where the model's cache cannot be padded across items."""
+    def request(prefix: int, rest: int) -> Request:
+        sequences = [list(range(prefix)) + [100 + k] * rest for k in range(2)]
+        return Request(sequences, [[(s[-1], k, len(s) - 2)] for k, s in enumerate(sequences)])
+
+    requests = [request(2, 3), request(9, 1), request(4, 2), request(9, 2), request(3, 3)]
+    scorer = ChoiceScorer(None, None, None, None, forward.BATCHED, 100, budget=24)
+    assert scorer.groups(requests) == [[3, 1], [2, 4, 0]]
+    monkeypatch.setattr(forward, "MIN_TOKENS", 8)
+    assert scorer.groups(requests) == [[3, 1], [2, 4], [0]]  # 2 tokens padded to 4
+    scorer.mode = forward.ONE_BY_ONE
+    assert scorer.groups(requests) == [[3], [1], [2], [4], [0]]
+
+
 def test_probe_refuses_a_cache_that_changes_the_figures(tiny_llama_dir):
-    """A model whose cache is ignored (each continuation read without its context) fails the probe."""
+    """A model whose cache is ignored (each continuation read without its context) is read whole; one that ignores
+    the attention mask and positions of padded prefixes is read one item at a time."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     body = forward.Body(model, None, torch.device("cpu"))
-    assert forward.probe_cache(body) is None
+    assert forward.probe_cache(body) == (forward.BATCHED, None)
     real = body.states
 
-    def forgetful(ids, cache=None, keep_cache=False):
-        states, kept = real(ids, None, keep_cache)
-        return states, kept
+    def unmasked(ids, cache=None, keep_cache=False, padding=None):
+        return real(ids, cache, keep_cache)
+
+    body.states = unmasked
+    mode, why = forward.probe_cache(body)
+    assert mode == forward.ONE_BY_ONE and "with prefixes padded across items its cache gives other" in why
+
+    def forgetful(ids, cache=None, keep_cache=False, padding=None):
+        return real(ids, None, keep_cache, padding if cache is None else None)
 
     body.states = forgetful
-    assert "other log-probabilities" in forward.probe_cache(body)
+    mode, why = forward.probe_cache(body)
+    assert mode == forward.WHOLE and "other log-probabilities" in why
 
 
 @pytest.mark.parametrize("model_fixture", MODELS)
@@ -270,27 +318,29 @@ def test_rows_and_results_on_disk(tiny_gpt2_dir, tmp_path):
 
 
 def test_stop_and_resume_equals_one_run(tiny_llama_dir, tmp_path, monkeypatch):
-    """Stopped by Ctrl-C inside the second chunk and resumed: the same rows and figures as one whole run."""
+    """Stopped by Ctrl-C inside the second chunk and resumed: the same rows and figures as one whole run (a token
+    budget that reads one item per group: two groups per chunk)."""
     from lm_ce.tasks import choice
 
     calls = {"n": 0}
     score = choice.ChoiceScorer.score
 
-    def stop_at_third(self, item, request, counted):
+    def stop_at_third(self, items, requests):
         calls["n"] += 1
-        if calls["n"] == 3:  # the first item of the second chunk: the stop comes before its second
+        if calls["n"] == 3:  # the first group of the second chunk: the stop comes before its second
             import os
             import signal
 
             os.kill(os.getpid(), signal.SIGINT)
-        return score(self, item, request, counted)
+        return score(self, items, requests)
 
-    whole = run(tiny_llama_dir, MC, chunk_documents=2, output_dir=str(tmp_path / "whole"))
+    settings = dict(chunk_documents=2, token_budget=8)
+    whole = run(tiny_llama_dir, MC, output_dir=str(tmp_path / "whole"), **settings)
     monkeypatch.setattr(choice.ChoiceScorer, "score", stop_at_third)
-    stopped = run(tiny_llama_dir, MC, chunk_documents=2, output_dir=str(tmp_path / "run"))
+    stopped = run(tiny_llama_dir, MC, output_dir=str(tmp_path / "run"), **settings)
     assert stopped.summary["complete"] is False and stopped.summary["multiple_choice"]["items"] == 2
     monkeypatch.undo()
-    resumed = run(tiny_llama_dir, MC, chunk_documents=2, output_dir=str(tmp_path / "run"), resume=True)
+    resumed = run(tiny_llama_dir, MC, output_dir=str(tmp_path / "run"), resume=True, **settings)
     assert resumed.summary["complete"] is True
     assert [d.task for d in resumed.documents] == [d.task for d in whole.documents]
     for key in ("acc", "acc_norm", "acc_bytes", "items"):

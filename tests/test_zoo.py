@@ -1,12 +1,15 @@
 """Every causal-LM architecture of the installed transformers (tests/zoo.py builds each tiny and random), scored
 by lm_ce from its saved directory as the CLI does, against the float64 reference with eager attention, one window
 at a time: equal token counts and NLL sums within 1e-5 relative, in document mode with rolling windows, in stream
-mode, and with left padding (exact, or refused for the model). The types of zoo.FAST run in the default run, the
+mode, and with left padding (exact, or refused for the model); and multiple-choice items (several read at once
+over their shared prefixes, or as the model's cache allows) against each choice read whole. The types of zoo.FAST run in the default run, the
 others with the slow tests; the table of results is printed at the end of the run."""
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ from lm_ce.config.fields import Config
 from lm_ce.errors import UsageError
 from lm_ce.runner import evaluate
 
-from . import zoo
+from . import tasks_reference, zoo
 from .conftest import SENTENCES, make_jsonl
 from .reference import reference_document, reference_stream
 
@@ -24,6 +27,8 @@ REL = 1e-5
 TEXTS = [" ".join(SENTENCES[:7]), " ".join(SENTENCES[9:12]), "Hi."]  # several windows of 24, one, a single target
 DOCUMENT = dict(max_length=24, stride=16, batch_size=4)
 STREAM = dict(mode="stream", max_length=24, stride=12, batch_size=3)
+CHOICES = str(Path(__file__).parent / "data" / "tasks" / "mc_items.jsonl")  # read 2-3 items at a time (token_budget)
+CHOICE_ROWS = [json.loads(x) for x in Path(CHOICES).read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +84,12 @@ def test_architecture_matches_the_float64_reference(model_type, tmp_path, zoo_da
     errors["worst document"] = max(relative(d.nll_sum, n) for d, (n, c) in zip(by_document, per_document) if c)
     if left is not None:
         errors["left padding"] = relative(left.summary["nll_sum"], document_nll)
+    choices = score(built.path, CHOICES, task="multiple-choice", id_field="id", token_budget=40)
+    lm = tasks_reference.LM(reference, tokenizer)
+    with zoo.default_dtype(dtype):
+        expected = [tasks_reference.lmeval_item(lm, r["context"], r["choices"], [r["label"]]) for r in CHOICE_ROWS]
+    errors["multiple choice"] = max(relative(a, b) for d, e in zip(choices.documents, expected)
+                                    for a, b in zip(d.task.choice_loglikelihoods, e["loglikelihoods"]))
     zoo.RESULTS[model_type] = zoo.Result(
         model_type, "exact", "" if left is not None else "left padding refused", built.class_name,
         head=document.summary["model"]["head"], attention=document.summary["model"]["attn_implementation"],
@@ -88,6 +99,7 @@ def test_architecture_matches_the_float64_reference(model_type, tmp_path, zoo_da
     head = document.summary["model"]["head"]
     assert (head == "chunked") if model_type not in zoo.FULL_LOGITS else zoo.FULL_LOGITS[model_type] in head, head
     assert (left is None) == (model_type in zoo.LEFT_PADDING_REFUSED)
+    assert choices.summary["multiple_choice"]["scoring"].startswith(zoo.choices_reading(model_type))
 
 
 def test_the_model_page_lists_every_architecture_as_the_zoo_checks_it():

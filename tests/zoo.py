@@ -153,6 +153,29 @@ LEFT_PADDING_REFUSED = (
     "trocr", "xlm", "xlm-roberta", "xlm-roberta-xl", "xlnet", "xlstm", "xmod",
 )
 
+# How --task multiple-choice reads each type's choices (lm_ce/tasks/forward.py probe_cache); the other types read
+# several items at once over their shared prefixes. One item at a time: prefixes left-padded across items change
+# the figures (positions counted from the input rather than the mask) or fail. Each choice whole: the cache cannot
+# be copied per choice, or a copy gives other figures (recurrent and hybrid state caches, models with no cache).
+CHOICES_ONE_BY_ONE = (
+    "bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "camembert", "data2vec-text", "git", "marian", "mbart",
+    "minimax", "mvp", "pegasus", "plbart", "roberta", "roberta-prelayernorm", "trocr", "xlm-roberta", "xlm-roberta-xl",
+    "xmod",
+)
+CHOICES_WHOLE = (
+    "bailing_hybrid", "bamba", "blt", "dory", "falcon_mamba", "granitemoehybrid", "jamba", "mamba", "moshi",
+    "openai-gpt", "prophetnet", "qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_5_text", "qwen3_next",
+    "qwen4_exp", "qwen4_exp_text", "recurrent_gemma", "reformer", "rwkv", "xlm", "xlnet", "xlstm", "zamba",
+)
+
+
+def choices_reading(model_type: str) -> str:
+    """How results.json's multiple_choice.scoring begins for the type."""
+    if model_type in CHOICES_WHOLE:
+        return "whole sequences: "
+    return "shared prefix, one item at a time: " if model_type in CHOICES_ONE_BY_ONE else "shared prefix"
+
+
 # The types of the default test run: one of each mechanism (the rest run with the slow tests).
 FAST = (
     "llama", "gpt2", "bloom", "mistral", "gemma2", "gemma3_text", "cohere", "granite", "hyperclovax", "falcon_h1",
@@ -309,6 +332,9 @@ def outcome(model_type: str) -> str:
         notes.append(f"the model's own logits ({FULL_LOGITS[model_type]})")
     if model_type in LEFT_PADDING_REFUSED:
         notes.append("left padding refused")
+    if model_type in CHOICES_ONE_BY_ONE or model_type in CHOICES_WHOLE:
+        notes.append("multiple choice " + ("one item at a time" if model_type in CHOICES_ONE_BY_ONE else
+                                           "with each choice whole"))
     if model_type in DOUBLED_REFERENCE or model_type in FLOAT32_REFERENCE:
         kind = "float32, .double()" if model_type in DOUBLED_REFERENCE else "float32"
         notes.append(f"{kind} reference: {(DOUBLED_REFERENCE | FLOAT32_REFERENCE)[model_type]}")

@@ -14,7 +14,7 @@ from lm_ce.scoring.parallel import Plan
 from lm_ce.scoring.passes import count_words
 from lm_ce.sums.records import DocSums, DocumentResult, WindowSums
 from lm_ce.sums.tasks import ChoiceRow
-from lm_ce.tasks.forward import Body, target_values
+from lm_ce.tasks.forward import ONE_BY_ONE, WHOLE, Body, closes, group_values
 from lm_ce.tasks.items import Item, item_of
 from lm_ce.tasks.steps import ChunkOut, in_lockstep, share
 from lm_ce.tasks.requests import Request, hellaswag_request, lm_eval_request, winogrande_request
@@ -51,14 +51,15 @@ def predictions(protocol: str, lls: list[float], tokens: list[int], chars: list[
 
 @dataclass
 class ChoiceScorer:
-    """Scores items under the configured protocol, the choices' common prefix read once when `shared`."""
+    """Scores items under the configured protocol, several at a time (forward.probe_cache's reading `mode`)."""
 
     body: Body
     tokenizer: object
     cfg: Config
     prefix: int | None  # lm-eval's prefix token for an empty context (BOS, else EOS)
-    shared: bool
+    mode: str  # forward.BATCHED, ONE_BY_ONE or WHOLE
     max_length: int  # tokens a choice may read at most
+    budget: int  # padded tokens a group of items reads at most in one pass
 
     def score_chunk(self, rows: list[tuple[int, dict, str]], plan: Plan) -> ChunkOut | None:
         """The chunk's items scored, every world-th on each process (None: stopped inside the chunk)."""
@@ -71,19 +72,39 @@ class ChoiceScorer:
                                  f"{self.max_length}; give a larger --max-length (up to the model's positions)")
         plan.progress.add_total(sum(len(t) for request, _ in requests for t in request.targets))
         accelerator = plan.accelerator
-        mine = share(list(range(len(items))), accelerator.process_index, accelerator.num_processes)
+        mine = share(self.groups([r for r, _ in requests]), accelerator.process_index, accelerator.num_processes)
 
-        def work(i: int) -> tuple[Scored, int, float]:
-            scored = self.score(items[i], *requests[i])
-            return scored, scored.result.tokens, scored.result.nll_sum
+        def work(group: list[int]) -> tuple[list[Scored], int, float]:
+            scored = self.score([items[i] for i in group], [requests[i] for i in group])
+            return scored, sum(s.result.tokens for s in scored), math.fsum(s.result.nll_sum for s in scored)
 
         done = in_lockstep(plan, mine, work)
         if done is None:
             return None
-        found = sorted(done[0], key=lambda s: s.result.index)
+        found = sorted((s for group in done[0] for s in group), key=lambda s: s.result.index)
         return ChunkOut([s.result for s in found], {s.result.index: s.sums for s in found},
                         [WindowSums(s.result.index, 0, s.sums.nll, s.sums.tokens) for s in found],
                         tokens_per_process=done[1])
+
+    def groups(self, requests: list[Request]) -> list[list[int]]:
+        """The items (by position) in groups read together: by the length of their choices' common prefix, longest
+        first, a group's prefixes of similar lengths (forward.closes), its tokens and its padded prefixes within the
+        token budget (one item per group where the model's cache cannot be padded across items)."""
+        inputs = [r.inputs() for r in requests]
+        first = [r.shared_prefix() if self.mode != WHOLE else 0 for r in requests]
+        out: list[list[int]] = []
+        tokens = 0
+        for i in sorted(range(len(requests)), key=lambda i: (-first[i], -sum(map(len, inputs[i])))):
+            cost = first[i] + sum(len(s) - first[i] for s in inputs[i])
+            width = first[out[-1][0]] if out else 0
+            if out and self.mode != ONE_BY_ONE and tokens + cost <= self.budget and \
+                    (len(out[-1]) + 1) * width <= self.budget and not closes(len(out[-1]), width, first[i]):
+                out[-1].append(i)
+                tokens += cost
+            else:
+                out.append([i])
+                tokens = cost
+        return out
 
     def request(self, item: Item) -> tuple[Request, list[str]]:
         """(the item's request, the strings its choices' characters and bytes are counted on)."""
@@ -95,8 +116,13 @@ class ChoiceScorer:
         return lm_eval_request(self.tokenizer, item, cfg.choice_delimiter, self.prefix)
 
     @torch.inference_mode()
-    def score(self, item: Item, request: Request, counted: list[str]) -> Scored:
-        values = target_values(self.body, request, self.shared)
+    def score(self, items: list[Item], requests: list[tuple[Request, list[str]]]) -> list[Scored]:
+        """A group of items read together, each scored."""
+        values = group_values(self.body, [r for r, _ in requests], self.mode != WHOLE, self.budget)
+        return [self.scored(item, v, counted) for item, v, (_, counted) in zip(items, values, requests)]
+
+    def scored(self, item: Item, values: list[list[tuple[float, bool]]], counted: list[str]) -> Scored:
+        """One item's row and sums from its targets' (log p, top-1) values."""
         lls = [math.fsum(v for v, _ in choice) for choice in values]
         tokens = [len(choice) for choice in values]
         chars = [len(c) for c in counted]

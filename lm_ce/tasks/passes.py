@@ -12,7 +12,7 @@ from lm_ce.scoring.passes import chunks
 from lm_ce.sums.records import Run, Tally
 from lm_ce.sums.tasks import ChoiceSums, SurprisalSums
 from lm_ce.tasks.choice import ChoiceScorer
-from lm_ce.tasks.forward import Body, probe_cache
+from lm_ce.tasks.forward import BATCHED, ONE_BY_ONE, Body, probe_cache
 from lm_ce.tasks.steps import ChunkOut
 from lm_ce.tasks.words import WordScorer
 
@@ -24,12 +24,14 @@ def run_task(plan: Plan, run: Run, tokenizer, tables: TableParts) -> bool:
     cfg, setup = plan.cfg, plan.setup
     body = Body(plan.scorer.model, setup.head, setup.device)
     if cfg.task == "multiple-choice":
-        why = probe_cache(body)
+        mode, why = probe_cache(body)
         if why is not None and plan.accelerator.is_main_process:
-            log.warning("each choice is scored whole: %s", why)
-        scorer = ChoiceScorer(body, tokenizer, cfg, setup.prefix, shared=why is None, max_length=setup.max_length)
+            log.warning("%s: %s", "items are read one at a time" if mode == ONE_BY_ONE else "each choice is read whole",
+                        why)
+        scorer = ChoiceScorer(body, tokenizer, cfg, setup.prefix, mode, setup.max_length, setup.budget)
         run.task = run.task or ChoiceSums()
-        run.task.scoring = "shared prefix" if why is None else f"whole sequences: {why}"
+        run.task.scoring = {BATCHED: "shared prefix", ONE_BY_ONE: f"shared prefix, one item at a time: {why}"}.get(
+            mode, f"whole sequences: {why}")
     else:
         scorer = WordScorer(body, plan.scorer, tokenizer, cfg, setup.prefix, setup.max_length, setup.stride, setup.budget)
         run.task = run.task or SurprisalSums()

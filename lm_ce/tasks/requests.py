@@ -41,6 +41,14 @@ class Request:
                 last[k] = max(last[k], row + 1)
         return last
 
+    def inputs(self) -> list[list[int]]:
+        """The tokens of each sequence the model reads."""
+        return [s[:n] for s, n in zip(self.sequences, self.rows_needed())]
+
+    def shared_prefix(self) -> int:
+        """How many leading tokens the model reads once for all the sequences."""
+        return common_prefix(self.inputs())
+
 
 def encode(tokenizer, text: str, special: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"] if text else []
