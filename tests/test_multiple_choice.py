@@ -80,7 +80,7 @@ def test_items_batched_equal_items_one_at_a_time_and_whole_choices(tiny_llama_di
     """Items read together (their prefixes left-padded in one pass, the choices' remainders over the copied caches)
     give what one item at a time, and each choice read whole, give (float32 rounding); a model that fails the probe
     is read as the probe says, and results.json says how."""
-    batched = run(tiny_llama_dir, MC, token_budget=64)
+    batched = run(tiny_llama_dir, MC, token_budget=1000)  # one group: prefixes padded, remainders in two passes
     from lm_ce.tasks import passes
 
     monkeypatch.setattr(passes, "probe_cache", lambda body: (mode, "a test said so"))
@@ -95,9 +95,9 @@ def test_items_batched_equal_items_one_at_a_time_and_whole_choices(tiny_llama_di
 
 @pytest.mark.parametrize("budget", [8, 40, 10_000])
 def test_groups_and_passes_do_not_change_the_figures(tiny_gpt2_dir, lms, budget, tmp_path):
-    """Whatever the token budget cuts the items into (a group per item and a pass per remainder, a few passes with
-    copied caches, everything in one pass), every choice equals the float64 reference, Winogrande rows with no
-    common prefix (the blank first) included."""
+    """Whatever the token budget cuts the items into (a group per item and a pass per remainder; a group per item
+    and four passes with copied caches; one group, its prefixes padded, two passes), every choice equals the float64
+    reference, Winogrande rows with no common prefix (the blank first) included."""
     res = run(tiny_gpt2_dir, MC, token_budget=budget)
     lm = lms[tiny_gpt2_dir]
     for d, r in zip(res.documents, rows_of(MC)):

@@ -1,9 +1,9 @@
 """Every causal-LM architecture of the installed transformers (tests/zoo.py builds each tiny and random), scored
 by lm_ce from its saved directory as the CLI does, against the float64 reference with eager attention, one window
 at a time: equal token counts and NLL sums within 1e-5 relative, in document mode with rolling windows, in stream
-mode, and with left padding (exact, or refused for the model); and multiple-choice items (several read at once
-over their shared prefixes, or as the model's cache allows) against each choice read whole. The types of zoo.FAST run in the default run, the
-others with the slow tests; the table of results is printed at the end of the run."""
+mode, and with left padding (exact, or refused for the model); and multiple-choice items (read together over their
+shared prefixes, or as the model's cache allows: zoo.choices_reading) against each choice read whole. The types of
+zoo.FAST run in the default run, the others with the slow tests; the table of results is printed at the end."""
 from __future__ import annotations
 
 import json
@@ -27,7 +27,8 @@ REL = 1e-5
 TEXTS = [" ".join(SENTENCES[:7]), " ".join(SENTENCES[9:12]), "Hi."]  # several windows of 24, one, a single target
 DOCUMENT = dict(max_length=24, stride=16, batch_size=4)
 STREAM = dict(mode="stream", max_length=24, stride=12, batch_size=3)
-CHOICES = str(Path(__file__).parent / "data" / "tasks" / "mc_items.jsonl")  # read 2-3 items at a time (token_budget)
+# six items read in one group (their prefixes of 23 to 45 tokens padded together), the remainders in two passes
+CHOICES = str(Path(__file__).parent / "data" / "tasks" / "mc_items.jsonl")
 CHOICE_ROWS = [json.loads(x) for x in Path(CHOICES).read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
@@ -84,7 +85,7 @@ def test_architecture_matches_the_float64_reference(model_type, tmp_path, zoo_da
     errors["worst document"] = max(relative(d.nll_sum, n) for d, (n, c) in zip(by_document, per_document) if c)
     if left is not None:
         errors["left padding"] = relative(left.summary["nll_sum"], document_nll)
-    choices = score(built.path, CHOICES, task="multiple-choice", id_field="id", token_budget=40)
+    choices = score(built.path, CHOICES, task="multiple-choice", id_field="id", token_budget=1000)
     lm = tasks_reference.LM(reference, tokenizer)
     with zoo.default_dtype(dtype):
         expected = [tasks_reference.lmeval_item(lm, r["context"], r["choices"], [r["label"]]) for r in CHOICE_ROWS]

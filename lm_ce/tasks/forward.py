@@ -110,6 +110,7 @@ class Reader:
         self.states = torch.cat(self.kept)
 
     def _prefixes_then_rests(self, inputs: list[list[list[int]]], cached: list[int]) -> None:
+        """The `cached` requests' prefixes in one pass, then their sequences' remainders, longest first."""
         prefixes = [inputs[j][0][: self.first[j]] for j in cached]
         width = max(len(p) for p in prefixes)
         mask = torch.zeros(len(prefixes), width, dtype=torch.long)
@@ -123,9 +124,11 @@ class Reader:
         self._keep(states, [((j, -1), width - self.first[j]) for j in cached])  # prefix row r: column width - first + r
         rest = sorted(((j, k) for j in cached for k, s in enumerate(inputs[j]) if len(s) > self.first[j]),
                       key=lambda jk: -len(inputs[jk[0]][jk[1]]) + self.first[jk[0]])
-        for part in batches(rest, lambda jk: len(inputs[jk[0]][jk[1]]) - self.first[jk[0]], width, self.budget):
-            owner = [cached.index(j) for j, _ in part]
-            copied = copy.deepcopy(cache) if len(part) < len(rest) else cache
+        parts = list(batches(rest, lambda jk: len(inputs[jk[0]][jk[1]]) - self.first[jk[0]], width, self.budget))
+        slot = {j: g for g, j in enumerate(cached)}  # a request's row in the prefixes' pass and cache
+        for n, part in enumerate(parts):
+            owner = [slot[j] for j, _ in part]
+            copied = cache if n == len(parts) - 1 else copy.deepcopy(cache)  # the last pass takes the cache itself
             copied.reorder_cache(torch.tensor(owner, device=self.body.device))
             ids = padded([inputs[j][k][self.first[j] :] for j, k in part])
             if ragged:  # keys: the prefix's mask, then the remainder; positions go on from each prefix's length
