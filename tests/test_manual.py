@@ -1,5 +1,5 @@
 """The manual's lists cannot go stale: every key a real results.json has (document, stream, llama-cpp, suite,
-merged, --compare-to, --min-k, LongPPL, context curve) is documented in docs/reports.md (compare tables on
+merged, --compare-to, --min-k, LongPPL, context curve, multiple choice, surprisal) is documented in docs/reports.md (compare tables on
 comparing.md) and every documented key of those kinds exists; every file a run writes is in the list the manual
 is drawn from; the pages, the configuration page's groups and the suite example match their sources."""
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .conftest import corpus_rows, make_jsonl
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 # documented keys that the runs below cannot have, and why
-ELSEWHERE = ("multiple_choice", "surprisal", "explain")  # other tasks and lm-ce explain: their own pages' tests
+ELSEWHERE = ("explain",)  # lm-ce explain: tests/test_explain.py
 ABSENT = {
     "data.dataset", "data.dataset_config", "data.split", "data.revision", "data.resolved_revision",  # Hub data
     "compare.<name>.bytes.*",  # a compared model of another tokenizer (tests/test_bytes.py)
@@ -109,6 +109,12 @@ def runs(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
                                      "suite": [{"name": "a", "limit": 6}, {"name": "b", "mode": "stream"}]}))
     assert cli.main(["--config", str(suite)]) == 0
     out["suite"] = work / "suite"
+    tasks = ROOT / "tests" / "data" / "tasks"
+    for kind, (rows, key) in {"multiple-choice": ("mc_items.jsonl", "id"),
+                              "surprisal": ("surprisal_docs.jsonl", "document")}.items():
+        out[kind] = work / kind
+        assert cli.main(["--model", tiny_llama_dir, "--task", kind, "--data-files", str(tasks / rows), "--id-field", key,
+                         "--no-progress", "--output-dir", str(out[kind])]) == 0
     return out
 
 
