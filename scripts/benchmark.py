@@ -5,6 +5,7 @@
     python scripts/benchmark.py --documents-scaling --documents-top 100000        # documents 10^3..10^5 only
     python scripts/benchmark.py --state-io                        # one save and load of a large run's state
     python scripts/benchmark.py --multiple-choice --threads 1 --repeat 2          # lm_ce against lm-eval's CLI, 300 items
+    python scripts/benchmark.py --multiple-choice --context-verses 1 ...         # the same with contexts a verse longer
 
 This file is the parent: it starts one child process per path (scripts/bench/), so that each path's peak
 memory is its own, and imports only the standard library.
@@ -103,12 +104,13 @@ def choices_main(args, output: Path, work: Path) -> int:
     """The multiple-choice case alone: lm_ce --task multiple-choice against lm-eval's command line."""
     failures: list[str] = []
     batches = tuple(int(b) for b in args.lm_eval_batches.split(",") if b)
-    print(f"== multiple choice: {args.items} items, SmolLM2-135M, {args.threads} thread(s), lm-eval batch sizes "
-          f"{', '.join(map(str, batches))}", flush=True)
-    report = {"settings": {"threads": args.threads, "items": args.items, "repeat": args.repeat},
+    print(f"== multiple choice: {args.items} items ({args.context_verses} preceding verses in each context), SmolLM2-135M, "
+          f"{args.threads} thread(s), lm-eval batch sizes {', '.join(map(str, batches))}", flush=True)
+    report = {"settings": {"threads": args.threads, "items": args.items, "repeat": args.repeat,
+                           "context_verses": args.context_verses},
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_start": load_average()},
               "multiple_choice": run_choices(args.threads, args.items, args.repeat, batches,
-                                             Bench(work, args.timeout, failures))}
+                                             Bench(work, args.timeout, failures), args.context_verses)}
     report["machine"]["load_average_end"] = load_average()
     report["failures"] = failures
     return written(report, "\n".join(choices_table(report["multiple_choice"])), output, failures)
@@ -152,6 +154,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--multiple-choice", action="store_true",
                     help="run only the multiple-choice case: lm_ce --task multiple-choice against lm-eval's command line")
     ap.add_argument("--items", type=int, default=300, help="the multiple-choice case's items (4 choices each)")
+    ap.add_argument("--context-verses", type=int, default=0,
+                    help="the multiple-choice case's contexts start with this many preceding verses (HellaSwag-like: 1)")
     ap.add_argument("--lm-eval-batches", default="1,8", help="the multiple-choice case's lm-eval --batch_size values")
     ap.add_argument("--lm-ce", default=None, metavar="JSON", help='extra lm_ce Config fields, e.g. \'{"token_budget": 2048}\'')
     ap.add_argument("--rtol", type=float, default=None, help="NLL agreement with lm_ce (default 1e-4 for float32)")

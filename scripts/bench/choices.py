@@ -32,23 +32,24 @@ metric_list:
 """
 
 
-def make_items(kjv: str, n: int, path: Path, seed: int = 0) -> int:
-    """n cloze items from verses of 12 to 40 words: context the first half, choices the true second half and three
-    others (the correct one at a random place). Returns the number written."""
+def make_items(kjv: str, n: int, path: Path, seed: int = 0, before: int = 0) -> int:
+    """n cloze items from verses of 12 to 40 words: context the `before` verses preceding it and its first half,
+    choices the true second half and three others (the correct one at a random place). Returns the number written."""
     with open(kjv, encoding="utf-8") as f:
         verses = [json.loads(line) for line in f if line.strip()]
     rng = random.Random(seed)
-    pool = [v for v in verses if 12 <= len(v["text"].split()) <= 40]
+    pool = [i for i, v in enumerate(verses) if 12 <= len(v["text"].split()) <= 40 and i >= before]
     picked = rng.sample(pool, n)
-    halves = [v["text"].split() for v in rng.sample(pool, 3 * n)]
+    halves = [verses[i]["text"].split() for i in rng.sample(pool, 3 * n)]
     rows = []
-    for i, v in enumerate(picked):
-        words = v["text"].split()
+    for k, i in enumerate(picked):
+        words = verses[i]["text"].split()
         cut = len(words) // 2
-        others = [" ".join(h[len(h) // 2:]) for h in halves[3 * i : 3 * i + 3]]
+        others = [" ".join(h[len(h) // 2:]) for h in halves[3 * k : 3 * k + 3]]
         label = rng.randrange(4)
         choices = others[:label] + [" ".join(words[cut:])] + others[label:]
-        rows.append({"id": v["citation"], "context": " ".join(words[:cut]), "choices": choices, "label": label})
+        context = " ".join([*(verses[j]["text"] for j in range(i - before, i)), *words[:cut]])
+        rows.append({"id": verses[i]["citation"], "context": context, "choices": choices, "label": label})
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return len(rows)
 
@@ -86,8 +87,9 @@ def run_lm_eval(model_dir: str, tasks: Path, out: Path, threads: int, batch: int
     return run
 
 
-def run_choices(threads: int, items: int, repeat: int, batches: tuple[int, ...], bench: Bench) -> dict:
-    """The case: prepare the model, write the items and lm-eval's task, run each side `repeat` times, alternated."""
+def run_choices(threads: int, items: int, repeat: int, batches: tuple[int, ...], bench: Bench, before: int = 0) -> dict:
+    """The case: prepare the model, write the items (contexts with `before` preceding verses) and lm-eval's task,
+    run each side `repeat` times, alternated."""
     from .spec import KJV
 
     spec = {"model": "smollm2", "docs": "psalms", "tokens": 200, "max_length": 1024, "threads": threads,
@@ -101,7 +103,7 @@ def run_choices(threads: int, items: int, repeat: int, batches: tuple[int, ...],
     data, tasks = bench.work / "mc_items.jsonl", bench.work / "mc_tasks"
     tasks.mkdir(parents=True, exist_ok=True)
     kjv = _resolve(KJV)
-    count = make_items(kjv, items, data)
+    count = make_items(kjv, items, data, before=before)
     (tasks / "lm_ce_bench_mc.yaml").write_text(TASK.format(data=data))
     runs: dict[str, list[dict]] = {"lm_ce": [], **{f"lm-eval bs{b}": [] for b in batches}}
     for r in range(repeat):
@@ -115,7 +117,7 @@ def run_choices(threads: int, items: int, repeat: int, batches: tuple[int, ...],
         for x in rs:
             if x["rc"] != 0:
                 bench.failures.append(f"multiple-choice {name}: exit code {x['rc']}; see {x['log']}")
-    return {"items": count, "choices": 4 * count, "threads": threads, "model_dir": model_dir, "runs": runs,
+    return {"items": count, "choices": 4 * count, "context_verses": before, "threads": threads, "model_dir": model_dir, "runs": runs,
             "summary": summarize(runs)}
 
 
