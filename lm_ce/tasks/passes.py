@@ -25,13 +25,13 @@ def run_task(plan: Plan, run: Run, tokenizer, tables: TableParts) -> bool:
     body = Body(plan.scorer.model, setup.head, setup.device)
     if cfg.task == "multiple-choice":
         mode, why = probe_cache(body)
+        scoring = {BATCHED: "shared prefix", ONE_BY_ONE: f"shared prefix, one item at a time: {why}"}.get(
+            mode, f"whole sequences: {why}")
         if why is not None and plan.accelerator.is_main_process:
-            log.warning("%s: %s", "items are read one at a time" if mode == ONE_BY_ONE else "each choice is read whole",
-                        why)
+            log.warning("the choices are read as %s", scoring)
         scorer = ChoiceScorer(body, tokenizer, cfg, setup.prefix, mode, setup.max_length, setup.budget)
         run.task = run.task or ChoiceSums()
-        run.task.scoring = {BATCHED: "shared prefix", ONE_BY_ONE: f"shared prefix, one item at a time: {why}"}.get(
-            mode, f"whole sequences: {why}")
+        run.task.scoring = scoring
     else:
         scorer = WordScorer(body, plan.scorer, tokenizer, cfg, setup.prefix, setup.max_length, setup.stride, setup.budget)
         run.task = run.task or SurprisalSums()
